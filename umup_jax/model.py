@@ -1,0 +1,280 @@
+"""A Llama-style decoder in Flax Linen, parametrized by SP, μP or u-μP (spec §4.3, §5.16).
+
+Architecture (u-μP paper Table 5): pre-norm blocks with non-trainable RMSNorm (no gains),
+fused-QKV multi-head causal attention with RoPE (or none), SwiGLU FFN, untied embedding and
+readout, no biases.  For u-μP each block is wired with the residual split/add of spec §4.1:
+
+    (r, s) = split(x, τ_attn); r = Attn(RMSNorm(r)); x = add(r, s, τ_attn)
+    (r, s) = split(x, τ_ffn);  r = FFN(RMSNorm(r));  x = add(r, s, τ_ffn)
+
+with τ from :func:`umup_jax.parametrization.residual_taus`; SP and μP use ``x + f(x)``.
+
+Every parameter is declared with a :class:`~umup_jax.parametrization.ParamMeta` box (role,
+fan-in, fan-out, depth, logical axis names); the parametrization rule supplies the init and the
+ops.  Activations are recorded with ``sow`` in the ``intermediates`` collection when it is
+mutable (coordinate checks, tests, metrics).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from umup_jax import ops
+from umup_jax import parametrization as P
+
+POSITIONS = ("rope", "none")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _positive_int(field: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{field}={value!r} is invalid: it must be an integer > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and parametrization of the decoder.
+
+    Attributes:
+      vocab_size: V.  width: d_model.  depth: L, the number of transformer layers.
+      num_heads: H (width must be divisible by it).  head_dim: defaults to width // H.
+      ffn_expansion: the SwiGLU hidden size is ffn_expansion·width (u-μP library: 4).
+      seq_len: the training sequence length S (u-μP's attention scale uses the actual S).
+      position: ``rope`` (default) or ``none`` (NoPE).  rope_theta: RoPE base.
+      parametrization: ``sp | mup | umup``.  hparams: that rule's HPs (a mapping).
+      dtype: compute dtype ``float32 | bfloat16``; params, logits and the loss stay fp32.
+      norm_eps: RMSNorm ε.
+    """
+
+    vocab_size: int = 256
+    width: int = 256
+    depth: int = 4
+    num_heads: int = 4
+    head_dim: Optional[int] = None
+    ffn_expansion: float = 4
+    seq_len: int = 256
+    position: str = "rope"
+    rope_theta: float = 10000.0
+    parametrization: str = "umup"
+    hparams: Any = ()
+    dtype: str = "float32"
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        hp = self.hparams
+        if isinstance(hp, Mapping):
+            hp = tuple(sorted(dict(hp).items()))
+        object.__setattr__(self, "hparams", tuple(tuple(kv) for kv in hp))
+        for field in ("vocab_size", "width", "depth", "num_heads", "seq_len"):
+            _positive_int(field, getattr(self, field))
+        if self.vocab_size < 2:
+            raise ValueError(f"vocab_size={self.vocab_size} is invalid: it must be >= 2")
+        if self.width % self.num_heads:
+            raise ValueError(
+                f"width={self.width} is invalid: it must be divisible by "
+                f"num_heads={self.num_heads}"
+            )
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.width // self.num_heads)
+        _positive_int("head_dim", self.head_dim)
+        if not (isinstance(self.ffn_expansion, (int, float)) and self.ffn_expansion > 0):
+            raise ValueError(f"ffn_expansion={self.ffn_expansion!r} is invalid: it must be > 0")
+        hidden = self.ffn_expansion * self.width
+        if abs(hidden - round(hidden)) > 1e-9 or round(hidden) < 1:
+            raise ValueError(
+                f"ffn_expansion={self.ffn_expansion} is invalid: ffn_expansion·width "
+                f"({hidden}) must be a positive integer"
+            )
+        if self.position not in POSITIONS:
+            raise ValueError(f"position={self.position!r} is invalid: allowed are {POSITIONS}")
+        if self.position == "rope" and self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} is invalid: RoPE needs an even head_dim")
+        if not self.rope_theta > 0:
+            raise ValueError(f"rope_theta={self.rope_theta!r} is invalid: it must be > 0")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is invalid: allowed are {tuple(DTYPES)}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps={self.norm_eps!r} is invalid: it must be > 0")
+        self.rule  # validates parametrization and hparams
+
+    @functools.cached_property
+    def rule(self) -> P.Parametrization:
+        return P.make_parametrization(self.parametrization, self.width, dict(self.hparams))
+
+    @property
+    def ffn_hidden(self) -> int:
+        return int(round(self.ffn_expansion * self.width))
+
+    @property
+    def attn_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def declare(
+    module: nn.Module,
+    name: str,
+    shape: tuple[int, ...],
+    *,
+    role: str,
+    fan_in: int,
+    fan_out: int,
+    names: tuple[Optional[str], ...],
+    depth: Optional[int],
+    rule: P.Parametrization,
+):
+    """Declares a parameter with its metadata box; returns (unboxed value, metadata)."""
+    meta = P.ParamMeta(
+        value=None, names=names, role=role, fan_in=fan_in, fan_out=fan_out, depth=depth
+    )
+    init = rule.initializer(meta)
+
+    def boxed_init(key, shape):
+        return meta.replace_boxed(init(key, shape, jnp.float32))
+
+    return module.param(name, boxed_init, shape), meta
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float):
+    """cos/sin tables (S, head_dim/2) as numpy constants (static shapes)."""
+    half = head_dim // 2
+    inv_freq = theta ** (-np.arange(half, dtype=np.float64) / half)
+    angles = np.arange(seq_len, dtype=np.float64)[:, None] * inv_freq[None, :]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def apply_rope(x, theta: float):
+    """Rotary position embedding on (B, S, H, D) (rotate-half form); a rotation, so RMS is
+    unchanged and u-μP applies no scale (spec §5.10)."""
+    seq_len, head_dim = x.shape[1], x.shape[3]
+    cos, sin = rope_tables(seq_len, head_dim, theta)
+    cos = jnp.asarray(cos, x.dtype)[None, :, None, :]
+    sin = jnp.asarray(sin, x.dtype)[None, :, None, :]
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def residual(x, branch, tau: Optional[float]):
+    """x + f(x) (``tau is None``) or u-μP's split → f → add with weight τ (spec §4.1)."""
+    if tau is None:
+        return x + branch(x)
+    r, s = ops.residual_split(x, tau)
+    return ops.residual_add(branch(r), s, tau)
+
+
+class Block(nn.Module):
+    """One pre-norm transformer layer: attention then SwiGLU FFN."""
+
+    config: ModelConfig
+    index: int
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        rule = cfg.rule
+        dt = cfg.compute_dtype
+        d, h, hd, f, L = cfg.width, cfg.num_heads, cfg.head_dim, cfg.ffn_hidden, cfg.depth
+        hidden = functools.partial(declare, self, role=P.HIDDEN, depth=L, rule=rule)
+        w_qkv, m_qkv = hidden(
+            "attn_qkv", (d, 3, h, hd), fan_in=d, fan_out=3 * h * hd,
+            names=("embed", "qkv", "heads", "head_dim"),
+        )
+        w_o, m_o = hidden(
+            "attn_out", (h, hd, d), fan_in=h * hd, fan_out=d,
+            names=("heads", "head_dim", "embed"),
+        )
+        w_up, m_up = hidden("ffn_up", (d, f), fan_in=d, fan_out=f, names=("embed", "mlp"))
+        w_gate, m_gate = hidden("ffn_gate", (d, f), fan_in=d, fan_out=f, names=("embed", "mlp"))
+        w_down, m_down = hidden("ffn_down", (f, d), fan_in=f, fan_out=d, names=("mlp", "embed"))
+        taus = rule.residual_taus(L)
+        tau_attn, tau_ffn = (None, None) if taus is None else taus[2 * self.index : 2 * self.index + 2]
+
+        def attention(r):
+            b, s, _ = r.shape
+            r = ops.rms_norm(r, cfg.norm_eps)
+            qkv = rule.linear(r, w_qkv.astype(dt).reshape(d, 3 * h * hd), m_qkv)
+            qkv = qkv.reshape(b, s, 3, h, hd)
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+            if cfg.position == "rope":
+                q, k = apply_rope(q, cfg.rope_theta), apply_rope(k, cfg.rope_theta)
+            o = rule.attention(q, k, v, causal=True)
+            o = rule.linear(o.reshape(b, s, h * hd), w_o.astype(dt).reshape(h * hd, d), m_o)
+            self.sow("intermediates", "attn_branch", o)
+            return o
+
+        def ffn(r):
+            r = ops.rms_norm(r, cfg.norm_eps)
+            self.sow("intermediates", "ffn_norm", r)
+            # Unconstrained, as uu.MLP: the up/gate and down mismatches cancel (spec §1.2).
+            up = rule.linear(r, w_up.astype(dt), m_up, constrained=False)
+            gate = rule.linear(r, w_gate.astype(dt), m_gate, constrained=False)
+            a = rule.ffn_activation(up, gate)
+            o = rule.linear(a, w_down.astype(dt), m_down, constrained=False)
+            self.sow("intermediates", "ffn_branch", o)
+            return o
+
+        x = residual(x, attention, tau_attn)
+        x = residual(x, ffn, tau_ffn)
+        self.sow("intermediates", "output", x)
+        return x
+
+
+class Decoder(nn.Module):
+    """The decoder: tokens (B, S) int → logits (B, S, V) fp32."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens):
+        cfg = self.config
+        rule = cfg.rule
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be (batch, seq), got shape {tokens.shape}")
+        if tokens.shape[1] > cfg.seq_len:
+            raise ValueError(f"sequence length {tokens.shape[1]} > seq_len={cfg.seq_len}")
+        d, v = cfg.width, cfg.vocab_size
+        table, m_emb = declare(
+            self, "embedding", (v, d), role=P.EMBEDDING, fan_in=d, fan_out=v,
+            names=("vocab", "embed"), depth=None, rule=rule,
+        )
+        w_out, m_out = declare(
+            self, "readout", (d, v), role=P.OUTPUT, fan_in=d, fan_out=v,
+            names=("embed", "vocab"), depth=None, rule=rule,
+        )
+        x = rule.embed(table.astype(cfg.compute_dtype), tokens, m_emb)
+        self.sow("intermediates", "embedding", x)
+        for i in range(cfg.depth):
+            x = Block(cfg, i, name=f"layer_{i}")(x)
+        x = ops.rms_norm(x, cfg.norm_eps)
+        self.sow("intermediates", "final_norm", x)
+        logits = rule.readout(x, w_out.astype(cfg.compute_dtype), m_out).astype(jnp.float32)
+        self.sow("intermediates", "logits", logits)
+        return logits
+
+    def loss(self, tokens, targets):
+        """The parametrization's mean cross-entropy of next-token ``targets`` (fp32)."""
+        return self.config.rule.loss(self(tokens), targets)
+
+
+def init_params(model: Decoder, key, batch_size: int = 1):
+    """Boxed params (``{'params': …}`` with :class:`ParamMeta` leaves) for ``model``."""
+    tokens = jnp.zeros((batch_size, model.config.seq_len), jnp.int32)
+    return model.init(key, tokens)
+
+
+def abstract_params(model: Decoder):
+    """The boxed param tree as shapes only (no compute): ``jax.eval_shape`` of init."""
+    return jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))

@@ -1,0 +1,307 @@
+"""Unit-scaled ops (u-μP paper §2, App. B; spec §1 and §5), as pure JAX.
+
+Every op first computes its ideal scales from *static* shapes as Python floats, then applies
+them with two primitives:
+
+* ``scale_fwd(x, s)``: forward ``s·x``, backward passes the gradient through unchanged;
+* ``scale_bwd(x, s)``: forward identity, backward ``s·g``.
+
+Both are ``jax.custom_vjp`` identities with ``s`` a non-differentiable Python float, so no
+scale is ever a traced value and nothing relies on ``stop_gradient`` arithmetic.  Ops that must
+not change the gradient's ratio along a residual branch are *constrained* (spec §1.2): the
+``to_output_scale`` constraint uses the forward scale for the input gradient as well.
+
+Layouts follow Flax: a linear weight is ``(fan_in, fan_out)``; attention tensors are
+``(batch, seq, heads, head_dim)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+# ---------------------------------------------------------------------------------------------
+# Primitives (spec §1.1, §1.2, §1.3)
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _scale_fwd(x, scale: float):
+    return x * scale
+
+
+def _scale_fwd_fwd(x, scale):
+    return x * scale, None
+
+
+def _scale_fwd_bwd(scale, _, g):
+    return (g,)
+
+
+_scale_fwd.defvjp(_scale_fwd_fwd, _scale_fwd_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _scale_bwd(x, scale: float):
+    return x
+
+
+def _scale_bwd_fwd(x, scale):
+    return x, None
+
+
+def _scale_bwd_bwd(scale, _, g):
+    return (g * scale,)
+
+
+_scale_bwd.defvjp(_scale_bwd_fwd, _scale_bwd_bwd)
+
+
+def _static_scale(scale) -> float:
+    if isinstance(scale, jax.Array) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a Python float from static shapes, got {type(scale)}")
+    return float(scale)
+
+
+def scale_fwd(x, scale: float):
+    """Forward ``scale·x``; the backward pass returns the incoming gradient unchanged."""
+    scale = _static_scale(scale)
+    return x if scale == 1.0 else _scale_fwd(x, scale)
+
+
+def scale_bwd(x, scale: float):
+    """Forward identity; the backward pass returns ``scale·g``."""
+    scale = _static_scale(scale)
+    return x if scale == 1.0 else _scale_bwd(x, scale)
+
+
+def logarithmic_interpolation(alpha: float, lower: float, upper: float) -> float:
+    """Geometric interpolation exp(α·ln upper + (1−α)·ln lower): α=0 → lower, α=1 → upper."""
+    return math.exp(alpha * math.log(upper) + (1.0 - alpha) * math.log(lower))
+
+
+CONSTRAINTS = (None, "to_output_scale", "to_grad_input_scale", "gmean", "hmean", "amean")
+
+
+def apply_constraint(constraint: Optional[str], *scales: float) -> tuple[float, ...]:
+    """Maps an op's ideal (output, grad-input, …) scales to one shared value (spec §1.2).
+
+    ``None``/``""`` leaves them unconstrained; ``to_output_scale`` (the u-μP default) uses the
+    output scale for all; ``to_grad_input_scale`` the first gradient scale; ``gmean``,
+    ``hmean``, ``amean`` their geometric, harmonic and arithmetic means.
+    """
+    if constraint is None or constraint == "":
+        return tuple(scales)
+    if constraint == "to_output_scale":
+        s = scales[0]
+    elif constraint == "to_grad_input_scale":
+        s = scales[1]
+    elif constraint == "gmean":
+        s = math.prod(scales) ** (1.0 / len(scales))
+    elif constraint == "hmean":
+        s = len(scales) / sum(1.0 / x for x in scales)
+    elif constraint == "amean":
+        s = sum(scales) / len(scales)
+    else:
+        raise ValueError(f"constraint={constraint!r} is invalid: allowed are {CONSTRAINTS}")
+    return tuple(s for _ in scales)
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear layers (spec §5.1, §5.2)
+# ---------------------------------------------------------------------------------------------
+
+
+def linear(
+    x,
+    w,
+    bias=None,
+    constraint: Optional[str] = "to_output_scale",
+    scale_power: tuple[float, float, float] = (0.5, 0.5, 0.5),
+):
+    """Unit-scaled ``y = (x·w + b)·fan_in^-p0`` with w of shape (fan_in, fan_out).
+
+    Ideal scales: output ``fan_in^-p0``, input gradient ``fan_out^-p1``, weight and bias
+    gradient ``B_tok^-p2`` with ``B_tok = x.size / fan_in`` (local tokens).  The default
+    ``to_output_scale`` constraint makes the input-gradient scale ``fan_in^-1/2`` too, which a
+    residual branch needs (spec §1.2).  The bias sits inside the scaled product as in the
+    authors' library.
+    """
+    if w.ndim != 2:
+        raise ValueError(f"linear weight must be (fan_in, fan_out), got shape {w.shape}")
+    fan_in, fan_out = w.shape
+    if x.shape[-1] != fan_in:
+        raise ValueError(f"linear input last dim {x.shape[-1]} != weight fan_in {fan_in}")
+    batch = x.size // fan_in
+    out_scale = fan_in ** -scale_power[0]
+    grad_in_scale = fan_out ** -scale_power[1]
+    grad_w_scale = batch ** -scale_power[2]
+    out_scale, grad_in_scale = apply_constraint(constraint, out_scale, grad_in_scale)
+    x = scale_bwd(x, grad_in_scale)
+    w = scale_bwd(w, grad_w_scale)
+    y = jnp.matmul(x, w)
+    if bias is not None:
+        y = y + scale_bwd(bias, grad_w_scale)
+    return scale_fwd(y, out_scale)
+
+
+def linear_readout(x, w, bias=None, constraint: Optional[str] = None):
+    """The u-μP readout: forward ``1/fan_in`` (μP's output multiplier), input gradient
+    ``1/√fan_out`` (unit scaling), weight gradient ``1/√B_tok``; unconstrained, which is legal
+    after the last residual add (spec §5.2)."""
+    return linear(x, w, bias, constraint=constraint, scale_power=(1.0, 0.5, 0.5))
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedding, normalisation, activations
+# ---------------------------------------------------------------------------------------------
+
+
+def embedding(table, ids):
+    """Gather rows of a (V, d) table; the table gradient is scaled by √(V/B_tok) (spec §5.3)."""
+    vocab = table.shape[0]
+    batch = ids.size
+    table = scale_bwd(table, (vocab / batch) ** 0.5)
+    return jnp.take(table, ids, axis=0)
+
+
+def rms_norm(x, eps: float = 1e-5):
+    """Non-trainable RMSNorm ``x / √(mean(x²) + ε)`` over the last axis, with the mean in fp32
+    (spec §5.5).  Scale-invariant already, so no scales in either pass."""
+    ms = jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
+    return x / jnp.sqrt(ms + eps).astype(x.dtype)
+
+
+def silu_glu_scale(mult: float = 1.0) -> float:
+    """s(m) = logint(1/(1+1/m²), 2, √2); s(1) = 2^¾ (spec §5.6)."""
+    return logarithmic_interpolation(1.0 / (1.0 + 1.0 / mult**2), 2.0, 2.0**0.5)
+
+
+def silu_glu(x_in, x_gate, mult: float = 1.0):
+    """Unit-scaled gated SiLU ``x_in · x_gate · σ(m·x_gate)`` with m = α_ffn-act (spec §5.6).
+
+    One scale s(m) for the output and both input gradients (constrained by construction).
+    """
+    s = silu_glu_scale(mult)
+    x_in = scale_bwd(x_in, s)
+    x_gate = scale_bwd(x_gate, s)
+    y = x_in * x_gate * jax.nn.sigmoid(x_gate * mult)
+    return scale_fwd(y, s)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention (spec §5.9)
+# ---------------------------------------------------------------------------------------------
+
+
+def dot_product_attention(q, k, v, logit_scale: float, causal: bool = True):
+    """softmax(logit_scale·q·kᵀ [causal mask])·v on (B, S, H, D) tensors.
+
+    Logits and the softmax are computed in fp32; the probabilities are cast back to v's dtype.
+    """
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    logits = logits * logit_scale
+    if causal:
+        s_q, s_k = q.shape[1], k.shape[1]
+        mask = jnp.tril(jnp.ones((s_q, s_k), dtype=bool))
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def attention_scale(seq_len: int, head_dim: int, mult: float = 1.0, causal: bool = True) -> float:
+    """The unit-scaled attention output scale (spec §5.9):
+
+        s = 1 / logint(α = 1/(1 + 4·d_head/m²), ℓ, 1),   ℓ = √(ln S/S) causal, √(1/S) not.
+
+    ℓ is the output std of flat attention over unit values; 1 that of one-hot attention.
+    s = 3.90204 at S=64, d_head=64, m=1, causal.
+    """
+    lower = ((math.log(seq_len) if causal else 1.0) / seq_len) ** 0.5
+    return 1.0 / logarithmic_interpolation(1.0 / (1.0 + 4.0 * head_dim / mult**2), lower, 1.0)
+
+
+def scaled_dot_product_attention(q, k, v, mult: float = 1.0, causal: bool = True):
+    """Unit-scaled attention with logits (α_attn/d_head)·q·kᵀ; the scale s of
+    :func:`attention_scale` is applied to the output (forward) and to the q, k, v gradients."""
+    seq_len, head_dim = v.shape[-3], v.shape[-1]
+    s = attention_scale(seq_len, head_dim, mult, causal)
+    q, k, v = (scale_bwd(t, s) for t in (q, k, v))
+    out = dot_product_attention(q, k, v, logit_scale=mult / head_dim, causal=causal)
+    return scale_fwd(out, s)
+
+
+# ---------------------------------------------------------------------------------------------
+# Residuals and adds (spec §4.1, §5.12)
+# ---------------------------------------------------------------------------------------------
+
+
+def residual_split(x, tau: float):
+    """(branch, skip) = (scale_bwd(x, a), scale_bwd(x, b)), a = τ/√(1+τ²), b = 1/√(1+τ²)."""
+    denom = math.sqrt(1.0 + tau * tau)
+    return scale_bwd(x, tau / denom), scale_bwd(x, 1.0 / denom)
+
+
+def residual_add(branch, skip, tau: float):
+    """scale_fwd(branch, a) + scale_fwd(skip, b); gradients pass into both unscaled."""
+    denom = math.sqrt(1.0 + tau * tau)
+    return scale_fwd(branch, tau / denom) + scale_fwd(skip, 1.0 / denom)
+
+
+def add(x, y, constraint: Optional[str] = "to_output_scale"):
+    """Unit-scaled plain add: output 2^-½ (1 if an operand is a scalar); each operand's
+    gradient ideally (broadcast factor)^-½; adding a Python number is unscaled."""
+    if isinstance(x, (int, float)) or isinstance(y, (int, float)):
+        return x + y
+    out_shape = jnp.broadcast_shapes(jnp.shape(x), jnp.shape(y))
+    out_size = math.prod(out_shape)
+    x_grad = (out_size / max(jnp.size(x), 1)) ** -0.5
+    y_grad = (out_size / max(jnp.size(y), 1)) ** -0.5
+    out_scale = 1.0 if (jnp.size(x) == 1 or jnp.size(y) == 1) else 2.0**-0.5
+    out_scale, x_grad, y_grad = apply_constraint(constraint, out_scale, x_grad, y_grad)
+    return scale_fwd(scale_bwd(x, x_grad) + scale_bwd(y, y_grad), out_scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss (spec §5.14)
+# ---------------------------------------------------------------------------------------------
+
+
+def _sum_cross_entropy(logits, targets):
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    return jnp.sum(lse - picked)
+
+
+def _flatten_logits(logits, targets):
+    vocab = logits.shape[-1]
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(f"logits {logits.shape} and targets {targets.shape} do not match")
+    return logits.reshape(-1, vocab).astype(jnp.float32), targets.reshape(-1)
+
+
+def cross_entropy(logits, targets, mult: float = 1.0, reduction: str = "mean"):
+    """Unit-scaled softmax cross-entropy with α_loss-softmax = ``mult``, in fp32.
+
+    logits ← scale_bwd(logits, V/√(V−1)); logits ← scale_fwd(logits, m); the loss is the sum
+    over tokens, forward-scaled by 1/N for ``mean`` (so it equals the ordinary mean CE) while
+    the gradient w.r.t. each raw logit is (softmax(m·z) − onehot)·V/√(V−1), not divided by N.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction={reduction!r} is invalid: allowed are ('mean', 'sum')")
+    logits, targets = _flatten_logits(logits, targets)
+    n, vocab = logits.shape
+    logits = scale_bwd(logits, vocab / math.sqrt(vocab - 1))
+    logits = scale_fwd(logits, mult)
+    loss = _sum_cross_entropy(logits, targets)
+    return scale_fwd(loss, 1.0 / n) if reduction == "mean" else loss
+
+
+def plain_cross_entropy(logits, targets):
+    """Ordinary mean softmax cross-entropy in fp32 (SP and μP)."""
+    logits, targets = _flatten_logits(logits, targets)
+    return _sum_cross_entropy(logits, targets) / targets.shape[0]

@@ -1,0 +1,440 @@
+"""abc-parametrizations: SP, μP and u-μP as rules over declared parameter roles.
+
+A parametrization gives every parameter three numbers from its *role* and its declared
+fan-in/fan-out (u-μP paper §2.1, spec §2): the forward multiplier ``A``, the init std ``B``
+and the Adam learning-rate multiplier ``C``, with
+
+    W_t = A · w_t,    w_0 ~ N(0, B²),    w_{t+1} = w_t + η · C · Φ_t(∇L_0 … ∇L_t).
+
+Each parameter is declared once, in the model, with a :class:`ParamMeta` box that carries its
+role, fan-in, fan-out, the depth of the residual stack it lives in (``None`` outside it) and
+its logical axis names.  Nothing downstream infers any of these from names or shapes.
+
+The three rules (spec §2.2-§2.4; η is the optimizer's global learning rate):
+
+=========  =============================  ==============================  ====================
+role       SP                             μP (base width d₀, m = d/d₀)    u-μP
+=========  =============================  ==============================  ====================
+embedding  A=1, B=σ, C=1                  A=α_emb, B=σ, C=η̂_emb           A=1, B=1, C=1/√d
+hidden     A=1, B=σ, C=1                  A=1, B=σ/√m, C=1/m              A=1/√fan_in, B=1,
+                                                                          C=1/√fan_in
+output     A=1, B=σ, C=1                  A=α_out/m, B=σ, C=1             A=1/fan_in, B=1, C=1
+bias       A=1, B=0, C=1                  A=1, B=0, C=1                   A=1, B=0, C=1
+norm gain  A=1, B=1(const), C=1           same                            same
+=========  =============================  ==============================  ====================
+
+u-μP multiplies ``C`` by ``1/√L`` for every parameter inside the depth-scaled residual stack
+(depth-μP, spec §3), with ``L`` the number of transformer layers.  In u-μP the multipliers
+``A`` are not applied as plain multiplications: they are the forward scales of the unit-scaled
+ops (:mod:`umup_jax.ops`), whose backward scales follow unit scaling instead.
+
+abc-symmetry (spec §2.1): for Adam, training is invariant under ``A ← A·θ, B ← B/θ,
+C ← C/θ``; :func:`abc_shift` applies it per role, which the tests use to check that the
+optimizer and model read the same rule.
+"""
+
+from __future__ import annotations
+
+import abc as _abc
+import dataclasses
+import math
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from flax.core import meta as flax_meta
+import flax.linen as nn
+
+from umup_jax import ops
+
+# ---------------------------------------------------------------------------------------------
+# Roles and the per-parameter metadata box
+# ---------------------------------------------------------------------------------------------
+
+EMBEDDING = "embedding"
+HIDDEN = "hidden"
+OUTPUT = "output"
+BIAS = "bias"
+NORM = "norm"
+ROLES = (EMBEDDING, HIDDEN, OUTPUT, BIAS, NORM)
+
+PARAMETRIZATIONS = ("sp", "mup", "umup")
+
+
+class ParamMeta(nn.LogicallyPartitioned):
+    """A Flax param box holding a parameter's u-μP metadata and its logical axis names.
+
+    It is a :class:`flax.linen.LogicallyPartitioned`, so the sharding machinery reads
+    ``names`` from the same box; the extra fields are static (not pytree leaves).
+
+    Attributes:
+      role: one of :data:`ROLES`.
+      fan_in: the contraction size of the parameter's matmul (for an embedding table, by the
+        u-μP convention of spec §2.4, ``d_model``).
+      fan_out: the output size of the parameter's matmul (for an embedding, ``vocab``).
+      depth: the number of layers ``L`` of the depth-scaled residual stack the parameter lives
+        in, or ``None`` outside it.
+    """
+
+    role: str = struct.field(default=HIDDEN, pytree_node=False)
+    fan_in: int = struct.field(default=1, pytree_node=False)
+    fan_out: int = struct.field(default=1, pytree_node=False)
+    depth: Optional[int] = struct.field(default=None, pytree_node=False)
+
+    def describe(self) -> str:
+        return (
+            f"role={self.role}, fan_in={self.fan_in}, fan_out={self.fan_out}, "
+            f"depth={self.depth}, names={self.names}"
+        )
+
+
+def _is_box(x: Any) -> bool:
+    return isinstance(x, flax_meta.AxisMetadata)
+
+
+def param_metadata(boxed_params: Any) -> Any:
+    """Returns the tree of :class:`ParamMeta` (values dropped) for a boxed param tree.
+
+    ``boxed_params`` is what ``model.init`` (or ``jax.eval_shape(model.init, …)``) returns,
+    with or without the outer ``{'params': …}``.  Raises ``ValueError`` naming the path of
+    any leaf that was not declared with a :class:`ParamMeta`.
+    """
+    if isinstance(boxed_params, Mapping) and set(boxed_params.keys()) == {"params"}:
+        boxed_params = boxed_params["params"]
+
+    def check(path, leaf):
+        if not isinstance(leaf, ParamMeta):
+            raise ValueError(
+                f"parameter {jax.tree_util.keystr(path)} has no u-μP metadata "
+                f"(got {type(leaf).__name__}); every parameter must be declared with "
+                "umup_jax.parametrization.ParamMeta (role, fan_in, fan_out, depth)"
+            )
+        return leaf.replace_boxed(None)
+
+    return jax.tree_util.tree_map_with_path(check, boxed_params, is_leaf=_is_box)
+
+
+# ---------------------------------------------------------------------------------------------
+# The residual τ rule (spec §4.2; unit_scaling.core.functional.transformer_residual_scaling_rule)
+# ---------------------------------------------------------------------------------------------
+
+
+def residual_taus(
+    num_layers: int, residual_mult: float = 1.0, residual_attn_ratio: float = 1.0
+) -> list[float]:
+    """τ_i for the 2L residual branches of a transformer (even i attention, odd i FFN).
+
+    With α_ffn = α_res·√(2/(1+α_ratio²)), α_attn = α_ratio·α_ffn, n_attn(i) = ⌊(i+1)/2⌋ and
+    n_ffn(i) = ⌊i/2⌋ (u-μP paper App. G, spec §4.2):
+
+        τ_i = α_i / √(L + n_attn(i)·α_attn² + n_ffn(i)·α_ffn²).
+
+    The embedding enters the stream with weight L, each attention branch with α_attn² and each
+    FFN branch with α_ffn², so the final stream is unit-variance with those proportions.
+    """
+    _check_positive_int("num_layers", num_layers)
+    _check_positive("residual_mult", residual_mult)
+    _check_positive("residual_attn_ratio", residual_attn_ratio)
+    alpha_ffn = residual_mult * math.sqrt(2.0 / (1.0 + residual_attn_ratio**2))
+    alpha_attn = residual_attn_ratio * alpha_ffn
+    taus = []
+    for i in range(2 * num_layers):
+        n_attn, n_ffn = (i + 1) // 2, i // 2
+        alpha = alpha_attn if i % 2 == 0 else alpha_ffn
+        taus.append(alpha / math.sqrt(num_layers + n_attn * alpha_attn**2 + n_ffn * alpha_ffn**2))
+    return taus
+
+
+def residual_weights(tau: float) -> tuple[float, float]:
+    """(branch weight a, skip weight b) = (τ/√(1+τ²), 1/√(1+τ²)); a² + b² = 1 (spec §4.1)."""
+    denom = math.sqrt(1.0 + tau * tau)
+    return tau / denom, 1.0 / denom
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_positive(field: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{field}={value!r} is invalid: it must be a number > 0")
+
+
+def _check_positive_int(field: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{field}={value!r} is invalid: it must be an integer > 0")
+
+
+# ---------------------------------------------------------------------------------------------
+# abc rules
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ABC:
+    """Forward multiplier A, init std B, Adam LR multiplier C of one parameter."""
+
+    a: float
+    b: float
+    c: float
+
+
+def abc_shift(abc: ABC, theta: float) -> ABC:
+    """The abc-symmetry of Adam (spec §2.1): (A·θ, B/θ, C/θ) trains identically."""
+    _check_positive("theta", theta)
+    return ABC(abc.a * theta, abc.b / theta, abc.c / theta)
+
+
+def depth_lr_factor(meta: ParamMeta) -> float:
+    """1/√L inside the depth-scaled stack, 1 outside (depth-μP, spec §3)."""
+    return 1.0 if meta.depth is None else meta.depth**-0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class Parametrization(metaclass=_abc.ABCMeta):
+    """Base class: a rule from :class:`ParamMeta` to :class:`ABC`, plus the ops it implies.
+
+    ``shift`` maps roles to abc-symmetry factors θ (default none); the model and optimizer both
+    read the shifted rule, so any θ leaves Adam training unchanged.
+    """
+
+    shift: tuple[tuple[str, float], ...] = ()
+
+    name = "base"
+    unit_scaled = False
+
+    def __post_init__(self) -> None:
+        shift = self.shift
+        if isinstance(shift, Mapping):
+            shift = tuple(sorted(shift.items()))
+        object.__setattr__(self, "shift", tuple(shift))
+        for role, theta in self.shift:
+            if role not in ROLES:
+                raise ValueError(f"shift role {role!r} is invalid: allowed roles are {ROLES}")
+            _check_positive(f"shift[{role}]", theta)
+        for f in dataclasses.fields(self):
+            if f.name != "shift" and f.type in ("float", float):
+                _check_positive(f.name, getattr(self, f.name))
+            if f.name != "shift" and f.type in ("int", int):
+                _check_positive_int(f.name, getattr(self, f.name))
+
+    # -- the rule --------------------------------------------------------------------------
+    @_abc.abstractmethod
+    def base_abc(self, meta: ParamMeta) -> ABC:
+        """The rule's (A, B, C) for ``meta`` before any abc-symmetry shift."""
+
+    def abc(self, meta: ParamMeta) -> ABC:
+        if meta.role not in ROLES:
+            raise ValueError(f"role={meta.role!r} is invalid: allowed roles are {ROLES}")
+        abc = self.base_abc(meta)
+        theta = dict(self.shift).get(meta.role)
+        return abc if theta is None else abc_shift(abc, theta)
+
+    def lr_multiplier(self, meta: ParamMeta) -> float:
+        """C of the parameter (the optimizer multiplies it by the global η)."""
+        return self.abc(meta).c
+
+    def initializer(self, meta: ParamMeta) -> Callable:
+        """N(0, B²) for weights; zeros for biases; ones for norm gains (B is their value)."""
+        if meta.role == BIAS:
+            return nn.initializers.zeros
+        if meta.role == NORM:
+            return nn.initializers.ones
+        std = self.abc(meta).b
+        return nn.initializers.normal(stddev=std)
+
+    def forward_multiplier(self, meta: ParamMeta) -> float:
+        return self.abc(meta).a
+
+    # -- ops used by the model (plain versions; u-μP overrides) ---------------------------
+    def linear(self, x, w, meta: ParamMeta, bias=None, constrained: bool = True):
+        """x @ w (w of shape (fan_in, fan_out)) times A, plain autodiff."""
+        y = jnp.matmul(x, w)
+        if bias is not None:
+            y = y + bias
+        a = self.forward_multiplier(meta)
+        return y if a == 1.0 else y * a
+
+    def readout(self, x, w, meta: ParamMeta):
+        return self.linear(x, w, meta)
+
+    def embed(self, table, ids, meta: ParamMeta):
+        y = jnp.take(table, ids, axis=0)
+        a = self.forward_multiplier(meta)
+        return y if a == 1.0 else y * a
+
+    def attention_logit_scale(self, head_dim: int) -> float:
+        return head_dim**-0.5
+
+    def attention(self, q, k, v, causal: bool = True):
+        return ops.dot_product_attention(
+            q, k, v, logit_scale=self.attention_logit_scale(q.shape[-1]), causal=causal
+        )
+
+    def ffn_activation(self, up, gate):
+        return up * jax.nn.silu(gate)
+
+    def residual_taus(self, num_layers: int) -> Optional[list[float]]:
+        """τ per residual branch, or ``None`` for the plain ``x + f(x)`` residual."""
+        return None
+
+    def loss(self, logits, targets):
+        return ops.plain_cross_entropy(logits, targets)
+
+
+@dataclasses.dataclass(frozen=True)
+class SP(Parametrization):
+    """Standard parametrization (spec §2.2): A=1, B=σ_init, C=1 (one global η); 1/√d_head.
+
+    Attributes:
+      init_std: σ_init, the std of every weight.
+    """
+
+    init_std: float = 0.02
+
+    name = "sp"
+
+    def base_abc(self, meta: ParamMeta) -> ABC:
+        b = 0.0 if meta.role == BIAS else (1.0 if meta.role == NORM else self.init_std)
+        return ABC(1.0, b, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class MuP(Parametrization):
+    """μP for Adam with base shapes (Tensor Programs V; u-μP paper §2.3, spec §2.3).
+
+    With width multiplier m = width/base_width (every hidden fan-in grows ∝ width):
+    embedding A=α_emb, B=σ_init, C=η̂_emb; hidden A=1, B=σ_init·√(1/m), C=1/m; output
+    A=α_output/m, B=σ_init, C=1; attention logits α_attn/d_head.  At the base width μP is SP
+    with its multipliers.
+
+    Attributes:
+      width: the model's width d (set from the model config).
+      base_width: d₀, the width at which μP equals SP.
+      init_std: σ_init (SP's weight std at the base width).
+      emb_mult: α_emb.  attn_mult: α_attn.  output_mult: α_output.  emb_lr_mult: η̂_emb.
+    """
+
+    width: int = 256
+    base_width: int = 256
+    init_std: float = 0.02
+    emb_mult: float = 1.0
+    attn_mult: float = 1.0
+    output_mult: float = 1.0
+    emb_lr_mult: float = 1.0
+
+    name = "mup"
+
+    @property
+    def width_mult(self) -> float:
+        return self.width / self.base_width
+
+    def base_abc(self, meta: ParamMeta) -> ABC:
+        m = self.width_mult
+        if meta.role == EMBEDDING:
+            return ABC(self.emb_mult, self.init_std, self.emb_lr_mult)
+        if meta.role == HIDDEN:
+            return ABC(1.0, self.init_std * m**-0.5, 1.0 / m)
+        if meta.role == OUTPUT:
+            return ABC(self.output_mult / m, self.init_std, 1.0)
+        return ABC(1.0, 0.0 if meta.role == BIAS else 1.0, 1.0)
+
+    def attention_logit_scale(self, head_dim: int) -> float:
+        return self.attn_mult / head_dim
+
+
+@dataclasses.dataclass(frozen=True)
+class UMuP(Parametrization):
+    """u-μP (spec §2.4, §5, §6.1): unit-scaled ops, unit init, no base shapes.
+
+    A: embedding 1, hidden 1/√fan_in, output 1/fan_in (applied as unit-scaled op scales).
+    B: 1 for every weight.  C: embedding 1/√d_model, hidden 1/√fan_in, output 1, bias/norm 1;
+    times 1/√L inside the residual stack.
+
+    Attributes (all default 1, spec §6.1):
+      attn_mult: α_attn, logits (α_attn/d_head)·q·kᵀ.
+      ffn_act_mult: α_ffn-act, the SwiGLU temperature σ(α·gate).
+      residual_mult: α_res, the branches' contribution relative to the embedding.
+      residual_attn_ratio: α_res-attn-ratio, attention relative to FFN contribution.
+      loss_softmax_mult: α_loss-softmax, the temperature of the loss softmax.
+    """
+
+    attn_mult: float = 1.0
+    ffn_act_mult: float = 1.0
+    residual_mult: float = 1.0
+    residual_attn_ratio: float = 1.0
+    loss_softmax_mult: float = 1.0
+
+    name = "umup"
+    unit_scaled = True
+
+    def base_abc(self, meta: ParamMeta) -> ABC:
+        d = depth_lr_factor(meta)
+        if meta.role == EMBEDDING:
+            return ABC(1.0, 1.0, meta.fan_in**-0.5)
+        if meta.role == HIDDEN:
+            return ABC(meta.fan_in**-0.5, 1.0, d * meta.fan_in**-0.5)
+        if meta.role == OUTPUT:
+            return ABC(1.0 / meta.fan_in, 1.0, d)
+        return ABC(1.0, 0.0 if meta.role == BIAS else 1.0, d)
+
+    def _shifted(self, w, meta: ParamMeta):
+        theta = dict(self.shift).get(meta.role)
+        return w if theta is None else w * theta
+
+    def linear(self, x, w, meta: ParamMeta, bias=None, constrained: bool = True):
+        constraint = "to_output_scale" if constrained else None
+        return ops.linear(x, self._shifted(w, meta), bias, constraint=constraint)
+
+    def readout(self, x, w, meta: ParamMeta):
+        return ops.linear_readout(x, self._shifted(w, meta))
+
+    def embed(self, table, ids, meta: ParamMeta):
+        return ops.embedding(self._shifted(table, meta), ids)
+
+    def attention(self, q, k, v, causal: bool = True):
+        return ops.scaled_dot_product_attention(q, k, v, mult=self.attn_mult, causal=causal)
+
+    def ffn_activation(self, up, gate):
+        return ops.silu_glu(up, gate, mult=self.ffn_act_mult)
+
+    def residual_taus(self, num_layers: int) -> list[float]:
+        return residual_taus(num_layers, self.residual_mult, self.residual_attn_ratio)
+
+    def loss(self, logits, targets):
+        return ops.cross_entropy(logits, targets, mult=self.loss_softmax_mult)
+
+
+_CLASSES = {"sp": SP, "mup": MuP, "umup": UMuP}
+
+
+def make_parametrization(
+    name: str, width: int, hparams: Optional[Mapping[str, Any]] = None
+) -> Parametrization:
+    """Builds the rule ``name`` (``sp | mup | umup``) for a model of the given width.
+
+    ``hparams`` holds the rule's HPs (see :class:`SP`, :class:`MuP`, :class:`UMuP`);
+    an unknown key or a value ≤ 0 raises ``ValueError`` naming it.
+    """
+    if name not in _CLASSES:
+        raise ValueError(f"parametrization={name!r} is invalid: allowed are {PARAMETRIZATIONS}")
+    cls = _CLASSES[name]
+    hparams = dict(hparams or {})
+    allowed = sorted(f.name for f in dataclasses.fields(cls) if f.name != "width")
+    unknown = sorted(set(hparams) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"hparams {unknown} are invalid for parametrization={name!r}: allowed are {allowed}"
+        )
+    if cls is MuP:
+        hparams["width"] = width
+    return cls(**hparams)
+
+
+def hparam_names(name: str) -> Sequence[str]:
+    """The HP fields of parametrization ``name`` (for configs and sweeps)."""
+    if name not in _CLASSES:
+        raise ValueError(f"parametrization={name!r} is invalid: allowed are {PARAMETRIZATIONS}")
+    return tuple(f.name for f in dataclasses.fields(_CLASSES[name]) if f.name != "width")
