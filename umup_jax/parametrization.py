@@ -97,11 +97,9 @@ def param_metadata(boxed_params: Any) -> Any:
     """Returns the tree of :class:`ParamMeta` (values dropped) for a boxed param tree.
 
     ``boxed_params`` is what ``model.init`` (or ``jax.eval_shape(model.init, …)``) returns,
-    with or without the outer ``{'params': …}``.  Raises ``ValueError`` naming the path of
-    any leaf that was not declared with a :class:`ParamMeta`.
+    or any subtree of it; the result has the same structure as the unboxed params.  Raises
+    ``ValueError`` naming the path of any leaf not declared with a :class:`ParamMeta`.
     """
-    if isinstance(boxed_params, Mapping) and set(boxed_params.keys()) == {"params"}:
-        boxed_params = boxed_params["params"]
 
     def check(path, leaf):
         if not isinstance(leaf, ParamMeta):

@@ -1,0 +1,208 @@
+"""The decoder at init across widths (u-μP unit scale, μP/SP width drift), abc-symmetry in
+training, metadata declarations and config validation."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax.core import meta as flax_meta
+
+from conftest import SEED, rms
+from umup_jax import parametrization as P
+from umup_jax.model import Decoder, ModelConfig, abstract_params, init_params
+from umup_jax.optim import OptimizerConfig, make_optimizer
+
+WIDTHS = (64, 128, 256, 512)
+VOCAB, SEQ, BATCH = 256, 64, 8
+
+
+def config(width, parametrization="umup", **kw):
+    kw.setdefault("depth", 2)
+    kw.setdefault("num_heads", max(1, width // 64))
+    return ModelConfig(vocab_size=VOCAB, width=width, seq_len=SEQ,
+                       parametrization=parametrization, **kw)
+
+
+def batch(key=SEED):
+    ids = jax.random.randint(jax.random.key(key), (BATCH, SEQ + 1), 0, VOCAB)
+    return ids[:, :-1], ids[:, 1:]
+
+
+@functools.lru_cache(maxsize=None)
+def init_stats(width, parametrization):
+    """(loss, intermediates RMS, grad RMS per param) at init for one width."""
+    model = Decoder(config(width, parametrization))
+    params = flax_meta.unbox(init_params(model, jax.random.key(SEED)))
+    tokens, targets = batch()
+
+    def loss_fn(p):
+        loss, state = model.apply(p, tokens, targets, method=Decoder.loss,
+                                  mutable=["intermediates"])
+        return loss, state["intermediates"]
+
+    (loss, inter), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+    acts = {jax.tree_util.keystr(k): rms(v) for k, v in
+            jax.tree_util.tree_flatten_with_path(inter)[0]}
+    grad_rms = {jax.tree_util.keystr(k): rms(v) for k, v in
+                jax.tree_util.tree_flatten_with_path(grads)[0]}
+    return float(loss), acts, grad_rms
+
+
+def _select(acts, name):
+    return [v for k, v in acts.items() if f"'{name}'" in k]
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_umup_unit_scale_at_init(width):
+    loss, acts, grads = init_stats(width, "umup")
+    assert abs(loss / math.log(VOCAB) - 1) < 0.02, loss
+    for name in ("embedding", "ffn_norm", "final_norm", "ffn_branch"):
+        values = _select(acts, name)
+        assert values, name
+        for v in values:
+            assert abs(v - 1) <= 0.1, f"{name} RMS {v:.3f} at width {width}"
+    for path, g in grads.items():
+        assert 0.4 <= g <= 2.5, f"grad RMS of {path} = {g:.3f} at width {width}"
+    # The readout's μP forward multiplier 1/fan_in gives logits RMS 1/√width at init.
+    (logits,) = _select(acts, "logits")
+    assert logits == pytest.approx(width**-0.5, rel=0.1)
+
+
+def test_width_drift_directions():
+    """u-μP branch scale is flat in width; SP's grows (fixed σ_init, fan_in terms add up);
+    μP's logits shrink as 1/width·√width (its 1/m output multiplier)."""
+    def branch(p):
+        return [np.mean(_select(init_stats(w, p)[1], "ffn_branch")) for w in WIDTHS]
+
+    def logits(p):
+        return [_select(init_stats(w, p)[1], "logits")[0] for w in WIDTHS]
+
+    umup, sp = branch("umup"), branch("sp")
+    assert max(umup) / min(umup) < 1.1
+    assert all(b > a * 1.5 for a, b in zip(sp, sp[1:])), sp  # grows ~2× per doubling
+    mup_logits = logits("mup")
+    assert all(b < a for a, b in zip(mup_logits, mup_logits[1:])), mup_logits
+    mup = branch("mup")
+    assert max(mup) / min(mup) < 1.5  # μP hidden activations stay put
+
+
+def test_umup_parameters_are_unit_at_init():
+    model = Decoder(config(128))
+    params = flax_meta.unbox(init_params(model, jax.random.key(SEED)))
+    for path, w in jax.tree_util.tree_flatten_with_path(params)[0]:
+        assert rms(w) == pytest.approx(1.0, abs=0.02), jax.tree_util.keystr(path)
+
+
+def test_every_parameter_declares_metadata():
+    model = Decoder(config(128, depth=3))
+    metas = P.param_metadata(abstract_params(model))["params"]
+    assert metas["embedding"].role == P.EMBEDDING and metas["embedding"].fan_in == 128
+    assert metas["readout"].role == P.OUTPUT and metas["readout"].fan_out == VOCAB
+    assert metas["embedding"].depth is None and metas["readout"].depth is None
+    layer = metas["layer_2"]
+    assert {k: (m.role, m.fan_in, m.fan_out, m.depth) for k, m in layer.items()} == {
+        "attn_qkv": (P.HIDDEN, 128, 384, 3),
+        "attn_out": (P.HIDDEN, 128, 128, 3),
+        "ffn_up": (P.HIDDEN, 128, 512, 3),
+        "ffn_gate": (P.HIDDEN, 128, 512, 3),
+        "ffn_down": (P.HIDDEN, 512, 128, 3),
+    }
+    assert layer["attn_qkv"].names == ("embed", "qkv", "heads", "head_dim")
+
+
+def _train_losses(cfg, steps=5, opt=None):
+    model = Decoder(cfg)
+    boxed = init_params(model, jax.random.key(SEED))
+    params = flax_meta.unbox(boxed)
+    opt = opt or OptimizerConfig(learning_rate=2e-2, weight_decay=1e-3, warmup_steps=2,
+                                 total_steps=steps)
+    tx = make_optimizer(opt, boxed, cfg.rule)
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state, tokens, targets):
+        loss, grads = jax.value_and_grad(
+            lambda p: model.apply(p, tokens, targets, method=Decoder.loss))(params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss
+
+    losses = []
+    for i in range(steps):
+        params, state, loss = step(params, state, *batch(SEED + i))
+        losses.append(float(loss))
+    return np.array(losses)
+
+
+def test_abc_symmetry_mup_trains_identically():
+    shift = {P.EMBEDDING: 2.0, P.HIDDEN: 4.0, P.OUTPUT: 0.5}
+    base = config(128, "mup", hparams={"base_width": 64, "init_std": 0.5})
+    shifted = config(128, "mup", hparams={"base_width": 64, "init_std": 0.5, "shift": shift})
+    a, b = _train_losses(base), _train_losses(shifted)
+    assert a[-1] < a[0] - 0.05  # it actually trains
+    np.testing.assert_allclose(b, a, rtol=1e-5)
+    # A θ that is not an abc-symmetry (forward multiplier only) does change training.
+    broken = _train_losses(config(128, "mup", hparams={"base_width": 64, "init_std": 1.0}))
+    assert np.max(np.abs(broken / a - 1)) > 1e-3
+
+
+def test_abc_symmetry_umup():
+    shift = {P.HIDDEN: 3.0, P.OUTPUT: 0.25}
+    opt = OptimizerConfig(learning_rate=0.5, weight_decay=1e-3, warmup_steps=2, total_steps=5)
+    a = _train_losses(config(64), opt=opt)
+    b = _train_losses(config(64, hparams={"shift": shift}), opt=opt)
+    np.testing.assert_allclose(b, a, rtol=1e-5)
+
+
+def test_bfloat16_compute_close_to_float32():
+    f32, _, _ = init_stats(128, "umup")
+    model = Decoder(config(128, dtype="bfloat16"))
+    params = flax_meta.unbox(init_params(model, jax.random.key(SEED)))
+    loss = model.apply(params, *batch(), method=Decoder.loss)
+    assert loss.dtype == jnp.float32
+    assert float(loss) == pytest.approx(f32, rel=5e-3)
+
+
+def test_rope_changes_output_only_through_position():
+    cfg = config(64, position="rope")
+    model = Decoder(cfg)
+    params = flax_meta.unbox(init_params(model, jax.random.key(SEED)))
+    tokens, _ = batch()
+    nope = Decoder(cfg.replace(position="none"))
+    a, b = model.apply(params, tokens), nope.apply(params, tokens)
+    np.testing.assert_allclose(a[:, 0], b[:, 0], rtol=1e-5)  # position 0: no rotation
+    assert not np.allclose(a[:, 5:], b[:, 5:], rtol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(width=100, num_heads=3), "width=100 is invalid: it must be divisible by num_heads=3"),
+        (dict(width=0), "width=0 is invalid"),
+        (dict(depth=-1), "depth=-1 is invalid"),
+        (dict(num_heads=0), "num_heads=0 is invalid"),
+        (dict(vocab_size=0), "vocab_size=0 is invalid"),
+        (dict(seq_len=0), "seq_len=0 is invalid"),
+        (dict(parametrization="ntk"), "parametrization='ntk' is invalid"),
+        (dict(hparams={"attn_mult": -2.0}), "attn_mult=-2.0 is invalid"),
+        (dict(hparams={"loss_softmax_mult": 0}), "loss_softmax_mult=0 is invalid"),
+        (dict(position="alibi"), "position='alibi' is invalid"),
+        (dict(dtype="float16"), "dtype='float16' is invalid"),
+        (dict(ffn_expansion=0.3), "ffn_expansion=0.3 is invalid"),
+    ],
+)
+def test_bad_model_config_raises(kwargs, match):
+    base = dict(vocab_size=256, width=64, depth=2, num_heads=2, seq_len=16)
+    base.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        ModelConfig(**base)
+
+
+def test_too_long_sequence_raises():
+    model = Decoder(config(64))
+    params = flax_meta.unbox(init_params(model, jax.random.key(SEED)))
+    with pytest.raises(ValueError, match="sequence length 65 > seq_len=64"):
+        model.apply(params, jnp.zeros((1, SEQ + 1), jnp.int32))

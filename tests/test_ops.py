@@ -1,0 +1,305 @@
+"""Unit-scaled ops: unit RMS of outputs and gradients at the shapes and tolerances of spec
+§10.2, and their exact constants (spec §5, §10.4)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import SEED, assert_not_unit, assert_scale, assert_unit, rms, std, unit_backward
+from umup_jax import ops
+
+
+def normal(i, shape):
+    return jax.random.normal(jax.random.key(SEED + 100 + i), shape, jnp.float32)
+
+
+# --- primitives -------------------------------------------------------------------------------
+
+
+def test_scale_fwd_and_bwd_are_one_sided():
+    x = normal(0, (64,))
+    y, (gx,) = unit_backward(lambda t: ops.scale_fwd(t, 3.0), x)
+    np.testing.assert_allclose(y, 3.0 * x, rtol=1e-7)
+    _, (g_ref,) = unit_backward(lambda t: t, x)
+    np.testing.assert_array_equal(gx, g_ref)  # gradient passes unchanged
+
+    y, (gx,) = unit_backward(lambda t: ops.scale_bwd(t, 0.25), x)
+    np.testing.assert_array_equal(y, x)
+    np.testing.assert_allclose(gx, 0.25 * g_ref, rtol=1e-7)
+
+
+def test_scales_must_be_static_python_floats():
+    with pytest.raises(TypeError):
+        ops.scale_fwd(jnp.ones(3), jnp.float32(2.0))
+
+
+@pytest.mark.parametrize(
+    "constraint, expected",
+    [
+        (None, (0.5, 0.125)),
+        ("to_output_scale", (0.5, 0.5)),
+        ("to_grad_input_scale", (0.125, 0.125)),
+        ("gmean", (0.25, 0.25)),
+        ("hmean", (0.2, 0.2)),
+        ("amean", (0.3125, 0.3125)),
+    ],
+)
+def test_constraints(constraint, expected):
+    assert ops.apply_constraint(constraint, 0.5, 0.125) == pytest.approx(expected)
+
+
+def test_unknown_constraint_raises():
+    with pytest.raises(ValueError, match="constraint='bogus'"):
+        ops.apply_constraint("bogus", 1.0, 2.0)
+
+
+def test_logarithmic_interpolation_endpoints():
+    assert ops.logarithmic_interpolation(0.0, 2.0, 8.0) == pytest.approx(2.0)
+    assert ops.logarithmic_interpolation(1.0, 2.0, 8.0) == pytest.approx(8.0)
+    assert ops.logarithmic_interpolation(0.5, 2.0, 8.0) == pytest.approx(4.0)
+
+
+# --- linear (x 2^8 × 2^10, w 2^10 × 2^12; spec §10.2) --------------------------------------------
+
+
+def _linear_case(constraint):
+    x, w, b = normal(0, (2**8, 2**10)), normal(1, (2**10, 2**12)), jnp.zeros((2**12,))
+    return unit_backward(lambda x, w, b: ops.linear(x, w, b, constraint=constraint), x, w, b)
+
+
+def test_linear_unconstrained_is_unit_everywhere():
+    y, (gx, gw, gb) = _linear_case(None)
+    assert_unit(y, gx, gw, gb)
+
+
+def test_linear_to_output_scale():
+    y, (gx, gw, gb) = _linear_case("to_output_scale")
+    assert_unit(y, gw, gb)
+    assert_not_unit(gx)  # fan_in^-1/2 instead of fan_out^-1/2: ∂x std ≈ 2
+    assert std(gx) == pytest.approx(2.0, rel=0.05)
+
+
+def test_linear_gmean():
+    y, (gx, _, _) = _linear_case("gmean")
+    assert std(y) * std(gx) == pytest.approx(1.0, abs=0.1)
+
+
+def test_linear_to_grad_input_scale():
+    y, (gx, _, _) = _linear_case("to_grad_input_scale")
+    assert_unit(gx)
+    assert_not_unit(y)
+
+
+def test_linear_readout():
+    x, w, b = normal(0, (2**8, 2**10)), normal(1, (2**10, 2**12)), jnp.zeros((2**12,))
+    y, (gx, gw, gb) = unit_backward(ops.linear_readout, x, w, b)
+    assert_unit(gx, gw, gb)
+    assert std(y) == pytest.approx(2**-5, rel=0.1)  # 1/√fan_in at init, not 1
+
+
+def test_linear_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="fan_in"):
+        ops.linear(jnp.ones((4, 8)), jnp.ones((16, 4)))
+
+
+# --- embedding (B 16 × S 32, d 64, V 4096) ------------------------------------------------------
+
+
+def test_embedding_output_and_table_gradient_unit():
+    ids = jax.random.randint(jax.random.key(SEED), (2**4, 2**5), 0, 2**12)
+    table = normal(0, (2**12, 2**6))
+    y, (g_table,) = unit_backward(lambda t: ops.embedding(t, ids), table)
+    assert_unit(y, g_table)
+
+
+# --- rms_norm ----------------------------------------------------------------------------------
+
+
+def test_rms_norm_unit_and_scale_invariant():
+    x = 7.0 * normal(0, (2**8, 2**10))
+    y, (gx,) = unit_backward(ops.rms_norm, x)
+    assert_unit(y)
+    # ∂x of a normalisation scales as 1/‖x‖: for unit-scale inputs it is unit.
+    _, (gx1,) = unit_backward(ops.rms_norm, x / 7.0)
+    assert_unit(gx1)
+    np.testing.assert_allclose(gx, gx1 / 7.0, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(rms(y[0]), 1.0, rtol=1e-4)
+
+
+# --- silu_glu ----------------------------------------------------------------------------------
+
+
+def test_silu_glu_scale_constants():
+    assert ops.silu_glu_scale(1.0) == pytest.approx(2**0.75, abs=1e-12)
+    assert ops.silu_glu_scale(1.0) == pytest.approx(1.6818, abs=1e-4)
+    assert ops.silu_glu_scale(0.5) == pytest.approx(1.8661, abs=1e-4)
+    assert ops.silu_glu_scale(2.0) == pytest.approx(1.5157, abs=1e-4)
+
+
+@pytest.mark.parametrize("mult", [0.25, 1.0, 4.0])
+def test_silu_glu_unit(mult):
+    x_in, x_gate = normal(0, (2**8, 2**10)), normal(1, (2**8, 2**10))
+    y, (g_in, g_gate) = unit_backward(lambda a, b: ops.silu_glu(a, b, mult=mult), x_in, x_gate)
+    assert_unit(y, g_in, g_gate)
+
+
+def test_silu_glu_formula():
+    a, g = normal(0, (16,)), normal(1, (16,))
+    s = ops.silu_glu_scale(3.0)
+    expected = s * a * g * jax.nn.sigmoid(3.0 * g)
+    np.testing.assert_allclose(ops.silu_glu(a, g, mult=3.0), expected, rtol=1e-6)
+
+
+# --- attention ---------------------------------------------------------------------------------
+
+
+def test_attention_scale_constants():
+    assert ops.attention_scale(64, 64, 1.0, causal=True) == pytest.approx(3.90204, abs=1e-5)
+    assert ops.attention_scale(256, 64, 1.0, causal=True) == pytest.approx(6.744, abs=1e-3)
+    assert ops.attention_scale(256, 64, 4.0, causal=True) == pytest.approx(6.070, abs=1e-3)
+    assert ops.attention_scale(1024, 128, 1.0, causal=True) == pytest.approx(12.095, abs=1e-3)
+    assert ops.attention_scale(256, 64, 1.0, causal=False) == pytest.approx(15.83, abs=1e-2)
+
+
+def test_attention_non_causal_matches_reference_test():
+    # Authors' test: shape (2^8, 2^6, 2^6) = (batch, seq, head_dim), non-causal.
+    q, k, v = (normal(i, (2**8, 2**6, 1, 2**6)) for i in range(3))
+    f = lambda q, k, v: ops.scaled_dot_product_attention(q, k, v, causal=False)
+    y, (gq, gk, gv) = unit_backward(f, q, k, v)
+    assert_unit(y, gv)
+    assert_scale(gq, gk, target=64**-0.5)
+
+
+@pytest.mark.parametrize("mult", [1.0, 4.0])
+def test_causal_attention_output_unit(mult):
+    q, k, v = (normal(i, (4, 256, 4, 64)) for i in range(3))
+    y, (gq, gk, gv) = unit_backward(
+        lambda q, k, v: ops.scaled_dot_product_attention(q, k, v, mult=mult, causal=True), q, k, v
+    )
+    assert_unit(y, gv)
+    # q and k gradients sit below 1 (≈0.11 at m=1, ≈0.43 at m=4): the softmax Jacobian is
+    # small for near-flat attention, as in the authors' non-causal test.
+    assert std(gq) < 0.5 and std(gk) < 0.5
+
+
+def test_causal_attention_is_causal():
+    q, k, v = (normal(i, (1, 16, 2, 8)) for i in range(3))
+    out = ops.scaled_dot_product_attention(q, k, v)
+    v2 = v.at[:, 10:].set(100.0)
+    out2 = ops.scaled_dot_product_attention(q, k, v2)
+    np.testing.assert_allclose(out[:, :10], out2[:, :10], rtol=1e-6)
+    assert not np.allclose(out[:, 10:], out2[:, 10:])
+
+
+def test_attention_logits_use_mult_over_head_dim():
+    q, k, v = (normal(i, (1, 8, 1, 16)) for i in range(3))
+    m = 2.0
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) * m / 16
+    logits = np.where(np.tril(np.ones((8, 8), bool)), logits, -np.inf)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    expected = np.einsum("bhqk,bkhd->bqhd", p, v) * ops.attention_scale(8, 16, m, True)
+    out = ops.scaled_dot_product_attention(q, k, v, mult=m)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+
+# --- residual split/add, plain add ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tau", [0.2, 1.0, 3.0])
+def test_residual_split_linear_add_unit(tau):
+    x, w = normal(0, (2**10, 2**8)), normal(1, (2**8, 2**8))
+
+    def f(x):
+        r, s = ops.residual_split(x, tau)
+        r = ops.linear(r, w)
+        return ops.residual_add(r, s, tau), r, s
+
+    (out, r, s), vjp = jax.vjp(f, x)
+    gout = normal(5, out.shape)
+    (gx,) = vjp((gout, jnp.zeros_like(r), jnp.zeros_like(s)))
+    assert_unit(out, r, s, gx)
+    # ∂residual and ∂skip: gradients arriving at the branch and skip are the upstream one.
+    _, vjp_add = jax.vjp(lambda r, s: ops.residual_add(r, s, tau), r, s)
+    g_r, g_s = vjp_add(gout)
+    np.testing.assert_array_equal(g_r, gout)
+    np.testing.assert_array_equal(g_s, gout)
+    assert_unit(g_r, g_s)
+
+
+def test_residual_split_gradient_is_weighted_sum():
+    x = normal(0, (128,))
+    g = normal(1, (128,))
+    tau = 0.5
+    a, b = tau / math.sqrt(1 + tau**2), 1 / math.sqrt(1 + tau**2)
+    _, vjp = jax.vjp(lambda x: ops.residual_split(x, tau), x)
+    (gx,) = vjp((g, g))
+    np.testing.assert_allclose(gx, (a + b) * g, rtol=1e-6)
+
+
+def test_add_unit_and_scalar_cases():
+    x, y = normal(0, (2**10, 2**6)), normal(1, (2**10, 2**6))
+    out, (gx, gy) = unit_backward(ops.add, x, y)
+    assert_unit(out)
+    np.testing.assert_allclose(out, (x + y) * 2**-0.5, rtol=1e-6)
+    # to_output_scale: both gradients get 2^-1/2 too.
+    assert std(gx) == pytest.approx(2**-0.5, abs=0.05)
+    out_b, _ = unit_backward(ops.add, x, normal(2, (2**6,)))  # broadcast still unit
+    assert_unit(out_b)
+    np.testing.assert_array_equal(ops.add(x, 1.0), x + 1.0)  # a Python constant is unscaled
+
+
+def test_add_unconstrained_broadcast_gradient():
+    x, b = normal(0, (2**10, 2**6)), normal(1, (2**6,))
+    _, (gx, gb) = unit_backward(lambda x, b: ops.add(x, b, constraint=None), x, b)
+    assert_unit(gx, gb)
+
+
+# --- cross-entropy (V 256, N 4096) ----------------------------------------------------------------
+
+
+def test_cross_entropy_constant():
+    assert 256 / math.sqrt(255) == pytest.approx(16.0313, abs=1e-4)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_cross_entropy_matches_plain_and_has_unit_gradient(reduction):
+    logits = normal(0, (2**12, 2**8))
+    labels = jax.random.randint(jax.random.key(SEED), (2**12,), 0, 2**8)
+    loss, grad = jax.value_and_grad(
+        lambda z: ops.cross_entropy(z, labels, reduction=reduction)
+    )(logits)
+    plain = ops.plain_cross_entropy(logits, labels)
+    expected = plain if reduction == "mean" else plain * 2**12
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    assert_unit(grad)
+
+
+def test_cross_entropy_gradient_formula_with_mult():
+    V, N, m = 256, 64, 0.5
+    z = normal(0, (N, V))
+    t = jax.random.randint(jax.random.key(SEED), (N,), 0, V)
+    g = jax.grad(lambda z: ops.cross_entropy(z, t, mult=m))(z)
+    expected = (jax.nn.softmax(m * z, axis=-1) - jax.nn.one_hot(t, V)) * V / math.sqrt(V - 1)
+    np.testing.assert_allclose(g, expected, rtol=1e-5, atol=1e-7)  # not divided by N
+    loss = ops.cross_entropy(z, t, mult=m)
+    np.testing.assert_allclose(loss, ops.plain_cross_entropy(m * z, t), rtol=1e-6)
+
+
+def test_cross_entropy_rejects_bad_input():
+    with pytest.raises(ValueError, match="reduction"):
+        ops.cross_entropy(jnp.zeros((2, 4)), jnp.zeros((2,), jnp.int32), reduction="max")
+    with pytest.raises(ValueError, match="do not match"):
+        ops.cross_entropy(jnp.zeros((2, 4)), jnp.zeros((3,), jnp.int32))
+
+
+def test_ops_work_under_jit_and_bfloat16():
+    x = normal(0, (32, 64)).astype(jnp.bfloat16)
+    w = normal(1, (64, 64)).astype(jnp.bfloat16)
+    y = jax.jit(lambda x, w: ops.linear(x, w))(x, w)
+    assert y.dtype == jnp.bfloat16
+    g = jax.jit(jax.grad(lambda w: ops.linear(x, w).astype(jnp.float32).sum()))(w)
+    assert g.dtype == jnp.bfloat16
