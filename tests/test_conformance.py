@@ -1,0 +1,329 @@
+"""Conformance of our u-μP decoder with the authors' library (``unit_scaling`` 0.3.5, torch).
+
+The reference is ``unit_scaling.TransformerDecoder`` (NoPE, fused-QKV MHSA, 4x SwiGLU MLP,
+non-trainable RMSNorm, untied embedding and readout; spec §5.16) and
+``unit_scaling.optim.AdamW(independent_weight_decay=True)`` (spec §7).  Both sides run in
+float32 on the same weights and tokens; we compare the loss, the logits, every parameter's
+unit-scaled gradient and the parameters after one AdamW step.
+
+Three cases:
+
+* ``default``: all α = 1, against ``TransformerDecoder.loss`` itself;
+* ``residual``: α_residual = 2, α_residual-attn-ratio = 0.5, against ``TransformerDecoder``
+  built with ``transformer_residual_scaling_rule(2, 0.5)``;
+* ``mults``: α_attn, α_ffn-act, α_loss-softmax ≠ 1.  ``TransformerDecoder`` exposes no mults,
+  so the reference forward is rebuilt from the library's own modules (their weights and taus)
+  and ``unit_scaling.functional`` ops with ``mult``, mirroring ``TransformerLayer.forward``,
+  ``MHSA.forward`` and ``MLP.forward``; it is first checked against ``TransformerDecoder``
+  itself with all mults = 1.
+
+The optimizer step is compared on identical gradients (the library's, fed to our optimizer):
+Adam's first step is g/(|g|+ε), so an element whose gradient is ~0 can flip sign between two
+correct fp32 backward passes and move by 2·η·c_p; the end-to-end step (our own gradients) is
+printed but not asserted.  Gradients themselves are asserted separately.
+
+Both sides run the model on the full (B, S) tokens, so the attention scale uses S on both.
+
+Layouts: torch ``Linear`` weights are (out, in), our kernels (in, out).  The library's fused
+QKV output is rearranged ``"b s (z h d) -> z b h s d"``, so our (d, 3, H, Dh) kernel is
+``w.T.reshape(d, 3, H, Dh)``; its attention output is merged ``"b h s d -> b s (h d)"``, so our
+(H, Dh, d) kernel is ``w.T.reshape(H, Dh, d)``.  The embedding table is (V, d) on both sides.
+
+Run with ``-s`` to see the measured errors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the conformance test needs torch (extra 'reference')")
+uu = pytest.importorskip(
+    "unit_scaling", reason="the conformance test needs unit_scaling==0.3.5 (extra 'reference')"
+)
+
+import einops  # noqa: E402  (a dependency of unit_scaling)
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+import unit_scaling.functional as U  # noqa: E402
+import unit_scaling.optim  # noqa: E402
+from unit_scaling.core.functional import transformer_residual_scaling_rule  # noqa: E402
+
+from umup_jax import ops  # noqa: E402
+from umup_jax.model import Decoder, ModelConfig  # noqa: E402
+from umup_jax.optim import OptimizerConfig, make_optimizer  # noqa: E402
+
+WIDTH, VOCAB, LAYERS, HEADS = 64, 256, 2, 4
+BATCH, SEQ = 4, 32
+HEAD_DIM = WIDTH // HEADS
+SEED = 1472
+LR, WEIGHT_DECAY = 0.05, 0.1
+
+LOSS_RTOL = 1e-5  # |Δloss| / |loss|
+LOGITS_RTOL = 1e-5  # max|Δlogits| / max|logits|
+GRAD_RTOL = 1e-4  # rms(Δgrad) / rms(grad), per parameter
+STEP_RTOL = 1e-5  # max|Δparam| / max|param| after one AdamW step, per parameter
+UPDATE_RTOL = 1e-4  # rms(Δupdate) / rms(update), update = param after step − param before
+
+CASES = {
+    "default": {},
+    "residual": {"residual_mult": 2.0, "residual_attn_ratio": 0.5},
+    "mults": {"attn_mult": 2.0, "ffn_act_mult": 1.5, "loss_softmax_mult": 0.5},
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The torch reference
+# ---------------------------------------------------------------------------------------------
+
+
+def _torch_model(hparams: dict) -> torch.nn.Module:
+    torch.manual_seed(SEED)
+    kwargs = {}
+    if "residual_mult" in hparams or "residual_attn_ratio" in hparams:
+        kwargs["residual_scaling"] = transformer_residual_scaling_rule(
+            residual_mult=hparams.get("residual_mult", 1.0),
+            residual_attn_ratio=hparams.get("residual_attn_ratio", 1.0),
+        )
+    model = uu.TransformerDecoder(WIDTH, VOCAB, LAYERS, HEADS, **kwargs)
+    model.eval()  # dropout_p = 0 anyway
+    return model
+
+
+def _torch_logits_with_mults(model, ids, attn_mult=1.0, ffn_act_mult=1.0):
+    """TransformerDecoder's forward rebuilt from its modules' weights and ``U`` ops, with the
+    mults TransformerDecoder does not expose (TransformerLayer/MHSA/MLP.forward, spec §5.16)."""
+    x = U.embedding(ids, model.embedding.weight)
+    for layer in model.layers:
+        # Attention half: MHSA linears use the default constraint ("to_output_scale").
+        r, skip = U.residual_split(x, tau=layer.mhsa_tau)
+        r = layer.mhsa_norm(r)
+        qkv = U.linear(r, layer.mhsa.linear_qkv.weight, None)
+        q, k, v = einops.rearrange(qkv, "b s (z h d) -> z b h s d", h=HEADS, z=3)
+        o = U.scaled_dot_product_attention(q, k, v, is_causal=True, mult=attn_mult)
+        o = einops.rearrange(o, "b h s d -> b s (h d)")
+        o = U.linear(o, layer.mhsa.linear_o.weight, None)
+        x = U.residual_add(o, skip, tau=layer.mhsa_tau)
+        # MLP half: MLP linears use constraint=None.
+        r, skip = U.residual_split(x, tau=layer.mlp_tau)
+        r = layer.mlp_norm(r)
+        mlp = layer.mlp
+        up = U.linear(r, mlp.linear_1.weight, None, constraint=None)
+        gate = U.linear(r, mlp.linear_gate.weight, None, constraint=None)
+        z = U.silu_glu(up, gate, mult=ffn_act_mult)
+        o = U.linear(z, mlp.linear_2.weight, None, constraint=None)
+        x = U.residual_add(o, skip, tau=layer.mlp_tau)
+    x = model.final_norm(x)
+    return U.linear_readout(x, model.projection.weight, None)
+
+
+def _torch_loss(logits, ids, loss_softmax_mult=1.0):
+    """As TransformerDecoder.loss, with α_loss-softmax."""
+    return U.cross_entropy(
+        logits.float()[..., :-1, :].flatten(end_dim=-2),
+        ids[..., 1:].flatten(),
+        mult=loss_softmax_mult,
+    )
+
+
+def _torch_named_params(model) -> dict:
+    """Our param paths → the library's parameters."""
+    named = {
+        ("embedding",): model.embedding.weight,
+        ("readout",): model.projection.weight,
+    }
+    for i, layer in enumerate(model.layers):
+        named[(f"layer_{i}", "attn_qkv")] = layer.mhsa.linear_qkv.weight
+        named[(f"layer_{i}", "attn_out")] = layer.mhsa.linear_o.weight
+        named[(f"layer_{i}", "ffn_up")] = layer.mlp.linear_1.weight
+        named[(f"layer_{i}", "ffn_gate")] = layer.mlp.linear_gate.weight
+        named[(f"layer_{i}", "ffn_down")] = layer.mlp.linear_2.weight
+    assert len(named) == len(list(model.parameters()))
+    return named
+
+
+def _to_ours(path: tuple, w: np.ndarray) -> np.ndarray:
+    """A library tensor (param or grad) in our layout for the param at ``path``."""
+    name = path[-1]
+    if name == "embedding":
+        return w  # (V, d) on both sides
+    if name == "attn_qkv":
+        return w.T.reshape(WIDTH, 3, HEADS, HEAD_DIM)
+    if name == "attn_out":
+        return w.T.reshape(HEADS, HEAD_DIM, WIDTH)
+    return w.T  # readout, ffn_up, ffn_gate, ffn_down
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _keys(path) -> tuple:
+    """A jax key path into ``{'params': …}`` as our param path (without 'params')."""
+    assert path[0].key == "params"
+    return tuple(k.key for k in path[1:])
+
+
+def _get(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _rms(x) -> float:
+    return float(np.sqrt(np.mean(np.square(np.asarray(x, np.float64)))))
+
+
+def _max_rel(ours, theirs) -> float:
+    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+    return float(np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs)))
+
+
+def _rms_rel(ours, theirs) -> float:
+    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+    return _rms(ours - theirs) / _rms(theirs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The test
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_conformance_with_unit_scaling(case):
+    hparams = CASES[case]
+    mults = {
+        "attn_mult": hparams.get("attn_mult", 1.0),
+        "ffn_act_mult": hparams.get("ffn_act_mult", 1.0),
+    }
+    loss_mult = hparams.get("loss_softmax_mult", 1.0)
+
+    # ---- reference: loss, logits, grads, one AdamW step ---------------------------------
+    tmodel = _torch_model(hparams)
+    ids_t = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(SEED))
+    named = _torch_named_params(tmodel)
+    init = {path: p.detach().numpy().copy() for path, p in named.items()}
+
+    if case == "mults":
+        # The hand-built reference must be the library's forward when all mults are 1.
+        with torch.no_grad():
+            lib_logits = tmodel(ids_t)
+            lib_loss = tmodel.loss(ids_t)
+            ref_logits = _torch_logits_with_mults(tmodel, ids_t)
+            ref_loss = _torch_loss(ref_logits, ids_t)
+        torch.testing.assert_close(ref_logits, lib_logits, rtol=0, atol=0)
+        torch.testing.assert_close(ref_loss, lib_loss, rtol=0, atol=0)
+        t_logits = _torch_logits_with_mults(tmodel, ids_t, **mults)
+        t_loss = _torch_loss(t_logits, ids_t, loss_mult)
+    else:
+        t_logits = tmodel(ids_t)
+        t_loss = tmodel.loss(ids_t)
+    t_loss.backward()
+    t_grads = {path: p.grad.detach().numpy().copy() for path, p in named.items()}
+    t_logits = t_logits.detach().numpy()
+    t_loss = float(t_loss.detach())
+
+    topt = unit_scaling.optim.AdamW(
+        tmodel.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, independent_weight_decay=True
+    )
+    topt.step()
+    t_stepped = {path: p.detach().numpy().copy() for path, p in named.items()}
+
+    # ---- ours ---------------------------------------------------------------------------
+    cfg = ModelConfig(
+        vocab_size=VOCAB, width=WIDTH, depth=LAYERS, num_heads=HEADS, ffn_expansion=4,
+        seq_len=SEQ, position="none", parametrization="umup", hparams=hparams,
+        dtype="float32",
+    )
+    model = Decoder(cfg)
+    ids = jnp.asarray(ids_t.numpy(), jnp.int32)
+    # Only the structure and metadata are needed: the values come from the library's model.
+    boxed = jax.eval_shape(model.init, jax.random.key(0), ids)
+    shapes = jax.tree.map(lambda x: tuple(x.shape), nn.meta.unbox(boxed))
+
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, _: jnp.asarray(_to_ours(_keys(path), init[_keys(path)]), jnp.float32),
+        shapes,
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
+    assert jax.tree.map(jnp.shape, params) == shapes
+
+    def loss_fn(p):
+        logits = model.apply(p, ids)
+        loss = ops.cross_entropy(logits[:, :-1], ids[:, 1:], mult=loss_mult)
+        return loss, logits
+
+    (loss, logits), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+
+    opt = make_optimizer(
+        OptimizerConfig(
+            learning_rate=LR, weight_decay=WEIGHT_DECAY, schedule="constant",
+            warmup_steps=0, total_steps=10,
+        ),
+        boxed["params"],
+        cfg.rule,
+    )
+
+    @jax.jit
+    def adamw_step(p, g):
+        updates, _ = opt.update(g["params"], opt.init(p["params"]), p["params"])
+        return {"params": optax.apply_updates(p["params"], updates)}
+
+    # The optimizer is checked on the library's own gradients: Adam's first step is
+    # g/(|g|+ε), so an element whose gradient is ~0 (|g| ≲ the fp32 noise of the backward pass)
+    # can flip sign between two correct implementations and move by up to 2·η·c_p.
+    lib_grads = jax.tree_util.tree_map_with_path(
+        lambda path, _: jnp.asarray(_to_ours(_keys(path), t_grads[_keys(path)])), shapes,
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
+    stepped = adamw_step(params, lib_grads)
+    stepped_e2e = adamw_step(params, grads)  # reported only (see above)
+
+    # ---- compare --------------------------------------------------------------------------
+    loss_err = abs(float(loss) - t_loss) / abs(t_loss)
+    logits_err = _max_rel(logits, t_logits)
+    grad_errs, step_errs, update_errs, e2e_errs = {}, {}, {}, {}
+    for path in named:
+        ours_g = np.asarray(_get(grads["params"], path))
+        theirs_g = _to_ours(path, t_grads[path])
+        grad_errs[path] = _rms_rel(ours_g, theirs_g)
+        ours_p = np.asarray(_get(stepped["params"], path))
+        theirs_p = _to_ours(path, t_stepped[path])
+        step_errs[path] = _max_rel(ours_p, theirs_p)
+        before = _to_ours(path, init[path]).astype(np.float64)
+        update_errs[path] = _rms_rel(ours_p - before, theirs_p - before)
+        e2e_errs[path] = _max_rel(np.asarray(_get(stepped_e2e["params"], path)), theirs_p)
+
+    name = lambda p: "/".join(p)  # noqa: E731
+    print(
+        f"\n[{case}] loss ours={float(loss):.6f} theirs={t_loss:.6f} rel={loss_err:.2e}; "
+        f"logits max-rel={logits_err:.2e}; "
+        f"grad rms-rel max={max(grad_errs.values()):.2e} "
+        f"({name(max(grad_errs, key=grad_errs.get))}); "
+        f"param-after-step max-rel max={max(step_errs.values()):.2e} "
+        f"({name(max(step_errs, key=step_errs.get))}); "
+        f"update rms-rel max={max(update_errs.values()):.2e}; "
+        f"(not asserted) param-after-step on our own grads max-rel max="
+        f"{max(e2e_errs.values()):.2e}"
+    )
+    for path in named:
+        print(
+            f"    {name(path):22s} grad rms-rel {grad_errs[path]:.2e}  "
+            f"param max-rel {step_errs[path]:.2e}  update rms-rel {update_errs[path]:.2e}  "
+            f"(own-grad param max-rel {e2e_errs[path]:.2e})"
+        )
+
+    assert math.isfinite(t_loss) and math.isfinite(float(loss))
+    assert loss_err <= LOSS_RTOL, f"loss: ours {float(loss)} vs library {t_loss}"
+    assert logits_err <= LOGITS_RTOL, f"logits max-rel error {logits_err:.2e}"
+    bad = {name(p): e for p, e in grad_errs.items() if not e <= GRAD_RTOL}
+    assert not bad, f"gradients differ from the library's (rms-rel error): {bad}"
+    bad = {name(p): e for p, e in step_errs.items() if not e <= STEP_RTOL}
+    assert not bad, f"params after one AdamW step differ from the library's: {bad}"
+    bad = {name(p): e for p, e in update_errs.items() if not e <= UPDATE_RTOL}
+    assert not bad, f"AdamW updates differ from the library's (rms-rel error): {bad}"
