@@ -1,0 +1,99 @@
+"""Metrics: per-tensor RMS statistics and a writer to JSONL and TensorBoard event files.
+
+Only process 0 writes.  ``metrics.jsonl`` gets one JSON object per line, ``{"step": …, "kind":
+"train" | "eval" | "stats", …}``; the same scalars go to TensorBoard under ``kind/name``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+
+def tree_rms(tree: Any, prefix: str) -> dict[str, jax.Array]:
+    """{'prefix/path/to/leaf': RMS} for every array leaf (fp32 accumulation).  The tuple
+    index that Flax's ``sow`` adds to each recorded activation is dropped from the name."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if path and isinstance(path[-1], jax.tree_util.SequenceKey) and path[-1].idx == 0:
+            path = path[:-1]
+        name = "/".join(_key_name(k) for k in path)
+        x = jnp.asarray(leaf, jnp.float32)
+        out[f"{prefix}/{name}"] = jnp.sqrt(jnp.mean(jnp.square(x)))
+    return out
+
+
+def _key_name(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/Inf
+    return value
+
+
+class MetricsWriter:
+    def __init__(self, workdir: pathlib.Path, enabled: bool = True):
+        self.enabled = enabled
+        self._jsonl = None
+        self._tb = None
+        if not enabled:
+            return
+        workdir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+        try:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(logdir=str(workdir / "tensorboard"))
+        except ImportError:  # pragma: no cover - tensorboardX is a dependency
+            self._tb = None
+
+    def write(self, step: int, kind: str, values: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), "kind": kind}
+        row.update({k: _clean(float(v)) if _is_number(v) else v for k, v in values.items()})
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in values.items():
+                if _is_number(v) and math.isfinite(float(v)):
+                    self._tb.add_scalar(f"{kind}/{k}", float(v), int(step))
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+            self._tb = None
+
+
+def _is_number(v: Any) -> bool:
+    try:
+        float(v)
+        return not isinstance(v, (str, bool))
+    except (TypeError, ValueError):
+        return False
+
+
+def read_metrics(path: pathlib.Path | str, kind: str = "train") -> list[dict]:
+    """Rows of ``kind`` from a metrics.jsonl; for repeated steps (a resumed run re-does the
+    steps after its last checkpoint) the last row wins."""
+    rows: dict[int, dict] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            if row.get("kind") == kind:
+                rows[row["step"]] = row
+    return [rows[s] for s in sorted(rows)]

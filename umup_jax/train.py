@@ -1,0 +1,465 @@
+"""``train_and_evaluate(config, workdir)``: the train loop of a run.
+
+Order of work: validate the whole config and the data (no compilation yet) → build the model,
+its metadata and the optimizer → place state and batches with ``NamedSharding`` on a mesh of the
+devices (axis ``data``) → restore the newest readable checkpoint in ``workdir`` if any → train
+with a jitted, buffer-donating step, evaluating, logging, checkpointing → ``results.json``.
+
+The host never waits on the step it just dispatched: it reads step k−1's scalars (to log them
+and to stop on a non-finite loss) while step k runs, and a background thread prepares batches.
+SIGTERM/SIGINT make the loop save a checkpoint at the current step and return cleanly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import math
+import pathlib
+import signal
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax.core import meta as flax_meta
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from umup_jax import checkpoint as ckpt
+from umup_jax import config as config_lib
+from umup_jax import data as data_lib
+from umup_jax import metrics as metrics_lib
+from umup_jax.model import Decoder, ModelConfig, init_params
+from umup_jax.optim import OptimizerConfig, make_optimizer, make_schedule
+
+log = logging.getLogger(__name__)
+
+NAN_POLICIES = ("stop", "ignore")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/Inf (with ``train.nan_policy='stop'``)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation (before anything compiles)
+# ---------------------------------------------------------------------------------------------
+
+
+def _require(cond: bool, field: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ValueError(f"{field}={value!r} is invalid: it must be {allowed}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def validate_train(config: ml_collections.ConfigDict) -> None:
+    t = config.train
+    for field in ("steps", "batch_size", "eval_every", "eval_batches", "eval_batch_size",
+                  "log_every", "metrics_every", "checkpoint_every", "keep_checkpoints"):
+        value = t[field]
+        _require(_is_int(value) and value > 0, f"train.{field}", value, "an integer > 0")
+    _require(t.nan_policy in NAN_POLICIES, "train.nan_policy", t.nan_policy, f"one of {NAN_POLICIES}")
+    _require(_is_int(config.seed), "seed", config.seed, "an integer")
+    d = config.data
+    _require(d.source in data_lib.SOURCES, "data.source", d.source, f"one of {data_lib.SOURCES}")
+    _require(_is_int(d.vocab_size) and d.vocab_size > 0, "data.vocab_size", d.vocab_size,
+             "an integer > 0")
+    _require(_is_int(d.prefetch) and d.prefetch >= 0, "data.prefetch", d.prefetch, "an integer >= 0")
+
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
+    m = config.model
+    if m.vocab_size and m.vocab_size < vocab_size:
+        raise ValueError(
+            f"model.vocab_size={m.vocab_size} is invalid: the tokenizer has {vocab_size} tokens"
+        )
+    return ModelConfig(
+        vocab_size=m.vocab_size or vocab_size, width=m.width, depth=m.depth,
+        num_heads=m.num_heads, head_dim=m.head_dim or None, ffn_expansion=m.ffn_expansion,
+        seq_len=m.seq_len, position=m.position, rope_theta=m.rope_theta,
+        parametrization=m.parametrization, hparams=dict(m.hparams), dtype=m.dtype,
+        norm_eps=m.norm_eps,
+    )
+
+
+def optimizer_config(config: ml_collections.ConfigDict) -> OptimizerConfig:
+    o = config.optimizer
+    return OptimizerConfig(
+        learning_rate=o.learning_rate, b1=o.b1, b2=o.b2, eps=o.eps,
+        weight_decay=o.weight_decay, schedule=o.schedule, warmup_steps=o.warmup_steps,
+        total_steps=config.train.steps, final_lr_fraction=o.final_lr_fraction,
+    )
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Everything that can be checked without data: schema, train, model and optimizer."""
+    config_lib.check_schema(config)
+    validate_train(config)
+    model_config(config, vocab_size=max(int(config.model.vocab_size or 0), 2))
+    optimizer_config(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# The compiled step
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything built for a run before training starts."""
+
+    config: ml_collections.ConfigDict
+    model_cfg: ModelConfig
+    opt_cfg: OptimizerConfig
+    model: Decoder
+    tx: optax.GradientTransformation
+    mesh: Mesh
+    state_sharding: Any
+    batch_sharding: NamedSharding
+    abstract_state: Any
+    tokens: data_lib.TokenData
+
+
+def build_run(config: ml_collections.ConfigDict, devices=None) -> Run:
+    check_config(config)
+    cache = config.data.cache_dir or None
+    tokens = data_lib.load_tokens(config.data, cache_dir=cache)
+    model_cfg = model_config(config, tokens.vocab_size)
+    opt_cfg = optimizer_config(config)
+    devices = list(devices) if devices is not None else jax.devices()
+    n_data = len(devices)
+    for field in ("batch_size", "eval_batch_size"):
+        value = config.train[field]
+        if value % n_data:
+            raise ValueError(
+                f"train.{field}={value} is not divisible by the {n_data} devices of the data axis"
+            )
+    # Data checks that need only shapes: fail before any compilation.
+    seq = model_cfg.seq_len
+    for split, arr in (("train", tokens.train), ("valid", tokens.valid)):
+        if data_lib.num_windows(arr, seq) < 1:
+            raise ValueError(
+                f"model.seq_len={seq} is longer than the {split} data ({len(arr)} tokens)"
+            )
+    if data_lib.num_windows(tokens.valid, seq) < config.train.eval_batch_size:
+        raise ValueError(
+            f"train.eval_batch_size={config.train.eval_batch_size} is larger than the "
+            f"{data_lib.num_windows(tokens.valid, seq)} validation windows of model.seq_len={seq}"
+        )
+    model = Decoder(model_cfg)
+    boxed = jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
+    tx = make_optimizer(opt_cfg, boxed, model_cfg.rule)
+    mesh = Mesh(np.asarray(devices), ("data",))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    abstract_params = flax_meta.unbox(boxed)
+    abstract_state = {
+        "params": abstract_params,
+        "opt_state": jax.eval_shape(tx.init, abstract_params),
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+    }
+    state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+    abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
+        state_sharding,
+    )
+    return Run(config, model_cfg, opt_cfg, model, tx, mesh, state_sharding,
+               NamedSharding(mesh, PartitionSpec("data")), abstract_state, tokens)
+
+
+def make_init_fn(run: Run):
+    def init(key):
+        params = flax_meta.unbox(init_params(run.model, key))
+        return {"params": params, "opt_state": run.tx.init(params),
+                "step": jnp.zeros((), jnp.int32)}
+
+    return jax.jit(init, out_shardings=run.state_sharding)
+
+
+def make_train_step(run: Run, with_stats: bool):
+    """state, batch → (new state, metrics); with_stats adds per-tensor RMS of params, grads,
+    updates and activations."""
+    model, tx = run.model, run.tx
+    schedule = make_schedule(run.opt_cfg)
+    eta = run.opt_cfg.learning_rate
+
+    def step_fn(state, batch):
+        def loss_fn(params):
+            if with_stats:
+                loss, mut = model.apply(params, batch["inputs"], batch["targets"],
+                                        method=Decoder.loss, mutable=["intermediates"])
+                return loss, mut["intermediates"]
+            return model.apply(params, batch["inputs"], batch["targets"],
+                               method=Decoder.loss), None
+
+        (loss, acts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.global_norm(grads),
+            "lr": eta * schedule(state["step"]),
+        }
+        if with_stats:
+            metrics["stats"] = {
+                **metrics_lib.tree_rms(state["params"]["params"], "params"),
+                **metrics_lib.tree_rms(grads["params"], "grads"),
+                **metrics_lib.tree_rms(updates["params"], "updates"),
+                **metrics_lib.tree_rms(acts, "activations"),
+            }
+        new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
+        return new_state, metrics
+
+    replicated = NamedSharding(run.mesh, PartitionSpec())
+    return jax.jit(
+        step_fn,
+        in_shardings=(run.state_sharding, run.batch_sharding),
+        out_shardings=(run.state_sharding, replicated),
+        donate_argnums=(0,),
+    )
+
+
+def make_eval_step(run: Run):
+    model = run.model
+
+    def eval_fn(params, batch):
+        return model.apply(params, batch["inputs"], batch["targets"], method=Decoder.loss)
+
+    return jax.jit(eval_fn, in_shardings=(run.state_sharding["params"], run.batch_sharding))
+
+
+def to_global(run: Run, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """This process's rows → one global array per key, sharded over the data axis."""
+    return {
+        k: jax.make_array_from_process_local_data(run.batch_sharding, np.asarray(v))
+        for k, v in batch.items()
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers of the loop
+# ---------------------------------------------------------------------------------------------
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT; the loop checkpoints and returns at the next step boundary."""
+
+    def __init__(self):
+        self.signal: Optional[int] = None
+
+    def __call__(self, signum, frame):
+        self.signal = signum
+
+    @contextlib.contextmanager
+    def installed(self):
+        previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                previous[sig] = signal.signal(sig, self)
+            except ValueError:  # not in the main thread: leave handlers alone
+                pass
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def _progress(config, start: int, total: int):
+    if not config.train.progress or jax.process_index() != 0:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+
+def evaluate(run: Run, eval_step, params, batches) -> dict[str, float]:
+    losses = [eval_step(params, to_global(run, b)) for b in batches]
+    loss = float(np.mean([float(x) for x in losses]))
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+
+
+def _count_params(abstract_state) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract_state["params"])))
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains (or resumes) the run ``config`` in ``workdir``; returns the results dict that is
+    also written to ``workdir/results.json``."""
+    t_start = time.time()
+    workdir_path = pathlib.Path(workdir).expanduser().resolve()
+    run = build_run(config)
+    tcfg = config.train
+    is_main = jax.process_index() == 0
+    workdir_path.mkdir(parents=True, exist_ok=True)
+    config_dict = json.loads(config.to_json())
+
+    steps_total = tcfg.steps
+    tokens_per_step = tcfg.batch_size * run.model_cfg.seq_len
+    epochs = data_lib.epochs_covered(run.tokens.train, run.model_cfg.seq_len, tcfg.batch_size,
+                                     steps_total)
+    if is_main:
+        print(
+            f"umup-jax: {run.model_cfg.parametrization} model, width {run.model_cfg.width}, "
+            f"depth {run.model_cfg.depth}, {_count_params(run.abstract_state):,} params, "
+            f"vocab {run.model_cfg.vocab_size}; data {run.tokens.description}: "
+            f"{len(run.tokens.train):,} train / {len(run.tokens.valid):,} valid tokens; "
+            f"{steps_total} steps × {tokens_per_step:,} tokens = {epochs:.2f} epochs; "
+            f"{len(jax.devices())} device(s)",
+            flush=True,
+        )
+        if epochs > 1.0:
+            msg = (f"the run covers {epochs:.2f} epochs of the training data (> 1); u-μP's "
+                   "HP transfer assumes the under-fitting (single-epoch) regime")
+            log.warning(msg)
+            print(f"WARNING: {msg}", flush=True)
+
+    store = ckpt.CheckpointStore(workdir_path / "checkpoints", keep=tcfg.keep_checkpoints)
+    restored = store.restore_latest(run.abstract_state)
+    pipeline = data_lib.train_dataset(
+        run.tokens.train, run.model_cfg.seq_len, tcfg.batch_size, config.data.shuffle_seed,
+        jax.process_index(), jax.process_count(),
+    )
+    iterator = iter(pipeline)
+    if restored is None:
+        state = make_init_fn(run)(jax.random.key(config.seed))
+        start = 0
+    else:
+        start, state, data_state = restored
+        iterator.set_state(data_state)
+        if is_main:
+            print(f"resumed from checkpoint step {start} in {store.directory}", flush=True)
+    last_good_ckpt = start if restored is not None else None
+
+    train_step = make_train_step(run, with_stats=False)
+    stats_step = make_train_step(run, with_stats=True)
+    eval_step = make_eval_step(run)
+    valid_batches = data_lib.eval_batches(
+        run.tokens.valid, run.model_cfg.seq_len, tcfg.eval_batch_size, tcfg.eval_batches,
+        jax.process_index(), jax.process_count(),
+    )
+    writer = metrics_lib.MetricsWriter(workdir_path, enabled=is_main)
+    prefetch = data_lib.Prefetcher(iterator, depth=max(config.data.prefetch, 1))
+    bar = _progress(config, start, steps_total)
+
+    last_train_loss: Optional[float] = None
+    last_eval: Optional[dict] = None
+    pending: Optional[tuple[int, Any]] = None  # (step, device metrics) not yet read
+    interval_t0, interval_steps = time.time(), 0
+    tokens_per_s = float("nan")
+
+    def finish_step(step: int, metrics: Any) -> None:
+        """Reads step ``step``'s scalars on the host: NaN check, logs, progress."""
+        nonlocal last_train_loss, interval_t0, interval_steps, tokens_per_s
+        host = jax.device_get(metrics)
+        loss = float(host["loss"])
+        if not math.isfinite(loss) and tcfg.nan_policy == "stop":
+            where = (f"the last good checkpoint is step {last_good_ckpt} in {store.directory}"
+                     if last_good_ckpt is not None else "no checkpoint was saved yet")
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss}) at step {step}; stopping (train.nan_policy='stop'); "
+                f"{where}"
+            )
+        last_train_loss = loss
+        interval_steps += 1
+        if step % tcfg.log_every == 0 or step == steps_total - 1:
+            now = time.time()
+            tokens_per_s = interval_steps * tokens_per_step / max(now - interval_t0, 1e-9)
+            interval_t0, interval_steps = now, 0
+            writer.write(step, "train", {"loss": loss, "grad_norm": float(host["grad_norm"]),
+                                         "lr": float(host["lr"]), "tokens_per_s": tokens_per_s,
+                                         "tokens": (step + 1) * tokens_per_step})
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        if "stats" in host:
+            writer.write(step, "stats", {k: float(v) for k, v in host["stats"].items()})
+
+    def save(step_done: int, data_state: dict) -> None:
+        nonlocal last_good_ckpt
+        if store.save(step_done, state, data_state, config_dict):
+            last_good_ckpt = step_done
+
+    stop = _StopFlag()
+    interrupted = False
+    try:
+        with stop.installed():
+            data_state, batch = prefetch.next()
+            for step in range(start, steps_total):
+                step_fn = stats_step if (step % tcfg.metrics_every == 0) else train_step
+                state, metrics = step_fn(state, to_global(run, batch))
+                if pending is not None:
+                    finish_step(*pending)
+                pending = (step, metrics)
+                data_state, batch = prefetch.next()  # state/batch of step + 1
+                if bar is not None:
+                    bar.update(1)
+                done = step + 1
+                if done % tcfg.eval_every == 0 or done == steps_total:
+                    finish_step(*pending)
+                    pending = None
+                    last_eval = evaluate(run, eval_step, state["params"], valid_batches)
+                    writer.write(done, "eval", last_eval)
+                if done % tcfg.checkpoint_every == 0 or done == steps_total or stop.signal:
+                    if pending is not None:
+                        finish_step(*pending)  # never checkpoint past a non-finite loss
+                        pending = None
+                    save(done, data_state)
+                if stop.signal:
+                    interrupted = True
+                    if is_main:
+                        print(f"\nsignal {stop.signal}: saved checkpoint at step {done}; "
+                              "exiting", flush=True)
+                    break
+            if pending is not None:
+                finish_step(*pending)
+                pending = None
+    finally:
+        prefetch.close()
+        if bar is not None:
+            bar.close()
+        writer.close()
+        store.close()
+
+    final_step = int(jax.device_get(state["step"]))
+    results = {
+        "final_train_loss": last_train_loss,
+        "final_eval_loss": None if last_eval is None else last_eval["loss"],
+        "final_eval_perplexity": None if last_eval is None else last_eval["perplexity"],
+        "steps": final_step,
+        "tokens_seen": final_step * tokens_per_step,
+        "epochs": final_step * tcfg.batch_size / max(
+            data_lib.num_windows(run.tokens.train, run.model_cfg.seq_len), 1),
+        "wall_time_s": time.time() - t_start,
+        "tokens_per_s": tokens_per_s,
+        "interrupted": interrupted,
+        "num_params": _count_params(run.abstract_state),
+        "devices": len(jax.devices()),
+        "config": config_dict,
+    }
+    if is_main:
+        tmp = workdir_path / "results.json.tmp"
+        tmp.write_text(json.dumps(results, indent=2, default=str))
+        tmp.replace(workdir_path / "results.json")
+        ev = results["final_eval_loss"]
+        print(f"done: step {final_step}"
+              + (f", train loss {last_train_loss:.4f}" if last_train_loss is not None else "")
+              + (f", eval loss {ev:.4f} (ppl {results['final_eval_perplexity']:.2f})"
+                 if ev is not None else "")
+              + f", {results['wall_time_s']:.1f}s; results in {workdir_path / 'results.json'}",
+              flush=True)
+    return results
