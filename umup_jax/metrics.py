@@ -93,7 +93,10 @@ def read_metrics(path: pathlib.Path | str, kind: str = "train") -> list[dict]:
     rows: dict[int, dict] = {}
     with open(path, encoding="utf-8") as f:
         for line in f:
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a killed run
+                continue
             if row.get("kind") == kind:
                 rows[row["step"]] = row
     return [rows[s] for s in sorted(rows)]

@@ -75,11 +75,6 @@ class OptimizerConfig:
             raise bad("warmup_steps", "an integer >= 0")
         if not _is_int(self.total_steps) or self.total_steps <= 0:
             raise bad("total_steps", "an integer > 0")
-        if self.schedule == "cosine" and self.total_steps <= self.warmup_steps:
-            raise ValueError(
-                f"total_steps={self.total_steps} is invalid: the cosine schedule needs "
-                f"total_steps > warmup_steps={self.warmup_steps}"
-            )
         if not _is_number(self.final_lr_fraction) or not 0 <= self.final_lr_fraction <= 1:
             raise bad("final_lr_fraction", "in [0, 1]")
 
@@ -94,7 +89,8 @@ def _is_int(x: Any) -> bool:
 
 def make_schedule(config: OptimizerConfig) -> Callable[[Any], Any]:
     """s_t for step t = 0, 1, …: (t+1)/W during warm-up, then (cosine) f + (1−f)·½(1+cos πq)
-    with q = (t−W)/(T−W) clipped to [0, 1], or (constant) 1."""
+    with q = (t−W)/(T−W) clipped to [0, 1], or (constant) 1.  A run no longer than its warm-up
+    only ever sees the warm-up ramp."""
     warmup, total, floor = config.warmup_steps, config.total_steps, config.final_lr_fraction
     cosine = config.schedule == "cosine"
 
@@ -102,7 +98,7 @@ def make_schedule(config: OptimizerConfig) -> Callable[[Any], Any]:
         t = jnp.asarray(count, jnp.float32)
         warm = (t + 1.0) / warmup if warmup else jnp.float32(1.0)
         if cosine:
-            q = jnp.clip((t - warmup) / (total - warmup), 0.0, 1.0)
+            q = jnp.clip((t - warmup) / max(total - warmup, 1), 0.0, 1.0)
             decay = floor + (1.0 - floor) * 0.5 * (1.0 + jnp.cos(math.pi * q))
         else:
             decay = jnp.float32(1.0)

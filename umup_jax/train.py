@@ -184,6 +184,11 @@ def make_init_fn(run: Run):
     return jax.jit(init, out_shardings=run.state_sharding)
 
 
+def _global_norm(tree) -> jax.Array:
+    """√(Σ g²) over every leaf, in fp32 (of u-μP's unit-scaled gradients)."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
 def make_train_step(run: Run, with_stats: bool):
     """state, batch → (new state, metrics); with_stats adds per-tensor RMS of params, grads,
     updates and activations."""
@@ -205,7 +210,7 @@ def make_train_step(run: Run, with_stats: bool):
         params = optax.apply_updates(state["params"], updates)
         metrics = {
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": _global_norm(grads),
             "lr": eta * schedule(state["step"]),
         }
         if with_stats:
