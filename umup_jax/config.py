@@ -38,6 +38,10 @@ def base_config(parametrization: str = "umup") -> ml_collections.ConfigDict:
         ffn_expansion=4.0, seq_len=256, position="rope", rope_theta=10000.0,
         parametrization=parametrization, hparams=_hparams(parametrization),
         dtype="float32", norm_eps=1e-5,
+        # FP8: a preset (none | paper_simple | paper_large), then per-group overrides
+        # (qkv, attn_out, ffn_in, ffn_down, readout → bf16 | fp8 | fp8_e5m2_input | fp8_dynamic).
+        fp8="none", fp8_groups={"qkv": "", "attn_out": "", "ffn_in": "", "ffn_down": "",
+                                "readout": ""},
     ))
     c.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=DEFAULT_LR[parametrization], b1=0.9, b2=0.999, eps=1e-8,

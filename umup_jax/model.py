@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from umup_jax import fp8 as fp8_lib
 from umup_jax import ops
 from umup_jax import parametrization as P
 
@@ -51,6 +52,9 @@ class ModelConfig:
       parametrization: ``sp | mup | umup``.  hparams: that rule's HPs (a mapping).
       dtype: compute dtype ``float32 | bfloat16``; params, logits and the loss stay fp32.
       norm_eps: RMSNorm ε.
+      fp8: FP8 policy: a preset (``none | paper_simple | paper_large``) or a mapping from
+        matmul groups (``qkv, attn_out, ffn_in, ffn_down, readout``) to modes
+        (``bf16 | fp8 | fp8_e5m2_input | fp8_dynamic``); see :mod:`umup_jax.fp8`.
     """
 
     vocab_size: int = 256
@@ -66,8 +70,12 @@ class ModelConfig:
     hparams: Any = ()
     dtype: str = "float32"
     norm_eps: float = 1e-5
+    fp8: Any = "none"
 
     def __post_init__(self) -> None:
+        policy = self.fp8 if isinstance(self.fp8, str) else tuple(sorted(dict(self.fp8).items()))
+        object.__setattr__(self, "fp8", policy)
+        fp8_lib.resolve_policy(policy if isinstance(policy, str) else dict(policy))
         hp = self.hparams
         if isinstance(hp, Mapping):
             hp = tuple(sorted(dict(hp).items()))
@@ -109,6 +117,10 @@ class ModelConfig:
         return P.make_parametrization(self.parametrization, self.width, dict(self.hparams))
 
     @property
+    def fp8_policy(self) -> dict[str, str]:
+        return fp8_lib.resolve_policy(self.fp8 if isinstance(self.fp8, str) else dict(self.fp8))
+
+    @property
     def ffn_hidden(self) -> int:
         return int(round(self.ffn_expansion * self.width))
 
@@ -146,6 +158,44 @@ def declare(
         return meta.replace_boxed(init(key, shape, jnp.float32))
 
     return module.param(name, boxed_init, shape), meta
+
+
+PARAM_GROUPS = {"attn_qkv": "qkv", "attn_out": "attn_out", "ffn_up": "ffn_in",
+                "ffn_gate": "ffn_in", "ffn_down": "ffn_down", "readout": "readout"}
+PROBES = "fp8_probe"
+
+
+def matmul_for(module: nn.Module, cfg: "ModelConfig", name: str):
+    """The ``dot(x, w)`` of parameter ``name`` under the FP8 policy, inside a named scope
+    (``fp8_<group>``) so the lowered HLO shows which group each matmul belongs to.  If the
+    ``fp8_probe`` collection holds a probe for ``name``, the dot reports its cast statistics."""
+    group = PARAM_GROUPS[name]
+    mode = cfg.fp8_policy[group]
+    probe = module.get_variable(PROBES, name) if module.has_variable(PROBES, name) else None
+
+    def dot(x, w):
+        with jax.named_scope(f"fp8_{group}"):
+            if mode == "bf16":
+                return jnp.matmul(x, w)
+            return fp8_lib.fp8_dot(x, w, mode=mode, probe=probe)
+
+    return dot
+
+
+def fp8_probes(cfg: "ModelConfig") -> dict:
+    """zeros(6) for every linear under an FP8 mode, in the ``fp8_probe`` collection layout;
+    the gradient of the loss w.r.t. them is their cast statistics (:data:`fp8.STAT_NAMES`)."""
+    policy = cfg.fp8_policy
+    zeros = lambda: jnp.zeros((len(fp8_lib.STAT_NAMES),), jnp.float32)
+    out: dict = {}
+    for i in range(cfg.depth):
+        layer = {n: zeros() for n in ("attn_qkv", "attn_out", "ffn_up", "ffn_gate", "ffn_down")
+                 if policy[PARAM_GROUPS[n]] != "bf16"}
+        if layer:
+            out[f"layer_{i}"] = layer
+    if policy["readout"] != "bf16":
+        out["readout"] = zeros()
+    return out
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float):
@@ -205,13 +255,15 @@ class Block(nn.Module):
         def attention(r):
             b, s, _ = r.shape
             r = ops.rms_norm(r, cfg.norm_eps)
-            qkv = rule.linear(r, w_qkv.astype(dt).reshape(d, 3 * h * hd), m_qkv)
+            qkv = rule.linear(r, w_qkv.astype(dt).reshape(d, 3 * h * hd), m_qkv,
+                              dot=matmul_for(self, cfg, "attn_qkv"))
             qkv = qkv.reshape(b, s, 3, h, hd)
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
             if cfg.position == "rope":
                 q, k = apply_rope(q, cfg.rope_theta), apply_rope(k, cfg.rope_theta)
             o = rule.attention(q, k, v, causal=True)
-            o = rule.linear(o.reshape(b, s, h * hd), w_o.astype(dt).reshape(h * hd, d), m_o)
+            o = rule.linear(o.reshape(b, s, h * hd), w_o.astype(dt).reshape(h * hd, d), m_o,
+                            dot=matmul_for(self, cfg, "attn_out"))
             self.sow("intermediates", "attn_branch", o)
             return o
 
@@ -219,10 +271,13 @@ class Block(nn.Module):
             r = ops.rms_norm(r, cfg.norm_eps)
             self.sow("intermediates", "ffn_norm", r)
             # Unconstrained, as uu.MLP: the up/gate and down mismatches cancel (spec §1.2).
-            up = rule.linear(r, w_up.astype(dt), m_up, constrained=False)
-            gate = rule.linear(r, w_gate.astype(dt), m_gate, constrained=False)
+            up = rule.linear(r, w_up.astype(dt), m_up, constrained=False,
+                             dot=matmul_for(self, cfg, "ffn_up"))
+            gate = rule.linear(r, w_gate.astype(dt), m_gate, constrained=False,
+                               dot=matmul_for(self, cfg, "ffn_gate"))
             a = rule.ffn_activation(up, gate)
-            o = rule.linear(a, w_down.astype(dt), m_down, constrained=False)
+            o = rule.linear(a, w_down.astype(dt), m_down, constrained=False,
+                            dot=matmul_for(self, cfg, "ffn_down"))
             self.sow("intermediates", "ffn_branch", o)
             return o
 
@@ -260,7 +315,8 @@ class Decoder(nn.Module):
             x = Block(cfg, i, name=f"layer_{i}")(x)
         x = ops.rms_norm(x, cfg.norm_eps)
         self.sow("intermediates", "final_norm", x)
-        logits = rule.readout(x, w_out.astype(cfg.compute_dtype), m_out).astype(jnp.float32)
+        logits = rule.readout(x, w_out.astype(cfg.compute_dtype), m_out,
+                              dot=matmul_for(self, cfg, "readout")).astype(jnp.float32)
         self.sow("intermediates", "logits", logits)
         return logits
 
@@ -272,7 +328,7 @@ class Decoder(nn.Module):
 def init_params(model: Decoder, key, batch_size: int = 1):
     """Boxed params (``{'params': …}`` with :class:`ParamMeta` leaves) for ``model``."""
     tokens = jnp.zeros((batch_size, model.config.seq_len), jnp.int32)
-    return model.init(key, tokens)
+    return {"params": model.init(key, tokens)["params"]}
 
 
 def abstract_params(model: Decoder):

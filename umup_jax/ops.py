@@ -122,6 +122,7 @@ def linear(
     bias=None,
     constraint: Optional[str] = "to_output_scale",
     scale_power: tuple[float, float, float] = (0.5, 0.5, 0.5),
+    dot=None,
 ):
     """Unit-scaled ``y = (x·w + b)·fan_in^-p0`` with w of shape (fan_in, fan_out).
 
@@ -129,7 +130,8 @@ def linear(
     gradient ``B_tok^-p2`` with ``B_tok = x.size / fan_in`` (local tokens).  The default
     ``to_output_scale`` constraint makes the input-gradient scale ``fan_in^-1/2`` too, which a
     residual branch needs (spec §1.2).  The bias sits inside the scaled product as in the
-    authors' library.
+    authors' library.  ``dot(x, w)`` replaces the matmul (e.g. :func:`umup_jax.fp8.fp8_dot`);
+    the scales stay outside it, so FP8 casts see unit-scale operands (spec §8).
     """
     if w.ndim != 2:
         raise ValueError(f"linear weight must be (fan_in, fan_out), got shape {w.shape}")
@@ -143,17 +145,17 @@ def linear(
     out_scale, grad_in_scale = apply_constraint(constraint, out_scale, grad_in_scale)
     x = scale_bwd(x, grad_in_scale)
     w = scale_bwd(w, grad_w_scale)
-    y = jnp.matmul(x, w)
+    y = jnp.matmul(x, w) if dot is None else dot(x, w)
     if bias is not None:
         y = y + scale_bwd(bias, grad_w_scale)
     return scale_fwd(y, out_scale)
 
 
-def linear_readout(x, w, bias=None, constraint: Optional[str] = None):
+def linear_readout(x, w, bias=None, constraint: Optional[str] = None, dot=None):
     """The u-μP readout: forward ``1/fan_in`` (μP's output multiplier), input gradient
     ``1/√fan_out`` (unit scaling), weight gradient ``1/√B_tok``; unconstrained, which is legal
     after the last residual add (spec §5.2)."""
-    return linear(x, w, bias, constraint=constraint, scale_power=(1.0, 0.5, 0.5))
+    return linear(x, w, bias, constraint=constraint, scale_power=(1.0, 0.5, 0.5), dot=dot)
 
 
 # ---------------------------------------------------------------------------------------------

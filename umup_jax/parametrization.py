@@ -247,16 +247,17 @@ class Parametrization(metaclass=_abc.ABCMeta):
         return self.abc(meta).a
 
     # -- ops used by the model (plain versions; u-μP overrides) ---------------------------
-    def linear(self, x, w, meta: ParamMeta, bias=None, constrained: bool = True):
-        """x @ w (w of shape (fan_in, fan_out)) times A, plain autodiff."""
-        y = jnp.matmul(x, w)
+    def linear(self, x, w, meta: ParamMeta, bias=None, constrained: bool = True, dot=None):
+        """x @ w (w of shape (fan_in, fan_out)) times A, plain autodiff; ``dot`` replaces the
+        matmul (FP8)."""
+        y = jnp.matmul(x, w) if dot is None else dot(x, w)
         if bias is not None:
             y = y + bias
         a = self.forward_multiplier(meta)
         return y if a == 1.0 else y * a
 
-    def readout(self, x, w, meta: ParamMeta):
-        return self.linear(x, w, meta)
+    def readout(self, x, w, meta: ParamMeta, dot=None):
+        return self.linear(x, w, meta, dot=dot)
 
     def embed(self, table, ids, meta: ParamMeta):
         y = jnp.take(table, ids, axis=0)
@@ -382,12 +383,12 @@ class UMuP(Parametrization):
         theta = dict(self.shift).get(meta.role)
         return w if theta is None else w * theta
 
-    def linear(self, x, w, meta: ParamMeta, bias=None, constrained: bool = True):
+    def linear(self, x, w, meta: ParamMeta, bias=None, constrained: bool = True, dot=None):
         constraint = "to_output_scale" if constrained else None
-        return ops.linear(x, self._shifted(w, meta), bias, constraint=constraint)
+        return ops.linear(x, self._shifted(w, meta), bias, constraint=constraint, dot=dot)
 
-    def readout(self, x, w, meta: ParamMeta):
-        return ops.linear_readout(x, self._shifted(w, meta))
+    def readout(self, x, w, meta: ParamMeta, dot=None):
+        return ops.linear_readout(x, self._shifted(w, meta), dot=dot)
 
     def embed(self, table, ids, meta: ParamMeta):
         return ops.embedding(self._shifted(table, meta), ids)

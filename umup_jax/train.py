@@ -34,8 +34,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from umup_jax import checkpoint as ckpt
 from umup_jax import config as config_lib
 from umup_jax import data as data_lib
+from umup_jax import fp8 as fp8_lib
 from umup_jax import metrics as metrics_lib
-from umup_jax.model import Decoder, ModelConfig, init_params
+from umup_jax.model import PROBES, Decoder, ModelConfig, fp8_probes, init_params
 from umup_jax.optim import OptimizerConfig, make_optimizer, make_schedule
 
 log = logging.getLogger(__name__)
@@ -87,8 +88,16 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelCon
         num_heads=m.num_heads, head_dim=m.head_dim or None, ffn_expansion=m.ffn_expansion,
         seq_len=m.seq_len, position=m.position, rope_theta=m.rope_theta,
         parametrization=m.parametrization, hparams=dict(m.hparams), dtype=m.dtype,
-        norm_eps=m.norm_eps,
+        norm_eps=m.norm_eps, fp8=fp8_policy(m),
     )
+
+
+def fp8_policy(m: ml_collections.ConfigDict) -> Any:
+    """``model.fp8`` (a preset) with the non-empty ``model.fp8_groups`` entries over it."""
+    overrides = {g: mode for g, mode in dict(m.fp8_groups).items() if mode}
+    if not overrides:
+        return m.fp8
+    return {**fp8_lib.resolve_policy(m.fp8), **overrides}
 
 
 def optimizer_config(config: ml_collections.ConfigDict) -> OptimizerConfig:
@@ -184,6 +193,16 @@ def make_init_fn(run: Run):
     return jax.jit(init, out_shardings=run.state_sharding)
 
 
+def fp8_stats(probe_grads) -> dict[str, jax.Array]:
+    """{'fp8/<layer>/<param>/<stat>': fraction} from the probes' gradients."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(probe_grads)[0]:
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        for i, stat in enumerate(fp8_lib.STAT_NAMES):
+            out[f"fp8/{name}/{stat}"] = leaf[i]
+    return out
+
+
 def _global_norm(tree) -> jax.Array:
     """√(Σ g²) over every leaf, in fp32 (of u-μP's unit-scaled gradients)."""
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
@@ -196,16 +215,22 @@ def make_train_step(run: Run, with_stats: bool):
     schedule = make_schedule(run.opt_cfg)
     eta = run.opt_cfg.learning_rate
 
+    probes = fp8_probes(run.model_cfg) if with_stats else {}
+
     def step_fn(state, batch):
-        def loss_fn(params):
+        def loss_fn(params, probe_vars):
+            variables = dict(params)
+            if probe_vars:
+                variables[PROBES] = probe_vars
             if with_stats:
-                loss, mut = model.apply(params, batch["inputs"], batch["targets"],
+                loss, mut = model.apply(variables, batch["inputs"], batch["targets"],
                                         method=Decoder.loss, mutable=["intermediates"])
                 return loss, mut["intermediates"]
-            return model.apply(params, batch["inputs"], batch["targets"],
+            return model.apply(variables, batch["inputs"], batch["targets"],
                                method=Decoder.loss), None
 
-        (loss, acts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        (loss, acts), (grads, probe_grads) = jax.value_and_grad(
+            loss_fn, argnums=(0, 1), has_aux=True)(state["params"], probes)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {
@@ -219,6 +244,7 @@ def make_train_step(run: Run, with_stats: bool):
                 **metrics_lib.tree_rms(grads["params"], "grads"),
                 **metrics_lib.tree_rms(updates["params"], "updates"),
                 **metrics_lib.tree_rms(acts, "activations"),
+                **fp8_stats(probe_grads),
             }
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
         return new_state, metrics
@@ -403,6 +429,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     interrupted = False
     try:
         with stop.installed():
+            if start == 0:  # the starting point of the eval curve
+                last_eval = evaluate(run, eval_step, state["params"], valid_batches)
+                writer.write(0, "eval", last_eval)
             data_state, batch = prefetch.next()
             for step in range(start, steps_total):
                 step_fn = stats_step if (step % tcfg.metrics_every == 0) else train_step

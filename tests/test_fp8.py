@@ -1,0 +1,161 @@
+"""FP8: exactness against fake quantization, saturation, policies in the lowered HLO,
+scan/jit/grad, training parity with BF16 and the μP vs u-μP underflow direction."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax.core import meta as flax_meta
+
+from conftest import SEED
+from umup_jax import config as config_lib
+from umup_jax import fp8
+from umup_jax import train as train_lib
+from umup_jax.metrics import read_metrics
+from umup_jax.model import Decoder, ModelConfig, init_params
+
+
+def normal(i, shape, scale=1.0):
+    return scale * jax.random.normal(jax.random.key(SEED + i), shape, jnp.float32)
+
+
+def q(x, dtype):
+    return fp8.saturating_cast(x, dtype).astype(jnp.float32)
+
+
+@pytest.mark.parametrize("mode", ["fp8", "fp8_e5m2_input"])
+def test_fp8_dot_equals_fake_quant_forward_and_gradients(mode):
+    x, w, g = normal(0, (4, 16, 64)), normal(1, (64, 48)), normal(2, (4, 16, 48))
+    y, vjp = jax.vjp(lambda x, w: fp8.fp8_dot(x, w, mode), x, w)
+    dx, dw = vjp(g)
+    x_dtype = fp8.E5M2 if mode == "fp8_e5m2_input" else fp8.E4M3
+    g_w_dtype = fp8.E4M3 if mode == "fp8_e5m2_input" else fp8.E5M2
+    hi = jax.lax.Precision.HIGHEST
+    np.testing.assert_array_equal(y, fp8.fake_quant_dot(x, w, mode))
+    np.testing.assert_array_equal(
+        dx, jnp.matmul(q(g, fp8.E5M2), q(w, fp8.E4M3).T, precision=hi))
+    # Same contraction layout as the fp8 weight-gradient GEMM (rows of x and g contracted).
+    dw_ref = jax.lax.dot_general(q(x, x_dtype).reshape(-1, 64), q(g, g_w_dtype).reshape(-1, 48),
+                                 (((0,), (0,)), ((), ())), precision=hi)
+    np.testing.assert_array_equal(dw, dw_ref)
+
+
+def test_fp8_dynamic_rescales_the_input():
+    x, w = normal(0, (32, 64), scale=1000.0), normal(1, (64, 16))
+    y = fp8.fp8_dot(x, w, "fp8_dynamic")
+    np.testing.assert_allclose(y, fp8.fake_quant_dot(x, w, "fp8_dynamic"), rtol=1e-6)
+    np.testing.assert_allclose(y, x @ w, rtol=0.1, atol=0.05 * float(jnp.abs(x @ w).max()))
+    assert bool(jnp.all(jnp.isfinite(fp8.fp8_dot(x, w, "fp8"))))
+
+
+def test_saturation_is_finite_never_nan():
+    big = jnp.array([1e3, -1e6, 1e9, 3.0], jnp.float32)
+    assert np.isnan(np.asarray(big.astype(fp8.E4M3).astype(jnp.float32)[0]))  # why we clip
+    np.testing.assert_array_equal(q(big, fp8.E4M3), [448.0, -448.0, 448.0, 3.0])
+    np.testing.assert_array_equal(q(jnp.array([1e6]), fp8.E5M2), [57344.0])
+    x = jnp.full((2, 8), 1e4)
+    w = jnp.ones((8, 4))
+    y, vjp = jax.vjp(lambda x, w: fp8.fp8_dot(x, w), x, w)
+    dx, dw = vjp(jnp.full((2, 4), 1e7))
+    for t in (y, dx, dw):
+        assert bool(jnp.all(jnp.isfinite(t)))
+    np.testing.assert_array_equal(y, 448.0 * 8)
+
+
+def test_telemetry_counts_saturation_and_underflow():
+    x = jnp.concatenate([jnp.full((10, 8), 1e3), jnp.full((10, 8), 1e-9), jnp.ones((80, 8))])
+    w = jnp.ones((8, 4))
+    g = jnp.full((100, 4), 1e-9)
+    probe = jnp.zeros((6,))
+    _, vjp = jax.vjp(lambda x, w, p: fp8.fp8_dot(x, w, "fp8", probe=p), x, w, probe)
+    stats = dict(zip(fp8.STAT_NAMES, np.asarray(vjp(g)[2])))
+    assert stats["x_saturated"] == pytest.approx(0.1) and stats["x_underflow"] == pytest.approx(0.1)
+    assert stats["w_saturated"] == 0 and stats["w_underflow"] == 0
+    assert stats["g_underflow"] == pytest.approx(1.0)
+
+
+def test_fp8_dot_under_scan_jit_and_grad():
+    ws = normal(0, (3, 32, 32), scale=32**-0.5)
+    x = normal(1, (8, 32))
+
+    def stack(ws, x, dot):
+        return jax.lax.scan(lambda h, w: (jnp.tanh(dot(h, w)), None), x, ws)[0].sum()
+
+    g8 = jax.jit(jax.grad(lambda ws: stack(ws, x, fp8.fp8_dot)))(ws)
+    g_ref = jax.grad(lambda ws: stack(ws, x, jnp.matmul))(ws)
+    assert g8.shape == ws.shape and bool(jnp.all(jnp.isfinite(g8)))
+    cos = float(jnp.sum(g8 * g_ref) / (jnp.linalg.norm(g8) * jnp.linalg.norm(g_ref)))
+    assert cos > 0.95  # FP8 noise, same direction
+
+
+@pytest.mark.parametrize("policy", [
+    "paper_simple", "paper_large", {"qkv": "fp8", "ffn_down": "fp8_e5m2_input"},
+    {"attn_out": "fp8_dynamic", "readout": "fp8"},
+])
+def test_policies_select_exactly_their_groups_in_hlo(policy):
+    cfg = ModelConfig(vocab_size=64, width=32, depth=2, num_heads=1, seq_len=8, fp8=policy)
+    model = Decoder(cfg)
+    params = flax_meta.unbox(init_params(model, jax.random.key(0)))
+    toks = jnp.zeros((2, 8), jnp.int32)
+    loss = lambda p: model.apply(p, toks, toks, method=Decoder.loss)
+    for fn in (loss, jax.grad(loss)):
+        text = jax.jit(fn).lower(params).as_text(debug_info=True)
+        locs = dict(re.findall(r"^(#loc\d+) = loc\((.*)\)$", text, re.M))
+        seen: dict[str, set] = {}
+        for line in text.splitlines():
+            if "stablehlo.dot_general" not in line:
+                continue
+            ref = re.search(r"loc\((#loc\d+)\)", line)
+            group = re.search(r"fp8_(qkv|attn_out|ffn_in|ffn_down|readout)",
+                              locs.get(ref.group(1), "") if ref else "")
+            if group is None:
+                assert "f8E" not in line  # attention's own matmuls stay out of FP8
+                continue
+            seen.setdefault(group.group(1), set()).add("f8E" in line)
+        resolved = cfg.fp8_policy
+        assert set(seen) == set(fp8.GROUPS)
+        for g in fp8.GROUPS:
+            expect = resolved[g] != "bf16"
+            assert seen[g] == {expect}, (g, resolved[g], seen[g])
+
+
+def test_bad_policy_raises():
+    with pytest.raises(ValueError, match="fp8='fast' is invalid"):
+        fp8.resolve_policy("fast")
+    with pytest.raises(ValueError, match=r"fp8 groups \['lm_head'\] are invalid"):
+        fp8.resolve_policy({"lm_head": "fp8"})
+    with pytest.raises(ValueError, match=r"fp8\['qkv'\]='e4m3' is invalid"):
+        ModelConfig(fp8={"qkv": "e4m3"})
+
+
+def _train(tmp_path, name, parametrization, fp8_preset, steps=50):
+    arg = (f"smoke,model.width=64,model.depth=2,model.num_heads=1,model.seq_len=64,"
+           f"model.dtype=bfloat16,train.batch_size=8,train.steps={steps},"
+           f"train.metrics_every=10,train.eval_every={steps},train.checkpoint_every={steps},"
+           f"optimizer.warmup_steps=10,model.fp8={fp8_preset}")
+    cfg = config_lib.proxy_config(parametrization, arg)
+    if parametrization == "mup":
+        cfg.model.hparams.base_width = 64
+    results = train_lib.train_and_evaluate(cfg, str(tmp_path / name))
+    rows = read_metrics(tmp_path / name / "metrics.jsonl", "train")
+    stats = read_metrics(tmp_path / name / "metrics.jsonl", "stats")
+    return results, rows, stats
+
+
+def _underflow(stats):
+    vals = [v for row in stats for k, v in row.items() if k.endswith("_underflow")]
+    return float(np.mean(vals))
+
+
+def test_umup_trains_in_fp8_like_bf16_and_mup_underflows_more(tmp_path):
+    _, bf16_rows, _ = _train(tmp_path, "u_bf16", "umup", "none")
+    _, fp8_rows, u_stats = _train(tmp_path, "u_fp8", "umup", "paper_simple")
+    last = lambda rows: float(np.mean([r["loss"] for r in rows[-5:]]))
+    print(f"\nu-μP 50 steps: bf16 {last(bf16_rows):.4f}, fp8 paper_simple {last(fp8_rows):.4f}")
+    assert last(bf16_rows) < bf16_rows[0]["loss"] - 1.0  # it learned something
+    assert abs(last(fp8_rows) / last(bf16_rows) - 1) < 0.02, (last(fp8_rows), last(bf16_rows))
+    _, _, m_stats = _train(tmp_path, "m_fp8", "mup", "paper_simple", steps=11)
+    print(f"mean underflow fraction: μP {_underflow(m_stats):.4g}, u-μP {_underflow(u_stats):.4g}")
+    assert _underflow(m_stats) > 2 * _underflow(u_stats), (_underflow(m_stats), _underflow(u_stats))
