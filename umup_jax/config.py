@@ -53,6 +53,11 @@ def base_config(parametrization: str = "umup") -> ml_collections.ConfigDict:
         hf_name="", hf_config="", hf_text_field="text",
         tokenizer="bpe", vocab_size=32000, cache_dir="", shuffle_seed=0, prefetch=2,
     ))
+    # Device mesh (sizes, one may be -1 = the rest) and multi-host settings (empty: single
+    # process, or taken from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID).
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.distributed = ml_collections.ConfigDict(dict(
+        coordinator_address="", num_processes=0, process_id=-1))
     c.train = ml_collections.ConfigDict(dict(
         steps=8192, batch_size=64,
         eval_every=512, eval_batches=16, eval_batch_size=64,

@@ -36,6 +36,7 @@ from umup_jax import config as config_lib
 from umup_jax import data as data_lib
 from umup_jax import fp8 as fp8_lib
 from umup_jax import metrics as metrics_lib
+from umup_jax import sharding as sharding_lib
 from umup_jax.model import PROBES, Decoder, ModelConfig, fp8_probes, init_params
 from umup_jax.optim import OptimizerConfig, make_optimizer, make_schedule
 
@@ -145,12 +146,14 @@ def build_run(config: ml_collections.ConfigDict, devices=None) -> Run:
     model_cfg = model_config(config, tokens.vocab_size)
     opt_cfg = optimizer_config(config)
     devices = list(devices) if devices is not None else jax.devices()
-    n_data = len(devices)
+    mesh = sharding_lib.make_mesh(dict(config.mesh), devices)
+    n_batch = sharding_lib.batch_divisor(mesh)
     for field in ("batch_size", "eval_batch_size"):
         value = config.train[field]
-        if value % n_data:
+        if value % n_batch:
             raise ValueError(
-                f"train.{field}={value} is not divisible by the {n_data} devices of the data axis"
+                f"train.{field}={value} is not divisible by data × fsdp = "
+                f"{mesh.shape['data']} × {mesh.shape['fsdp']} = {n_batch} (mesh {dict(mesh.shape)})"
             )
     # Data checks that need only shapes: fail before any compilation.
     seq = model_cfg.seq_len
@@ -167,21 +170,21 @@ def build_run(config: ml_collections.ConfigDict, devices=None) -> Run:
     model = Decoder(model_cfg)
     boxed = jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
     tx = make_optimizer(opt_cfg, boxed, model_cfg.rule)
-    mesh = Mesh(np.asarray(devices), ("data",))
-    replicated = NamedSharding(mesh, PartitionSpec())
     abstract_params = flax_meta.unbox(boxed)
+    specs = sharding_lib.param_specs(boxed)
+    sharding_lib.check_divisible(abstract_params, specs, mesh)
     abstract_state = {
         "params": abstract_params,
         "opt_state": jax.eval_shape(tx.init, abstract_params),
         "step": jax.ShapeDtypeStruct((), jnp.int32),
     }
-    state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+    state_sharding = sharding_lib.state_shardings(tx, abstract_params, specs, mesh)
     abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
         state_sharding,
     )
     return Run(config, model_cfg, opt_cfg, model, tx, mesh, state_sharding,
-               NamedSharding(mesh, PartitionSpec("data")), abstract_state, tokens)
+               sharding_lib.batch_sharding(mesh), abstract_state, tokens)
 
 
 def make_init_fn(run: Run):
@@ -334,6 +337,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     also written to ``workdir/results.json``."""
     t_start = time.time()
     workdir_path = pathlib.Path(workdir).expanduser().resolve()
+    check_config(config)
+    sharding_lib.initialize_distributed(dict(config.distributed))
     run = build_run(config)
     tcfg = config.train
     is_main = jax.process_index() == 0
@@ -351,7 +356,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f"vocab {run.model_cfg.vocab_size}; data {run.tokens.description}: "
             f"{len(run.tokens.train):,} train / {len(run.tokens.valid):,} valid tokens; "
             f"{steps_total} steps × {tokens_per_step:,} tokens = {epochs:.2f} epochs; "
-            f"{len(jax.devices())} device(s)",
+            f"{len(jax.devices())} device(s) in {jax.process_count()} process(es), "
+            f"mesh {dict(run.mesh.shape)}",
             flush=True,
         )
         if epochs > 1.0:
@@ -483,6 +489,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "interrupted": interrupted,
         "num_params": _count_params(run.abstract_state),
         "devices": len(jax.devices()),
+        "mesh": dict(run.mesh.shape),
+        "state_bytes": sharding_lib.per_device_bytes(state),
         "config": config_dict,
     }
     if is_main:

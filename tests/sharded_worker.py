@@ -1,0 +1,130 @@
+"""Run by tests/test_sharding.py in a subprocess with 8 forced CPU devices; prints one JSON
+object with what the tests assert (losses per mesh, shardings, bytes, reshard restore, errors).
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_worker.py OUTDIR
+"""
+
+import json
+import sys
+
+import jax
+import numpy as np
+
+from umup_jax import config as config_lib
+from umup_jax import data as data_lib
+from umup_jax import sharding as sharding_lib
+from umup_jax import train as train_lib
+from umup_jax.checkpoint import CheckpointStore
+from umup_jax.model import Decoder
+
+ARG = ("smoke,model.width=64,model.num_heads=2,model.depth=2,train.batch_size=8,"
+       "train.eval_batch_size=8")
+MESHES = {"1": None, "8x1x1": (8, 1, 1), "2x4x1": (2, 4, 1), "2x2x2": (2, 2, 2),
+          "1x8x1": (1, 8, 1), "4x2x1": (4, 2, 1)}
+
+
+def config(mesh):
+    cfg = config_lib.proxy_config("umup", ARG)
+    if mesh is not None:
+        cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh
+    return cfg
+
+
+def devices(mesh):
+    return jax.devices()[:1] if mesh is None else jax.devices()
+
+
+def build(mesh):
+    return train_lib.build_run(config(mesh), devices(mesh))
+
+
+def batches(run, n, skip=0):
+    it = iter(data_lib.train_dataset(run.tokens.train, run.model_cfg.seq_len,
+                                     run.config.train.batch_size, 0))
+    out = [next(it) for _ in range(skip + n)]
+    return out[skip:]
+
+
+def train(run, steps=3):
+    state = train_lib.make_init_fn(run)(jax.random.key(0))
+    step = train_lib.make_train_step(run, with_stats=False)
+    losses = []
+    for b in batches(run, steps):
+        state, m = step(state, train_lib.to_global(run, b))
+        losses.append(float(m["loss"]))
+    return state, losses
+
+
+def spec_tuple(spec):
+    t = list(spec)
+    while t and t[-1] is None:
+        t.pop()
+    return [a if isinstance(a, str) or a is None else list(a) for a in t]
+
+
+def main(outdir):
+    result = {"losses": {}, "sharding_ok": {}, "bytes": {}}
+    states = {}
+    for name, mesh in MESHES.items():
+        run = build(mesh)
+        state, losses = train(run)
+        result["losses"][name] = losses
+        states[name] = (run, state)
+        boxed = jax.eval_shape(lambda k: {"params": Decoder(run.model_cfg).init(
+            k, np.zeros((1, run.model_cfg.seq_len), np.int32))["params"]}, jax.random.key(0))
+        expected = sharding_lib.param_specs(boxed)
+        got = jax.tree.map(lambda x: x.sharding.spec, state["params"])
+        flat_e = jax.tree_util.tree_flatten_with_path(
+            expected, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]
+        flat_g = dict((jax.tree_util.keystr(p), s) for p, s in jax.tree_util.tree_flatten_with_path(
+            got, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0])
+        result["sharding_ok"][name] = {
+            jax.tree_util.keystr(p): [spec_tuple(s), spec_tuple(flat_g[jax.tree_util.keystr(p)])]
+            for p, s in flat_e}
+        result["bytes"][name] = sharding_lib.per_device_bytes(
+            {"params": state["params"], "opt_state": state["opt_state"]})
+
+    # Save on 2x4x1 after 3 steps; restore on 4x2x1 and on 1 device.
+    run_a, state_a = states["2x4x1"]
+    store = CheckpointStore(f"{outdir}/ckpt", keep=2)
+    store.save(3, state_a, {"next_index": 3}, {})
+    nxt = batches(run_a, 1, skip=3)[0]
+    step_a = train_lib.make_train_step(run_a, with_stats=False)
+    ref_params = jax.device_get(state_a["params"])
+    _, m_a = step_a(state_a, train_lib.to_global(run_a, nxt))
+    result["restore"] = {"2x4x1": float(m_a["loss"])}
+    for name in ("4x2x1", "1"):
+        run_b = states[name][0]
+        step_no, restored, data_state = CheckpointStore(f"{outdir}/ckpt", keep=2).restore_latest(
+            run_b.abstract_state)
+        same = all(np.array_equal(a, b) for a, b in zip(
+            jax.tree.leaves(ref_params), jax.tree.leaves(jax.device_get(restored["params"]))))
+        shard_ok = all(x.sharding == s for x, s in zip(
+            jax.tree.leaves(restored), jax.tree.leaves(run_b.state_sharding)))
+        _, m_b = train_lib.make_train_step(run_b, with_stats=False)(
+            restored, train_lib.to_global(run_b, nxt))
+        result["restore"][name] = float(m_b["loss"])
+        result["restore"][name + "_params_equal"] = same
+        result["restore"][name + "_sharding_ok"] = shard_ok
+        result["restore"][name + "_data_state"] = data_state
+
+    errors = {}
+    for label, mesh, extra in [
+        ("mesh_size", (3, 1, 1), None),
+        ("indivisible_dim", (1, 1, 8), None),
+        ("batch", (1, 8, 1), 4),
+    ]:
+        cfg = config(mesh)
+        if extra:
+            cfg.train.batch_size = extra
+        try:
+            train_lib.build_run(cfg, jax.devices())
+            errors[label] = None
+        except ValueError as e:
+            errors[label] = str(e)
+    result["errors"] = errors
+    print("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,170 @@
+"""Device mesh, logical-axis rules and shardings; multi-host initialisation.
+
+The mesh has three axes, ``('data', 'fsdp', 'tensor')``:
+
+* ``data``: pure data parallelism (parameters replicated);
+* ``fsdp``: data parallelism with parameters and optimizer state sharded (ZeRO-3 style); XLA
+  all-gathers a weight where it is used and reduce-scatters its gradient;
+* ``tensor``: tensor (model) parallelism, splitting attention heads and the FFN hidden units.
+
+The batch splits over ``data × fsdp``.  Each parameter's sharding comes from the logical axis
+names it declared in its :class:`~umup_jax.parametrization.ParamMeta` box, through
+:data:`DEFAULT_RULES`; nothing is inferred from shapes.  The u-μP metadata (role, fan-in,
+depth) also comes from the model definition, never from a checkpoint, so the per-parameter
+learning rates are the same after any reshard or restore.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from umup_jax import parametrization as P
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# logical axis name → mesh axis (None: replicated along it).
+DEFAULT_RULES: dict[str, Optional[str]] = {
+    "embed": "fsdp",      # d_model: FSDP shards every weight along it
+    "heads": "tensor",    # attention heads: tensor parallel
+    "mlp": "tensor",      # FFN hidden units: tensor parallel
+    "vocab": "tensor",    # embedding rows / readout columns: vocab parallel
+    "qkv": None,
+    "head_dim": None,
+}
+
+
+def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
+    """Resolves ``{'data': d, 'fsdp': f, 'tensor': t}`` (one of them may be -1, "the rest")."""
+    values = [int(sizes.get(a, 1)) for a in AXES]
+    unknown = [a for a, v in zip(AXES, values) if v == -1]
+    for a, v in zip(AXES, values):
+        if v == 0 or v < -1:
+            raise ValueError(f"mesh.{a}={v} is invalid: it must be a positive size or -1")
+    if len(unknown) > 1:
+        raise ValueError(f"mesh axes {unknown} are all -1: at most one axis may be -1")
+    known = math.prod(v for v in values if v != -1)
+    if unknown:
+        if num_devices % known:
+            raise ValueError(
+                f"mesh {dict(zip(AXES, values))} does not fit {num_devices} devices: "
+                f"{num_devices} is not divisible by {known}"
+            )
+        values = [num_devices // known if v == -1 else v for v in values]
+    if math.prod(values) != num_devices:
+        raise ValueError(
+            f"mesh {dict(zip(AXES, values))} has {math.prod(values)} devices but "
+            f"{num_devices} are available"
+        )
+    return tuple(values)  # type: ignore[return-value]
+
+
+def make_mesh(sizes: Mapping[str, int], devices: Optional[Sequence] = None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(sizes, len(devices))
+    return Mesh(np.asarray(devices, dtype=object).reshape(shape), AXES)
+
+
+def logical_to_spec(names: Sequence[Optional[str]], rules: Mapping[str, Optional[str]]
+                    ) -> PartitionSpec:
+    axes = []
+    for n in names:
+        axis = rules.get(n) if n is not None else None
+        if axis is not None and axis in axes:
+            axis = None  # a mesh axis can shard only one dimension
+        axes.append(axis)
+    return PartitionSpec(*axes)
+
+
+def param_specs(boxed_params: Any, rules: Mapping[str, Optional[str]] = DEFAULT_RULES) -> Any:
+    """PartitionSpec per parameter from its declared logical names."""
+    metas = P.param_metadata(boxed_params)
+    return jax.tree.map(lambda m: logical_to_spec(m.names, rules), metas,
+                        is_leaf=lambda x: isinstance(x, P.ParamMeta))
+
+
+def check_divisible(abstract_params: Any, specs: Any, mesh: Mesh) -> None:
+    """Every sharded dimension must divide by its mesh axis size (fail before compiling)."""
+    def check(path, leaf, spec):
+        for dim, axis in zip(leaf.shape, spec):
+            if axis is None:
+                continue
+            size = mesh.shape[axis]
+            if dim % size:
+                raise ValueError(
+                    f"parameter {jax.tree_util.keystr(path)} of shape {leaf.shape}: dimension "
+                    f"{dim} is not divisible by mesh axis {axis!r} of size {size}"
+                )
+        return None
+
+    jax.tree_util.tree_map_with_path(check, abstract_params, specs,
+                                     is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def batch_divisor(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def state_shardings(tx, abstract_params: Any, specs: Any, mesh: Mesh) -> Any:
+    """Shardings of {'params', 'opt_state', 'step'}: optimizer moments follow their params."""
+    import optax
+
+    param_sh = jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                            is_leaf=lambda x: isinstance(x, PartitionSpec))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    opt_sh = optax.tree_map_params(
+        tx, lambda _, sh: sh, abstract_opt, param_sh,
+        transform_non_params=lambda _: replicated,
+    )
+    return {"params": param_sh, "opt_state": opt_sh, "step": replicated}
+
+
+def per_device_bytes(tree: Any) -> dict[str, int]:
+    """Bytes each device holds of the arrays in ``tree`` (max over devices) and in total."""
+    per_device: dict = {}
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        total += leaf.size * leaf.dtype.itemsize
+        for shard in leaf.addressable_shards:
+            per_device[shard.device] = per_device.get(shard.device, 0) + (
+                shard.data.size * shard.data.dtype.itemsize)
+    return {"max_per_device": max(per_device.values()) if per_device else 0, "total": total}
+
+
+def initialize_distributed(cfg: Mapping[str, Any]) -> bool:
+    """``jax.distributed.initialize`` from the config (``coordinator_address``,
+    ``num_processes``, ``process_id``) or, where those are unset, the environment variables
+    ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``.  Returns whether it
+    initialised.  On CPU it selects gloo collectives (needed across processes)."""
+    address = cfg.get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+    if not address:
+        return False
+    num = int(cfg.get("num_processes") or os.environ.get("JAX_NUM_PROCESSES", "0") or 0)
+    pid_raw = cfg.get("process_id")
+    pid = int(pid_raw if pid_raw is not None and pid_raw >= 0
+              else os.environ.get("JAX_PROCESS_ID", "-1"))
+    if num <= 0 or pid < 0:
+        raise ValueError(
+            f"distributed: coordinator_address={address!r} needs num_processes (got {num}) and "
+            f"process_id (got {pid}) from the config or JAX_NUM_PROCESSES / JAX_PROCESS_ID"
+        )
+    if pid >= num:
+        raise ValueError(f"distributed.process_id={pid} is invalid: num_processes={num}")
+    is_initialized = getattr(jax.distributed, "is_initialized", lambda: False)
+    if is_initialized():
+        return True
+    # Cross-process collectives on the CPU backend need gloo; GPU/TPU backends ignore this.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
+    return True
