@@ -12,6 +12,8 @@ batch 64, sequence 256, 8192 steps, 2000 warm-up steps then cosine to 10%, AdamW
 from __future__ import annotations
 
 import ast
+import importlib.util
+import pathlib
 from typing import Any, Optional
 
 import ml_collections
@@ -161,3 +163,14 @@ def check_schema(config: ml_collections.ConfigDict) -> None:
                 walk(node[key], ref[key], path + ".")
 
     walk(config, reference, "")
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """``path/to/config.py[:ARG]`` → its ``get_config(ARG)`` (for CLIs other than main)."""
+    path, _, arg = spec.partition(":")
+    if not pathlib.Path(path).is_file():
+        raise ValueError(f"config file {path!r} does not exist")
+    module_spec = importlib.util.spec_from_file_location(f"config_{pathlib.Path(path).stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)

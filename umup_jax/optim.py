@@ -135,14 +135,17 @@ def scale_by_parametrization(
         del params
         return ScaleByParametrizationState(count=jnp.zeros([], jnp.int32))
 
+    # A Python 0 drops the decay term at trace time; a traced λ (batched sweeps) keeps it.
+    decay = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
+
     def update_fn(updates, state, params=None):
-        if weight_decay and params is None:
+        if decay and params is None:
             raise ValueError("weight_decay > 0 needs params passed to the optimizer update")
         s = schedule(state.count)
 
         def one(u, c, p=None):
             step = (learning_rate * c) * u
-            if weight_decay:
+            if decay:
                 step = step + weight_decay * p
             return (-s * step).astype(u.dtype)
 
@@ -156,13 +159,19 @@ def scale_by_parametrization(
 
 
 def make_optimizer(
-    config: OptimizerConfig, boxed_params: Any, rule: P.Parametrization
+    config: OptimizerConfig,
+    boxed_params: Any,
+    rule: P.Parametrization,
+    learning_rate: Any = None,
+    weight_decay: Any = None,
 ) -> optax.GradientTransformation:
     """AdamW with the rule's per-parameter LRs for the declared (boxed) params.
 
     ``boxed_params`` may be the real init output or its ``jax.eval_shape``; a parameter that
     lacks :class:`~umup_jax.parametrization.ParamMeta` raises ``ValueError`` naming its path.
-    The returned transformation is applied to *unboxed* params and grads.
+    The returned transformation is applied to *unboxed* params and grads.  ``learning_rate``
+    and ``weight_decay`` optionally replace the config's η and λ with (possibly traced) values,
+    which the batched sweep runner vmaps over.
     """
     if not isinstance(config, OptimizerConfig):
         raise ValueError(f"config must be an OptimizerConfig, got {type(config).__name__}")
@@ -170,7 +179,10 @@ def make_optimizer(
     return optax.chain(
         optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps),
         scale_by_parametrization(
-            multipliers, config.learning_rate, config.weight_decay, make_schedule(config)
+            multipliers,
+            config.learning_rate if learning_rate is None else learning_rate,
+            config.weight_decay if weight_decay is None else weight_decay,
+            make_schedule(config),
         ),
     )
 

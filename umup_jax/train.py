@@ -440,7 +440,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 writer.write(0, "eval", last_eval)
             data_state, batch = prefetch.next()
             for step in range(start, steps_total):
-                step_fn = stats_step if (step % tcfg.metrics_every == 0) else train_step
+                with_stats = tcfg.metrics_every <= steps_total and step % tcfg.metrics_every == 0
+                step_fn = stats_step if with_stats else train_step
                 state, metrics = step_fn(state, to_global(run, batch))
                 if pending is not None:
                     finish_step(*pending)

@@ -1,0 +1,161 @@
+"""Sweeps: spec expansion and validation, batched vs separate runs, resume, divergence,
+independent and random search, the CLI."""
+
+import csv
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from umup_jax import config as config_lib
+from umup_jax import sweep as sweep_lib
+from umup_jax import train as train_lib
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def base(arg="smoke,train.steps=3"):
+    return config_lib.proxy_config("umup", arg)
+
+
+def rows_of(workdir):
+    with open(pathlib.Path(workdir) / "results.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_grid_expansion_and_stable_ids():
+    spec = {"name": "g", "kind": "grid", "base": {"train.steps": 2},
+            "grid": {"model.width": [32, 64], "optimizer.learning_rate": [0.5, 1.0, 2.0]},
+            "seeds": [0, 1]}
+    runs = sweep_lib.grid_runs(spec, base())
+    assert len(runs) == 12
+    ids = {sweep_lib.run_id(ov) for _, ov in runs}
+    assert len(ids) == 12
+    assert runs[0][1] == {"train.steps": 2, "model.width": 32,
+                          "optimizer.learning_rate": 0.5, "seed": 0}
+    assert sweep_lib.run_id(dict(reversed(list(runs[0][1].items())))) == \
+        sweep_lib.run_id(runs[0][1])
+    assert sweep_lib.count_runs(spec, base()) == 12
+
+
+@pytest.mark.parametrize("spec, match", [
+    ({"grid": {"model.widht": [32]}}, "config key 'model.widht' is unknown"),
+    ({"grid": {}}, "the grid is empty"),
+    ({"grid": {"model.width": []}}, "the grid is empty"),
+    ({"kind": "bayes", "grid": {"model.width": [32]}}, "kind='bayes' is invalid"),
+    ({"kind": "independent", "lr": {"values": []}}, "needs lr.values"),
+    ({"kind": "random", "space": {"optimizer.learning_rate": {"uniform": [0, 1]}},
+      "num_runs": 2}, "use log2_uniform or choice"),
+    ({"grid": {"model.hparams.init_std": [0.1]}}, "hparams of 'umup'"),
+])
+def test_bad_sweeps_raise_before_running(tmp_path, spec, match):
+    spec = {"name": "bad", **spec}
+    with pytest.raises(ValueError, match=match):
+        sweep_lib.run_sweep(base(), spec, str(tmp_path), progress=False)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_batched_runs_equal_separate_runs(tmp_path):
+    cfg = base("smoke,train.steps=20")
+    lrs = [0.25, 1.0, 4.0]
+    batched = sweep_lib.run_batched(cfg, lrs, [cfg.optimizer.weight_decay] * 3)
+    for lr, b in zip(lrs, batched):
+        c = sweep_lib.run_config(cfg, {"optimizer.learning_rate": lr})
+        single = train_lib.train_and_evaluate(c, str(tmp_path / f"lr{lr}"))
+        for key in ("final_train_loss", "final_eval_loss"):
+            assert b[key] == pytest.approx(single[key], rel=1e-5), (lr, key)
+    assert len({round(b["final_train_loss"], 4) for b in batched}) == 3  # LRs matter
+
+
+def test_sweep_resume_runs_only_what_is_missing(tmp_path, monkeypatch):
+    spec = {"name": "resume", "grid": {"model.width": [16, 32, 48]}}
+    calls = []
+    real = sweep_lib.run_single
+
+    def flaky(cfg, workdir):
+        calls.append(cfg.model.width)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the sweep is killed during its second run
+        return real(cfg, workdir)
+
+    monkeypatch.setattr(sweep_lib, "run_single", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        sweep_lib.run_sweep(base(), spec, str(tmp_path), progress=False)
+    assert [r["width"] for r in rows_of(tmp_path)] == ["16"]
+    calls.clear()
+    monkeypatch.setattr(sweep_lib, "run_single", real)
+    monkeypatch.setattr(sweep_lib, "run_single", lambda c, w: calls.append(c.model.width)
+                        or real(c, w))
+    rows = sweep_lib.run_sweep(base(), spec, str(tmp_path), progress=False)
+    assert calls == [32, 48] and len(rows) == 3
+    assert sorted(r["width"] for r in rows_of(tmp_path)) == ["16", "32", "48"]
+
+
+def test_results_of_a_different_sweep_are_refused(tmp_path):
+    sweep_lib.run_sweep(base(), {"name": "a", "grid": {"model.width": [16]}}, str(tmp_path),
+                        progress=False)
+    with pytest.raises(ValueError, match="holds results of a different sweep"):
+        sweep_lib.run_sweep(base(), {"name": "b", "grid": {"model.width": [16]}},
+                            str(tmp_path), progress=False)
+
+
+def test_diverged_runs_are_recorded_and_the_sweep_goes_on(tmp_path):
+    spec = {"name": "div", "grid": {"optimizer.learning_rate": [1e30, 1.0]},
+            "base": {"optimizer.warmup_steps": 0}}
+    rows = {float(r["lr"]): r for r in sweep_lib.run_sweep(
+        base(), spec, str(tmp_path), batched=False, progress=False)}
+    assert rows[1e30]["diverged"] in (1, "1") and math.isnan(float(rows[1e30]["final_eval_loss"]))
+    assert rows[1.0]["diverged"] in (0, "0") and math.isfinite(float(rows[1.0]["final_eval_loss"]))
+    # The batched runner records the same divergence.
+    b = sweep_lib.run_batched(sweep_lib.run_config(base(), spec["base"]), [1e30, 1.0],
+                              [0.0, 0.0])
+    assert not math.isfinite(b[0]["final_eval_loss"]) and math.isfinite(b[1]["final_eval_loss"])
+
+
+def test_independent_search_stages(tmp_path):
+    spec = {"name": "ind", "kind": "independent",
+            "lr": {"values": [0.5, 2.0]},
+            "hps": {"model.hparams.attn_mult": [0.5, 2.0]}}
+    rows = sweep_lib.run_sweep(base(), spec, str(tmp_path), progress=False)
+    groups = [r["group"] for r in rows_of(tmp_path)]
+    assert groups.count("lr") == 2 and groups.count("combined") == 1
+    assert groups.count("hp:model.hparams.attn_mult") == 2
+    assert len(rows) == sweep_lib.count_runs(spec, base()) == 5
+    chosen = json.loads((tmp_path / "chosen.json").read_text())
+    assert set(chosen) == {"optimizer.learning_rate", "model.hparams.attn_mult"}
+    lr_rows = [r for r in rows_of(tmp_path) if r["group"] == "lr"]
+    best = min(lr_rows, key=lambda r: float(r["final_eval_loss"]))
+    assert chosen["optimizer.learning_rate"] == float(best["lr"])
+    combined = next(r for r in rows_of(tmp_path) if r["group"] == "combined")
+    assert float(combined["hp.attn_mult"]) == chosen["model.hparams.attn_mult"]
+
+
+def test_random_search_samples_log2_uniform():
+    spec = {"name": "rnd", "kind": "random", "num_runs": 50, "seed": 3,
+            "space": {"optimizer.learning_rate": {"log2_uniform": [-10, -6]},
+                      "model.hparams.init_std": {"log2_uniform": [-2, 2], "scale": 0.02},
+                      "model.depth": {"choice": [1, 2]}}}
+    runs = sweep_lib.random_runs(spec, config_lib.proxy_config("mup", "smoke"))
+    lrs = np.log2([ov["optimizer.learning_rate"] for _, ov in runs])
+    assert len(runs) == 50 and lrs.min() >= -10 and lrs.max() <= -6 and np.ptp(lrs) > 2
+    stds = [ov["model.hparams.init_std"] for _, ov in runs]
+    assert min(stds) >= 0.005 and max(stds) <= 0.08
+    assert runs == sweep_lib.random_runs(spec, config_lib.proxy_config("mup", "smoke"))
+
+
+def test_cli_runs_a_sweep_file(tmp_path):
+    sweep_file = tmp_path / "s.json"
+    sweep_file.write_text(json.dumps(
+        {"name": "cli", "grid": {"optimizer.learning_rate": [0.5, 1.0]}}))
+    cmd = [sys.executable, "-m", "umup_jax.sweep",
+           f"--config={ROOT / 'configs' / 'umup_proxy.py'}:smoke,train.steps=2",
+           f"--sweep={sweep_file}", f"--workdir={tmp_path / 'w'}", "--no-progress"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = rows_of(tmp_path / "w")
+    assert len(rows) == 2 and list(rows[0]) == sweep_lib.COLUMNS
+    assert "2 runs in" in proc.stdout

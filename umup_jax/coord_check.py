@@ -1,0 +1,395 @@
+"""Width coordinate check (spec §10.4): RMS of activations, gradients and updates vs width.
+
+    python -m umup_jax.coord_check --config=configs/umup_proxy.py[:ARG] \\
+        --widths=64,128,256,512 --steps=3 --out=DIR
+
+For each width the config's model is rebuilt at that width with everything else unchanged:
+same parametrization and HPs, same depth, sequence length and batch size, and the same head
+size (the config's ``width / num_heads``), so the number of heads grows with width.  Each model
+is trained for ``steps`` AdamW steps with the real optimizer (:func:`umup_jax.optim.
+make_optimizer`) at the config's peak learning rate held constant (no warm-up or decay: "fixed
+η", spec §10.4), on real batches from the config's data pipeline (the same batches, in the same
+order, for every width).
+
+A row at step ``t`` (t = 0 … steps) describes the training step taken from the parameters
+``θ_t`` (θ_0 is the init) on batch ``t``:
+
+* ``activation``: the RMS of every tensor the model ``sow``s (``embedding``,
+  ``layer_i/attn_branch``, ``layer_i/ffn_norm``, ``layer_i/ffn_branch``, ``layer_i/output``,
+  ``final_norm``, ``logits``) in the forward pass of θ_t;
+* ``gradient``: the RMS of ∇L(θ_t) for every parameter tensor;
+* ``update``: the RMS of ΔW = θ_{t+1} − θ_t for every parameter tensor.
+
+So step 0 is "at init" (the first update included) and step ``steps`` is "after ``steps``
+AdamW steps"; ``steps + 1`` optimizer steps are run to record it.  Under μP/u-μP the activation
+and gradient curves are flat in width; under SP (a fixed init std) they drift.  ΔW of a hidden
+weight is *meant* to shrink with width (Adam's per-entry update is η·C with C ∝ 1/√fan_in under
+u-μP, 1/fan_in under μP): the flat quantity is its effect on the activations, which the
+activation rows after step 0 show.
+
+Outputs: ``DIR/coord_check.csv`` (columns :data:`CSV_FIELDS`) and ``DIR/coord_check.png`` (rows:
+kind; columns: a few steps; x: width, log2; y: RMS, log; one line per tensor name with layers
+averaged, plus the median over tensors), and a printed flatness summary
+(:func:`flatness`: for each kind and step, max/min over widths of the median-over-tensors RMS).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import pathlib
+import re
+import time
+from typing import Any, Iterable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax.core import meta as flax_meta
+
+from umup_jax import data as data_lib
+from umup_jax import metrics as metrics_lib
+from umup_jax import train as train_lib
+from umup_jax.model import Decoder, ModelConfig, init_params
+from umup_jax.optim import make_optimizer
+
+KINDS = ("activation", "gradient", "update")
+CSV_FIELDS = ("parametrization", "width", "step", "kind", "name", "rms")
+_LAYER = re.compile(r"^layer_\d+/")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the runs
+# ---------------------------------------------------------------------------------------------
+
+
+def head_dim_of(config: ml_collections.ConfigDict) -> int:
+    """The config's head size: ``model.head_dim``, or ``model.width // model.num_heads``."""
+    m = config.model
+    return int(m.head_dim or m.width // m.num_heads)
+
+
+def model_config_at_width(config: ml_collections.ConfigDict, vocab_size: int,
+                          width: int) -> ModelConfig:
+    """The config's model at ``width`` with its head size kept (heads = width / head size)."""
+    head_dim = head_dim_of(config)
+    if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or width <= 0:
+        raise ValueError(f"width={width!r} is invalid: it must be an integer > 0")
+    if width % head_dim:
+        raise ValueError(
+            f"width={width} is invalid: it must be a multiple of the config's head size "
+            f"{head_dim} (model.width / model.num_heads), which the coordinate check keeps fixed"
+        )
+    base = train_lib.model_config(config, vocab_size)
+    return base.replace(width=int(width), num_heads=int(width) // head_dim, head_dim=head_dim)
+
+
+def optimizer_config(config: ml_collections.ConfigDict):
+    """The config's AdamW at its peak learning rate, constant (no warm-up, no decay)."""
+    return dataclasses.replace(train_lib.optimizer_config(config), schedule="constant",
+                               warmup_steps=0)
+
+
+def fixed_batches(config: ml_collections.ConfigDict, tokens: data_lib.TokenData,
+                  count: int) -> list[dict[str, np.ndarray]]:
+    """The first ``count`` training batches of the config's pipeline (shared by all widths)."""
+    ds = data_lib.train_dataset(tokens.train, config.model.seq_len, config.train.batch_size,
+                                seed=config.data.shuffle_seed)
+    it = iter(ds)
+    return [{k: np.asarray(v) for k, v in next(it).items()} for _ in range(count)]
+
+
+def _strip(stats: dict[str, Any], prefix: str) -> dict[str, float]:
+    return {k[len(prefix) + 1:]: float(v) for k, v in stats.items()}
+
+
+def _make_step(model: Decoder, tx: optax.GradientTransformation):
+    """(params, opt_state, batch) → (params', opt_state', loss, {kind: {name: rms}})."""
+
+    def step(params, opt_state, batch):
+        def loss_fn(p):
+            loss, mut = model.apply(p, batch["inputs"], batch["targets"], method=Decoder.loss,
+                                    mutable=["intermediates"])
+            return loss, mut["intermediates"]
+
+        (loss, acts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        delta = jax.tree.map(lambda a, b: a.astype(jnp.float32) - b.astype(jnp.float32),
+                             new_params, params)
+        stats = {
+            "activation": metrics_lib.tree_rms(acts, "a"),
+            "gradient": metrics_lib.tree_rms(grads["params"], "g"),
+            "update": metrics_lib.tree_rms(delta["params"], "u"),
+        }
+        return new_params, opt_state, loss, stats
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def run_width(config: ml_collections.ConfigDict, tokens: data_lib.TokenData, width: int,
+              batches: Sequence[dict[str, np.ndarray]], seed: int) -> tuple[list[dict], list]:
+    """Trains the width-``width`` model on ``batches``; returns (rows, losses per step)."""
+    mcfg = model_config_at_width(config, tokens.vocab_size, width)
+    model = Decoder(mcfg)
+    init = functools.partial(init_params, model)
+    boxed = jax.eval_shape(init, jax.random.key(seed))  # metadata only: no compute
+    tx = make_optimizer(optimizer_config(config), boxed, mcfg.rule)
+    params = jax.jit(lambda key: flax_meta.unbox(init(key)))(jax.random.key(seed))
+    opt_state = tx.init(params)
+    step_fn = _make_step(model, tx)
+    rows, losses = [], []
+    for t, batch in enumerate(batches):
+        params, opt_state, loss, stats = step_fn(params, opt_state, batch)
+        stats, loss = jax.device_get((stats, loss))
+        losses.append(float(loss))
+        for kind in KINDS:
+            for name, value in sorted(_strip(stats[kind], "x").items()):
+                rows.append({"parametrization": mcfg.parametrization, "width": int(width),
+                             "step": t, "kind": kind, "name": name, "rms": value})
+    return rows, losses
+
+
+def coord_check(config: ml_collections.ConfigDict, widths: Iterable[int], steps: int,
+                seed: Optional[int] = None, verbose: bool = False) -> list[dict]:
+    """Rows ``{parametrization, width, step, kind, name, rms}`` for every width, every step
+    0 … ``steps``, every kind of :data:`KINDS` and every tensor (see the module docstring)."""
+    widths = [int(w) for w in widths]
+    if not widths:
+        raise ValueError("widths is empty: give one or more widths")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps={steps!r} is invalid: it must be an integer >= 0")
+    train_lib.check_config(config)
+    for w in widths:  # fail on a bad width before loading data or compiling
+        model_config_at_width(config, max(int(config.model.vocab_size or 0), 2), w)
+    seed = config.seed if seed is None else seed
+    tokens = data_lib.load_tokens(config.data, cache_dir=config.data.cache_dir or None)
+    batches = fixed_batches(config, tokens, steps + 1)
+    rows = []
+    for w in widths:
+        t0 = time.time()
+        width_rows, losses = run_width(config, tokens, w, batches, seed)
+        rows.extend(width_rows)
+        if verbose:
+            print(f"  width {w:>5}: loss {losses[0]:.4f} (init) → {losses[-1]:.4f} "
+                  f"(step {steps}), {time.time() - t0:.1f}s", flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Output: CSV, summary, plot
+# ---------------------------------------------------------------------------------------------
+
+
+def write_csv(rows: Sequence[dict], path) -> pathlib.Path:
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: (repr(r[k]) if k == "rms" else r[k]) for k in CSV_FIELDS})
+    return path
+
+
+def read_csv(path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return [{**r, "width": int(r["width"]), "step": int(r["step"]), "rms": float(r["rms"])}
+                for r in csv.DictReader(f)]
+
+
+def layer_averaged(rows: Sequence[dict]) -> dict[tuple, dict[str, dict[int, float]]]:
+    """{(kind, step): {name: {width: rms}}}, with ``layer_i/x`` merged into ``x`` (geometric
+    mean over layers)."""
+    acc: dict[tuple, dict[str, dict[int, list[float]]]] = {}
+    for r in rows:
+        name = _LAYER.sub("", r["name"])
+        acc.setdefault((r["kind"], r["step"]), {}).setdefault(name, {}).setdefault(
+            r["width"], []).append(r["rms"])
+    return {key: {name: {w: float(np.exp(np.mean(np.log(np.maximum(v, 1e-30)))))
+                         for w, v in by_w.items()} for name, by_w in names.items()}
+            for key, names in acc.items()}
+
+
+def median_curve(rows: Sequence[dict], kind: str, step: int) -> dict[int, float]:
+    """{width: median over all tensors (every layer) of the RMS} for one kind and step."""
+    by_w: dict[int, list[float]] = {}
+    for r in rows:
+        if r["kind"] == kind and r["step"] == step:
+            by_w.setdefault(r["width"], []).append(r["rms"])
+    return {w: float(np.median(v)) for w, v in sorted(by_w.items())}
+
+
+def _slope(curve: dict[int, float]) -> float:
+    """Least-squares slope of log2 RMS against log2 width (0: flat; 0.5: grows like √width)."""
+    if len(curve) < 2:
+        return 0.0
+    x = np.log2(list(curve))
+    y = np.log2(np.maximum(list(curve.values()), 1e-30))
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def flatness(rows: Sequence[dict]) -> dict[tuple[str, int], dict[str, float]]:
+    """{(kind, step): {'ratio': max/min over widths of the median-over-tensors RMS,
+    'slope': its log2-log2 slope in width}} for every kind and step present."""
+    out = {}
+    steps = sorted({r["step"] for r in rows})
+    for kind in KINDS:
+        for step in steps:
+            curve = median_curve(rows, kind, step)
+            if curve:
+                vals = list(curve.values())
+                out[(kind, step)] = {"ratio": max(vals) / max(min(vals), 1e-30),
+                                     "slope": _slope(curve)}
+    return out
+
+
+def summary(rows: Sequence[dict]) -> str:
+    """The flatness numbers at init and at the last step, one line per kind."""
+    if not rows:
+        return "no rows"
+    par = rows[0]["parametrization"]
+    widths = sorted({r["width"] for r in rows})
+    last = max(r["step"] for r in rows)
+    flat = flatness(rows)
+    lines = [f"{par}: flatness over widths {widths} = max/min over widths of the "
+             "median-over-tensors RMS (slope: d log2 RMS / d log2 width)"]
+    for kind in KINDS:
+        parts = []
+        for step in sorted({0, last}):
+            f = flat.get((kind, step))
+            if f:
+                parts.append(f"step {step}: {f['ratio']:6.2f}x (slope {f['slope']:+.2f})")
+        lines.append(f"  {kind:<10} " + "   ".join(parts))
+    return "\n".join(lines)
+
+
+def plot_steps(last: int) -> list[int]:
+    """Columns of the plot: 0, a middle step when there are several, and the last."""
+    if last <= 1:
+        return sorted({0, last})
+    return sorted({0, last // 2, last}) if last >= 4 else [0, last]
+
+
+def plot_grid(rows: Sequence[dict], path, title: Optional[str] = None,
+              steps: Optional[Sequence[int]] = None) -> pathlib.Path:
+    """The grid plot (rows: kind; columns: steps) of RMS vs width, written to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    last = max(r["step"] for r in rows)
+    steps = list(steps) if steps is not None else plot_steps(last)
+    widths = sorted({r["width"] for r in rows})
+    par = rows[0]["parametrization"]
+    avg = layer_averaged(rows)
+    kinds = [k for k in KINDS if any((k, s) in avg for s in steps)]
+    fig, axes = plt.subplots(len(kinds), len(steps), figsize=(4.2 * len(steps) + 2.6,
+                                                              3.2 * len(kinds)),
+                             sharey="row", squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    markers = "os^vD<>ph*"
+    for i, kind in enumerate(kinds):
+        names = sorted({n for s in steps for n in avg.get((kind, s), {})})
+        for j, step in enumerate(steps):
+            ax = axes[i][j]
+            curves = avg.get((kind, step), {})
+            for n_i, name in enumerate(names):
+                if name not in curves:
+                    continue
+                c = curves[name]
+                ws = sorted(c)
+                ax.plot(ws, [c[w] for w in ws], marker=markers[n_i % len(markers)], ms=4,
+                        lw=1.3, color=cmap(n_i % 10), label=name)
+            med = median_curve(rows, kind, step)
+            if med:
+                ax.plot(list(med), list(med.values()), "k--", lw=2.2, label="median (all)")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xticks(widths)
+            ax.set_xticklabels([str(w) for w in widths])
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+            ax.grid(True, which="major", alpha=0.3)
+            when = "init" if step == 0 else f"after {step} step{'s' if step > 1 else ''}"
+            ax.set_title(f"{kind} — step {step} ({when})", fontsize=10)
+            if j == 0:
+                ax.set_ylabel(f"{kind} RMS")
+            if i == len(kinds) - 1:
+                ax.set_xlabel("width")
+        axes[i][-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8,
+                           frameon=False)
+    fig.suptitle(title or f"{par} coordinate check (layers averaged)", fontsize=12)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def default_title(config: ml_collections.ConfigDict, steps: int) -> str:
+    m, t = config.model, config.train
+    return (f"{m.parametrization} coordinate check — depth {m.depth}, head dim "
+            f"{head_dim_of(config)}, seq {m.seq_len}, batch {t.batch_size}, "
+            f"η={config.optimizer.learning_rate:.4g} constant, {steps} AdamW steps "
+            "(layers averaged; dashed: median over all tensors)")
+
+
+def run(config: ml_collections.ConfigDict, widths: Sequence[int], steps: int, out,
+        seed: Optional[int] = None, verbose: bool = True) -> list[dict]:
+    """coord_check → ``out/coord_check.csv`` and ``out/coord_check.png``; prints the summary."""
+    out = pathlib.Path(out)
+    if verbose:
+        print(f"coordinate check: {config.model.parametrization}, widths {list(widths)}, "
+              f"{steps} steps", flush=True)
+    rows = coord_check(config, widths, steps, seed=seed, verbose=verbose)
+    write_csv(rows, out / "coord_check.csv")
+    plot_grid(rows, out / "coord_check.png", title=default_title(config, steps))
+    if verbose:
+        print(summary(rows))
+        print(f"wrote {out / 'coord_check.csv'} ({len(rows)} rows) and "
+              f"{out / 'coord_check.png'}", flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv):
+    from absl import app, flags
+
+    FLAGS = flags.FLAGS
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        widths = [int(w) for w in FLAGS.widths.split(",") if w.strip()]
+    except ValueError as e:
+        raise app.UsageError(f"--widths={FLAGS.widths!r}: comma-separated integers") from e
+    run(FLAGS.config, widths, FLAGS.steps, FLAGS.out, seed=FLAGS.seed)
+
+
+def _define_flags():
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Config file (get_config(arg) style).",
+                                    lock_config=True)
+    flags.DEFINE_string("widths", "64,128,256,512", "Comma-separated widths.")
+    flags.DEFINE_integer("steps", 3, "AdamW steps k (rows are recorded at steps 0 … k).")
+    flags.DEFINE_string("out", None, "Output directory (coord_check.csv, coord_check.png).")
+    flags.DEFINE_integer("seed", None, "Init seed (default: the config's seed).")
+    flags.mark_flags_as_required(["config", "out"])
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)

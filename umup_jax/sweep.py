@@ -1,0 +1,451 @@
+"""Hyperparameter sweeps declared as data, run in-process, one results row per run.
+
+    python -m umup_jax.sweep --config=configs/umup_proxy.py:cpu --sweep=SWEEP --workdir=DIR
+
+``SWEEP`` is a ``.json`` file or a ``.py`` file with ``get_sweep()`` returning a dict:
+
+* ``{"kind": "grid", "grid": {key: [values…], …}}``: the Cartesian product (e.g. width × LR);
+* ``{"kind": "independent", "lr": {"key": …, "values": […]}, "hps": {key: […], …}}``: the
+  u-μP paper's independent search (§6.3 of the spec, paper Fig. 1a): (1) an LR line search
+  with every other HP at its default; (2) at the best LR, a 1-D search per HP; (3) one run
+  combining each HP's best value (plus, with ``"recheck_lr": true``, an LR line search at the
+  combined HPs);
+* ``{"kind": "random", "space": {key: {"log2_uniform": [lo, hi], "scale": s} | {"choice":
+  […]}}, "num_runs": N, "seed": S}``: random search (the paper's baseline for μP).
+
+Common fields: ``name``, ``base`` ({key: value} overrides applied to every run), ``seeds``
+(list, default ``[config.seed]``).  Keys are config paths such as ``model.width``,
+``optimizer.learning_rate`` or ``model.hparams.attn_mult``; every key is checked against the
+config before anything runs.
+
+Results: ``DIR/results.csv``, one row per run (columns :data:`COLUMNS`), written as each run
+ends; ``DIR/sweep.json`` records the sweep, and a rerun with a different sweep in the same
+workdir fails.  A rerun skips finished runs (by ``run_id``, a hash of the run's overrides), so a
+killed sweep redoes only what is missing.  A run whose loss becomes NaN/Inf is recorded with
+``diverged=1``; the sweep goes on.
+
+Runs that differ only in optimizer HPs (learning rate, weight decay) share shapes and compile
+once: the **batched runner** trains them together as one ``jax.vmap``-ed computation (same data,
+same init).  Model HPs (the α's, widths) are compile-time constants by design (every scale is a
+Python float, spec §1.1), so runs that differ in them run one after another.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import importlib.util
+import itertools
+import json
+import math
+import pathlib
+import time
+from typing import Any, Callable, Iterable, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from umup_jax import config as config_lib
+from umup_jax import data as data_lib
+from umup_jax import parametrization as P
+from umup_jax import train as train_lib
+from umup_jax.model import Decoder
+from umup_jax.optim import make_optimizer
+
+KINDS = ("grid", "independent", "random")
+BATCHABLE = ("optimizer.learning_rate", "optimizer.weight_decay")
+HP_COLUMNS = sorted({f"hp.{n}" for name in P.PARAMETRIZATIONS for n in P.hparam_names(name)
+                     if n != "shift"})
+COLUMNS = (["run_id", "sweep", "group", "parametrization", "width", "depth", "steps",
+            "batch_size", "seq_len", "lr", "weight_decay"] + HP_COLUMNS +
+           ["seed", "final_train_loss", "final_eval_loss", "diverged", "wall_time_s",
+            "overrides"])
+
+
+class SweepError(ValueError):
+    """A sweep definition or workdir that cannot be run."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Spec
+# ---------------------------------------------------------------------------------------------
+
+
+def load_sweep(path: str) -> dict:
+    p = pathlib.Path(path)
+    if not p.exists():
+        raise SweepError(f"--sweep={path}: file not found")
+    if p.suffix == ".json":
+        spec = json.loads(p.read_text())
+    elif p.suffix == ".py":
+        module_spec = importlib.util.spec_from_file_location(f"sweep_{p.stem}", p)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        spec = module.get_sweep()
+    else:
+        raise SweepError(f"--sweep={path}: use a .json file or a .py file with get_sweep()")
+    spec.setdefault("name", p.stem)
+    return spec
+
+
+def _check_keys(config: ml_collections.ConfigDict, keys: Iterable[str], where: str) -> None:
+    probe = copy.deepcopy(config)
+    for key in keys:
+        if key == "seed":
+            continue
+        try:
+            config_lib.set_key(probe, key, None)
+        except (ValueError, KeyError, AttributeError) as e:
+            raise SweepError(f"sweep {where}: {e}") from None
+
+
+def validate(spec: dict, config: ml_collections.ConfigDict) -> None:
+    kind = spec.get("kind", "grid")
+    if kind not in KINDS:
+        raise SweepError(f"sweep kind={kind!r} is invalid: allowed are {KINDS}")
+    _check_keys(config, spec.get("base", {}), "base")
+    if kind == "grid":
+        grid = spec.get("grid") or {}
+        if not grid or any(not list(v) for v in grid.values()):
+            raise SweepError(f"sweep {spec['name']!r}: the grid is empty ({grid!r})")
+        _check_keys(config, grid, "grid")
+    elif kind == "independent":
+        lr = spec.get("lr") or {}
+        if not lr.get("values"):
+            raise SweepError(f"sweep {spec['name']!r}: independent search needs lr.values")
+        _check_keys(config, [lr.get("key", "optimizer.learning_rate")], "lr")
+        if any(not list(v) for v in (spec.get("hps") or {}).values()):
+            raise SweepError(f"sweep {spec['name']!r}: an HP has an empty list of values")
+        _check_keys(config, spec.get("hps") or {}, "hps")
+    else:
+        space = spec.get("space") or {}
+        if not space or int(spec.get("num_runs", 0)) <= 0:
+            raise SweepError(f"sweep {spec['name']!r}: random search needs space and num_runs > 0")
+        _check_keys(config, space, "space")
+        for key, dist in space.items():
+            if not ("log2_uniform" in dist or "choice" in dist):
+                raise SweepError(f"sweep space[{key!r}]={dist!r}: use log2_uniform or choice")
+
+
+def run_id(overrides: dict) -> str:
+    blob = json.dumps(overrides, sort_keys=True, default=float)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _with_seeds(spec, config, runs: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    seeds = spec.get("seeds") or [config.seed]
+    out = []
+    for group, ov in runs:
+        for seed in seeds:
+            out.append((group, {**spec.get("base", {}), **ov, "seed": seed}))
+    return out
+
+
+def grid_runs(spec, config) -> list[tuple[str, dict]]:
+    keys = list(spec["grid"])
+    runs = [("grid", dict(zip(keys, values)))
+            for values in itertools.product(*(spec["grid"][k] for k in keys))]
+    return _with_seeds(spec, config, runs)
+
+
+def random_runs(spec, config) -> list[tuple[str, dict]]:
+    rng = np.random.default_rng(int(spec.get("seed", 0)))
+    runs = []
+    for _ in range(int(spec["num_runs"])):
+        ov = {}
+        for key, dist in spec["space"].items():
+            if "choice" in dist:
+                ov[key] = dist["choice"][int(rng.integers(len(dist["choice"])))]
+            else:
+                lo, hi = dist["log2_uniform"]
+                ov[key] = float(dist.get("scale", 1.0) * 2.0 ** rng.uniform(lo, hi))
+        runs.append(("random", ov))
+    return _with_seeds(spec, config, runs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------------
+
+
+class ResultsStore:
+    def __init__(self, workdir: pathlib.Path, spec: dict):
+        self.workdir = workdir
+        self.path = workdir / "results.csv"
+        workdir.mkdir(parents=True, exist_ok=True)
+        spec_file = workdir / "sweep.json"
+        blob = json.dumps(spec, sort_keys=True, default=str)
+        if spec_file.exists():
+            previous = json.loads(spec_file.read_text())
+            if json.dumps(previous, sort_keys=True, default=str) != blob:
+                raise SweepError(
+                    f"{workdir} holds results of a different sweep ({previous.get('name')!r}, "
+                    f"see {spec_file}); use another --workdir"
+                )
+        elif self.path.exists():
+            raise SweepError(f"{self.path} exists but {spec_file} does not: not this sweep's")
+        else:
+            spec_file.write_text(json.dumps(spec, indent=2, sort_keys=True, default=str))
+        self.rows: dict[str, dict] = {}
+        if self.path.exists():
+            with open(self.path, newline="") as f:
+                reader = csv.DictReader(f)
+                if reader.fieldnames != COLUMNS:
+                    raise SweepError(f"{self.path} has other columns than this version writes")
+                for row in reader:
+                    if row["sweep"] != spec["name"]:
+                        raise SweepError(f"{self.path} has rows of sweep {row['sweep']!r}")
+                    self.rows[row["run_id"]] = row
+        else:
+            with open(self.path, "w", newline="") as f:
+                csv.DictWriter(f, fieldnames=COLUMNS).writeheader()
+
+    def done(self, rid: str) -> bool:
+        return rid in self.rows
+
+    def add(self, row: dict) -> None:
+        row = {k: row.get(k, "") for k in COLUMNS}
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=COLUMNS).writerow(row)
+        self.rows[row["run_id"]] = row
+
+    def get(self, rid: str) -> Optional[dict]:
+        return self.rows.get(rid)
+
+
+def _loss(row: dict) -> float:
+    try:
+        v = float(row["final_eval_loss"])
+    except (TypeError, ValueError):
+        return math.inf
+    return v if math.isfinite(v) and str(row["diverged"]) in ("0", "False") else math.inf
+
+
+def make_row(spec, group, overrides, cfg, results: Optional[dict], wall: float) -> dict:
+    m = cfg.model
+    row = {
+        "run_id": run_id(overrides), "sweep": spec["name"], "group": group,
+        "parametrization": m.parametrization, "width": m.width, "depth": m.depth,
+        "steps": cfg.train.steps, "batch_size": cfg.train.batch_size, "seq_len": m.seq_len,
+        "lr": cfg.optimizer.learning_rate, "weight_decay": cfg.optimizer.weight_decay,
+        "seed": cfg.seed, "wall_time_s": round(wall, 3),
+        "overrides": json.dumps(overrides, sort_keys=True, default=float),
+    }
+    for name, value in dict(m.hparams).items():
+        row[f"hp.{name}"] = value
+    train_loss = results.get("final_train_loss") if results else None
+    eval_loss = results.get("final_eval_loss") if results else None
+    finite = all(v is not None and math.isfinite(v) for v in (train_loss, eval_loss))
+    row.update(final_train_loss=train_loss if train_loss is not None else "nan",
+               final_eval_loss=eval_loss if eval_loss is not None else "nan",
+               diverged=0 if finite else 1)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------
+
+
+def run_config(base: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+    cfg = copy.deepcopy(base)
+    for key, value in overrides.items():
+        config_lib.set_key(cfg, key, value)
+    cfg.train.progress = False
+    cfg.train.checkpoint_every = cfg.train.steps  # one checkpoint, at the end
+    cfg.train.metrics_every = cfg.train.steps + 1  # no per-tensor statistics in sweeps
+    return cfg
+
+
+def run_single(cfg, workdir: pathlib.Path) -> Optional[dict]:
+    """One run via train_and_evaluate; ``None`` if its loss became non-finite."""
+    try:
+        return train_lib.train_and_evaluate(cfg, str(workdir))
+    except train_lib.NonFiniteLossError as e:
+        print(f"  diverged: {e}", flush=True)
+        return None
+
+
+def run_batched(cfg, lrs: list[float], wds: list[float]) -> list[dict]:
+    """Trains len(lrs) runs that differ only in (η, λ) as one vmapped computation; returns
+    per-run {final_train_loss, final_eval_loss} defined exactly as ``train_and_evaluate``'s:
+    the last step's train loss and the mean loss over the validation batches at the end."""
+    train_lib.check_config(cfg)
+    run = train_lib.build_run(cfg, devices=jax.devices()[:1])
+    boxed = jax.eval_shape(lambda k: {"params": run.model.init(
+        k, jnp.zeros((1, run.model_cfg.seq_len), jnp.int32))["params"]}, jax.random.key(0))
+    n = len(lrs)
+    init = train_lib.make_init_fn(run)
+    state0 = init(jax.random.key(cfg.seed))
+    states = jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), state0)
+    model = run.model
+
+    def one_step(state, batch, lr, wd):
+        tx = make_optimizer(run.opt_cfg, boxed, run.model_cfg.rule, learning_rate=lr,
+                            weight_decay=wd)
+        loss, grads = jax.value_and_grad(lambda p: model.apply(
+            p, batch["inputs"], batch["targets"], method=Decoder.loss))(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, loss
+
+    step = jax.jit(jax.vmap(one_step, in_axes=(0, None, 0, 0)), donate_argnums=(0,))
+    evaluate = jax.jit(jax.vmap(lambda p, b: model.apply(p, b["inputs"], b["targets"],
+                                                         method=Decoder.loss),
+                                in_axes=(0, None)))
+    lr_arr = jnp.asarray(lrs, jnp.float32)
+    wd_arr = jnp.asarray(wds, jnp.float32)
+    it = iter(data_lib.train_dataset(run.tokens.train, run.model_cfg.seq_len,
+                                     cfg.train.batch_size, cfg.data.shuffle_seed))
+    losses = None
+    for _ in range(cfg.train.steps):
+        batch = {k: jnp.asarray(v) for k, v in next(it).items()}
+        states, losses = step(states, batch, lr_arr, wd_arr)
+    valid = data_lib.eval_batches(run.tokens.valid, run.model_cfg.seq_len,
+                                  cfg.train.eval_batch_size, cfg.train.eval_batches)
+    evals = np.mean([np.asarray(evaluate(states["params"], {k: jnp.asarray(v)
+                                                            for k, v in b.items()}))
+                     for b in valid], axis=0)
+    train_losses = np.asarray(losses)
+    return [{"final_train_loss": float(t), "final_eval_loss": float(e)}
+            for t, e in zip(train_losses, evals)]
+
+
+def _batch_key(overrides: dict) -> str:
+    return json.dumps({k: v for k, v in overrides.items() if k not in BATCHABLE},
+                      sort_keys=True, default=float)
+
+
+class Runner:
+    """Executes lists of runs, skipping finished ones, batching where shapes are shared."""
+
+    def __init__(self, spec, config, workdir: pathlib.Path, batched: bool = True,
+                 progress: bool = True, total: Optional[int] = None):
+        self.spec, self.config, self.workdir = spec, config, workdir
+        self.store = ResultsStore(workdir, spec)
+        self.batched = batched
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=f"sweep {spec['name']}", unit="run")
+
+    def run(self, runs: list[tuple[str, dict]]) -> list[dict]:
+        todo = [(g, ov) for g, ov in runs if not self.store.done(run_id(ov))]
+        if self.bar is not None:
+            self.bar.update(len(runs) - len(todo))
+        groups: dict[str, list] = {}
+        for g, ov in todo:
+            key = _batch_key(ov) if self.batched else run_id(ov)
+            groups.setdefault(key, []).append((g, ov))
+        for members in groups.values():
+            t0 = time.time()
+            cfgs = [run_config(self.config, ov) for _, ov in members]
+            if len(members) > 1:
+                results = run_batched(cfgs[0], [c.optimizer.learning_rate for c in cfgs],
+                                      [c.optimizer.weight_decay for c in cfgs])
+                wall = (time.time() - t0) / len(members)
+                for (g, ov), cfg, res in zip(members, cfgs, results):
+                    self.store.add(make_row(self.spec, g, ov, cfg, res, wall))
+            else:
+                (g, ov), cfg = members[0], cfgs[0]
+                res = run_single(cfg, self.workdir / "runs" / run_id(ov))
+                self.store.add(make_row(self.spec, g, ov, cfg, res, time.time() - t0))
+            if self.bar is not None:
+                self.bar.update(len(members))
+        return [self.store.get(run_id(ov)) for _, ov in runs]
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _best(rows: list[dict], key: str, values: list, seeds: int) -> Any:
+    """The value with the lowest final eval loss, averaged over seeds (rows are ordered value
+    by value, seeds innermost); a diverged seed makes its value infinitely bad."""
+    losses = np.asarray([_loss(r) for r in rows], dtype=float).reshape(len(values), seeds)
+    mean = losses.mean(axis=1)
+    if np.all(np.isinf(mean)):
+        raise SweepError(f"every run of the {key} search diverged; widen or lower its values")
+    return values[int(np.argmin(mean))]
+
+
+def independent_search(spec, config, runner: Runner) -> dict:
+    """The three stages of the independent search (spec §6.3); returns the chosen HPs."""
+    lr_key = spec["lr"].get("key", "optimizer.learning_rate")
+    lr_values = list(spec["lr"]["values"])
+    seed_runs = lambda group, ovs: _with_seeds(spec, config, [(group, o) for o in ovs])
+    nseeds = len(spec.get("seeds") or [1])
+    stage1 = runner.run(seed_runs("lr", [{lr_key: v} for v in lr_values]))
+    best_lr = _best(stage1, lr_key, lr_values, nseeds)
+    chosen = {lr_key: best_lr}
+    for key, values in (spec.get("hps") or {}).items():
+        rows = runner.run(seed_runs(f"hp:{key}", [{lr_key: best_lr, key: v} for v in values]))
+        chosen[key] = _best(rows, key, list(values), nseeds)
+    runner.run(seed_runs("combined", [dict(chosen)]))
+    if spec.get("recheck_lr"):
+        rows = runner.run(seed_runs("recheck_lr", [{**chosen, lr_key: v} for v in lr_values]))
+        chosen[lr_key] = _best(rows, lr_key, lr_values, nseeds)
+    (runner.workdir / "chosen.json").write_text(json.dumps(chosen, indent=2, default=float))
+    return chosen
+
+
+def count_runs(spec, config) -> int:
+    kind = spec.get("kind", "grid")
+    seeds = len(spec.get("seeds") or [1])
+    if kind == "grid":
+        return len(grid_runs(spec, config))
+    if kind == "random":
+        return int(spec["num_runs"]) * seeds
+    n = len(spec["lr"]["values"]) + sum(len(v) for v in (spec.get("hps") or {}).values()) + 1
+    if spec.get("recheck_lr"):
+        n += len(spec["lr"]["values"])
+    return n * seeds
+
+
+def run_sweep(config: ml_collections.ConfigDict, spec: dict, workdir: str,
+              batched: bool = True, progress: bool = True) -> list[dict]:
+    """Validates the sweep against the config, runs what is missing, returns all rows."""
+    spec = dict(spec)
+    spec.setdefault("name", "sweep")
+    spec.setdefault("kind", "grid")
+    validate(spec, config)
+    train_lib.check_config(config)
+    runner = Runner(spec, config, pathlib.Path(workdir), batched=batched, progress=progress,
+                    total=count_runs(spec, config))
+    try:
+        if spec["kind"] == "grid":
+            runner.run(grid_runs(spec, config))
+        elif spec["kind"] == "random":
+            runner.run(random_runs(spec, config))
+        else:
+            independent_search(spec, config, runner)
+    finally:
+        runner.close()
+    return list(runner.store.rows.values())
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """``python -m umup_jax.sweep --config=FILE[:ARG] --sweep=SWEEP --workdir=DIR``."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m umup_jax.sweep", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="config file, optionally :variants,k=v")
+    p.add_argument("--sweep", required=True, help=".json, or .py with get_sweep()")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--batched", default=True, action=argparse.BooleanOptionalAction,
+                   help="train runs that differ only in LR/WD as one vmapped computation")
+    p.add_argument("--progress", default=True, action=argparse.BooleanOptionalAction)
+    args = p.parse_args(argv)
+    rows = run_sweep(config_lib.load_config_file(args.config), load_sweep(args.sweep),
+                     args.workdir, batched=args.batched, progress=args.progress)
+    print(f"{len(rows)} runs in {pathlib.Path(args.workdir) / 'results.csv'}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
