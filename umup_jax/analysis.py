@@ -5,7 +5,8 @@ Pure numpy + matplotlib (object-oriented API on the Agg canvas: no pyplot state,
 
 ``results.csv`` (written by ``umup_jax.sweep``) has one row per training run with the columns
 ``run_id, sweep, group, parametrization, width, depth, steps, batch_size, seq_len, lr,
-hp.<name>..., seed, final_train_loss, final_eval_loss, diverged, wall_time_s``.
+hp.<name>..., seed, final_train_loss, final_eval_loss, diverged, wall_time_s`` (plus
+``weight_decay`` and the JSON ``overrides`` string in the current ``sweep.py``).
 
 Conventions used by every function here:
 
@@ -31,9 +32,11 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-STRING_COLUMNS = ("run_id", "sweep", "group", "parametrization")
+STRING_COLUMNS = ("run_id", "sweep", "group", "parametrization", "overrides")
 INT_COLUMNS = ("width", "depth", "steps", "batch_size", "seq_len", "seed")
-CONFIG_COLUMNS = ("parametrization", "width", "depth", "steps", "batch_size", "seq_len", "lr")
+# Columns that define a configuration (with every hp.*): runs differing in one are not repeats.
+CONFIG_COLUMNS = ("parametrization", "width", "depth", "steps", "batch_size", "seq_len", "lr",
+                  "weight_decay")
 PARAM_ORDER = ("sp", "mup", "umup")
 DEFAULT_Y = "final_eval_loss"
 
