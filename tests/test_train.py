@@ -54,7 +54,7 @@ def test_main_smoke_end_to_end(tmp_path):
     assert np.isfinite(results["final_train_loss"]) and np.isfinite(results["final_eval_loss"])
     assert results["config"]["model"]["width"] == 32 and not results["interrupted"]
     kinds = [json.loads(line)["kind"] for line in (tmp_path / "metrics.jsonl").open()]
-    assert kinds.count("train") == 6 and kinds.count("eval") == 2 and kinds.count("stats") == 2
+    assert kinds.count("train") == 6 and kinds.count("eval") == 3 and kinds.count("stats") == 2
     stats = next(json.loads(l) for l in (tmp_path / "metrics.jsonl").open() if '"stats"' in l)
     for prefix in ("params/", "grads/", "updates/", "activations/"):
         assert any(k.startswith(prefix) for k in stats), prefix

@@ -5,6 +5,7 @@
 ``SWEEP`` is a ``.json`` file or a ``.py`` file with ``get_sweep()`` returning a dict:
 
 * ``{"kind": "grid", "grid": {key: [values…], …}}``: the Cartesian product (e.g. width × LR);
+  keys joined by ``+`` vary together (``{"model.width+model.num_heads": [[64, 2], [128, 4]]}``);
 * ``{"kind": "independent", "lr": {"key": …, "values": […]}, "hps": {key: […], …}}``: the
   u-μP paper's independent search (§6.3 of the spec, paper Fig. 1a): (1) an LR line search
   with every other HP at its default; (2) at the best LR, a 1-D search per HP; (3) one run
@@ -112,7 +113,7 @@ def validate(spec: dict, config: ml_collections.ConfigDict) -> None:
         grid = spec.get("grid") or {}
         if not grid or any(not list(v) for v in grid.values()):
             raise SweepError(f"sweep {spec['name']!r}: the grid is empty ({grid!r})")
-        _check_keys(config, grid, "grid")
+        _check_keys(config, [k for key in grid for k in _split_keys(key)], "grid")
     elif kind == "independent":
         lr = spec.get("lr") or {}
         if not lr.get("values"):
@@ -145,10 +146,25 @@ def _with_seeds(spec, config, runs: list[tuple[str, dict]]) -> list[tuple[str, d
     return out
 
 
+def _split_keys(key: str) -> list[str]:
+    """``"model.width+model.num_heads"`` names keys that vary together (values are lists)."""
+    return key.split("+")
+
+
 def grid_runs(spec, config) -> list[tuple[str, dict]]:
     keys = list(spec["grid"])
-    runs = [("grid", dict(zip(keys, values)))
-            for values in itertools.product(*(spec["grid"][k] for k in keys))]
+    runs = []
+    for values in itertools.product(*(spec["grid"][k] for k in keys)):
+        ov = {}
+        for key, value in zip(keys, values):
+            parts = _split_keys(key)
+            if len(parts) == 1:
+                ov[key] = value
+            else:
+                if not isinstance(value, (list, tuple)) or len(value) != len(parts):
+                    raise SweepError(f"sweep grid[{key!r}]: {value!r} must list {len(parts)} values")
+                ov.update(zip(parts, value))
+        runs.append(("grid", ov))
     return _with_seeds(spec, config, runs)
 
 

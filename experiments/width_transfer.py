@@ -1,0 +1,115 @@
+"""Width transfer of the learning rate: SP, μP and u-μP on the bundled corpus at CPU scale
+(the u-μP paper's Fig. 1b, spec §9).
+
+For each parametrization: an LR grid in octaves × widths 32, 64, 128, 256 (8×; head_dim 32,
+so heads grow with width; depth 2), byte tokens, seq 64, batch 16, warm-up then cosine to 10%.
+Every (parametrization, width) trains its 8 learning rates as one vmapped computation.
+
+    python experiments/width_transfer.py [--steps=240] [--out=experiments/results/width_transfer]
+    python experiments/width_transfer.py --small   # a 2-minute version (the notebook's rerun)
+
+Writes ``OUT/results.csv`` (one row per run), ``OUT/optima.csv`` (optimal log2 LR per width,
+with an edge flag), ``OUT/transfer.json`` (transfer error per parametrization, Algorithm 1 with
+width as the fixed HP: both f* = global argmin and f* = the largest width) and
+``OUT/width_transfer.png``.  Rerunning skips finished runs.
+"""
+
+import argparse
+import json
+import pathlib
+import time
+
+import numpy as np
+
+from umup_jax import analysis
+from umup_jax import config as config_lib
+from umup_jax import sweep as sweep_lib
+
+WIDTHS = [32, 64, 128, 256]
+HEAD_DIM = 32
+LR_GRIDS = {  # log2 learning rates, octaves
+    "umup": list(range(-3, 5)),
+    "mup": list(range(-11, -3)),
+    "sp": list(range(-11, -3)),
+}
+SMALL = {"widths": [16, 32, 64, 128], "steps": 60, "lrs": 5}
+
+
+def base_config(parametrization: str, steps: int, base_width: int):
+    arg = (f"smoke,model.depth=2,model.seq_len=64,train.batch_size=16,train.steps={steps},"
+           f"train.eval_batch_size=16,train.eval_batches=8,optimizer.warmup_steps={steps // 6}")
+    cfg = config_lib.proxy_config(parametrization, arg)
+    if parametrization == "mup":
+        cfg.model.hparams.base_width = base_width  # μP equals SP at the smallest width
+    return cfg
+
+
+def run(out: pathlib.Path, steps: int, widths: list[int], n_lrs: int, progress: bool = True):
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    all_rows = []
+    for parametrization, grid in LR_GRIDS.items():
+        if n_lrs < len(grid):  # the centre of the grid
+            start = (len(grid) - n_lrs) // 2
+            grid = grid[start:start + n_lrs]
+        spec = {
+            "name": f"width_transfer_{parametrization}",
+            "kind": "grid",
+            "grid": {
+                "model.width+model.num_heads": [[w, max(w // HEAD_DIM, 1)] for w in widths],
+                "optimizer.learning_rate": [2.0**k for k in grid],
+            },
+        }
+        cfg = base_config(parametrization, steps, widths[0])
+        rows = sweep_lib.run_sweep(cfg, spec, str(out / parametrization), progress=progress)
+        all_rows.extend(rows)
+    analysis.write_csv(all_rows, out / "results.csv", columns=sweep_lib.COLUMNS)
+    rows = analysis.read_results(out / "results.csv")
+    optima = analysis.optimum_per_group(rows, ["parametrization", "width"])
+    analysis.write_csv(optima, out / "optima.csv")
+    transfer = {}
+    for p in LR_GRIDS:
+        sel = analysis.select(rows, {"parametrization": p})
+        if not sel:
+            continue
+        widths_, lrs_, table = analysis.loss_table(sel, "width", "lr")
+        te_global = analysis.transfer_error(table, widths_, lrs_)
+        te_largest = analysis.transfer_error(table, widths_, lrs_, reference=max(widths_))
+        transfer[p] = {
+            "transfer_error_global_argmin": te_global.err,
+            "transfer_error_largest_width": te_largest.err,
+            "optimal_log2_lr": {str(w): float(np.log2(t)) if t is not None else None
+                                for w, t in zip(widths_, te_largest.t_opt)},
+            "optimum_on_grid_edge": {str(w): bool(e) for w, e in zip(widths_, te_largest.on_edge)},
+        }
+    wall = time.time() - t0
+    transfer["_meta"] = {"steps": steps, "widths": widths, "wall_time_s_this_invocation": wall}
+    (out / "transfer.json").write_text(json.dumps(transfer, indent=2))
+    analysis.plot_loss_vs_lr(rows, out / "width_transfer.png", reference="largest",
+                             title=f"LR transfer across width ({steps} steps, depth 2, "
+                                   "bundled corpus, byte tokens)")
+    for p, t in transfer.items():
+        if p.startswith("_"):
+            continue
+        print(f"{p:5s} transfer error (f* = largest width) {t['transfer_error_largest_width']:.4f}"
+              f"  optimal log2 LR per width {t['optimal_log2_lr']}"
+              f"  edge {t['optimum_on_grid_edge']}")
+    print(f"wall time {wall / 60:.1f} min; wrote {out}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--steps", type=int, default=240)
+    p.add_argument("--out", default="experiments/results/width_transfer")
+    p.add_argument("--small", action="store_true", help="tiny widths and steps (minutes)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args()
+    if args.small:
+        run(pathlib.Path(args.out), SMALL["steps"], SMALL["widths"], SMALL["lrs"],
+            not args.no_progress)
+    else:
+        run(pathlib.Path(args.out), args.steps, WIDTHS, 8, not args.no_progress)
+
+
+if __name__ == "__main__":
+    main()
