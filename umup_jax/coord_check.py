@@ -41,7 +41,7 @@ import functools
 import pathlib
 import re
 import time
-from typing import Any, Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -102,10 +102,6 @@ def fixed_batches(config: ml_collections.ConfigDict, tokens: data_lib.TokenData,
     return [{k: np.asarray(v) for k, v in next(it).items()} for _ in range(count)]
 
 
-def _strip(stats: dict[str, Any], prefix: str) -> dict[str, float]:
-    return {k[len(prefix) + 1:]: float(v) for k, v in stats.items()}
-
-
 def _make_step(model: Decoder, tx: optax.GradientTransformation):
     """(params, opt_state, batch) → (params', opt_state', loss, {kind: {name: rms}})."""
 
@@ -121,9 +117,9 @@ def _make_step(model: Decoder, tx: optax.GradientTransformation):
         delta = jax.tree.map(lambda a, b: a.astype(jnp.float32) - b.astype(jnp.float32),
                              new_params, params)
         stats = {
-            "activation": metrics_lib.tree_rms(acts, "a"),
-            "gradient": metrics_lib.tree_rms(grads["params"], "g"),
-            "update": metrics_lib.tree_rms(delta["params"], "u"),
+            "activation": metrics_lib.tree_rms(acts, "x"),
+            "gradient": metrics_lib.tree_rms(grads["params"], "x"),
+            "update": metrics_lib.tree_rms(delta["params"], "x"),
         }
         return new_params, opt_state, loss, stats
 
@@ -132,12 +128,14 @@ def _make_step(model: Decoder, tx: optax.GradientTransformation):
 
 def run_width(config: ml_collections.ConfigDict, tokens: data_lib.TokenData, width: int,
               batches: Sequence[dict[str, np.ndarray]], seed: int) -> tuple[list[dict], list]:
-    """Trains the width-``width`` model on ``batches``; returns (rows, losses per step)."""
+    """Trains the width-``width`` model on ``batches`` (one AdamW step per batch); returns
+    (rows, the loss of each step)."""
     mcfg = model_config_at_width(config, tokens.vocab_size, width)
     model = Decoder(mcfg)
     init = functools.partial(init_params, model)
     boxed = jax.eval_shape(init, jax.random.key(seed))  # metadata only: no compute
     tx = make_optimizer(optimizer_config(config), boxed, mcfg.rule)
+    # Jitted: an eager Flax init dispatches op by op and is slower than compiling it.
     params = jax.jit(lambda key: flax_meta.unbox(init(key)))(jax.random.key(seed))
     opt_state = tx.init(params)
     step_fn = _make_step(model, tx)
@@ -147,9 +145,10 @@ def run_width(config: ml_collections.ConfigDict, tokens: data_lib.TokenData, wid
         stats, loss = jax.device_get((stats, loss))
         losses.append(float(loss))
         for kind in KINDS:
-            for name, value in sorted(_strip(stats[kind], "x").items()):
+            for name, value in sorted(stats[kind].items()):
                 rows.append({"parametrization": mcfg.parametrization, "width": int(width),
-                             "step": t, "kind": kind, "name": name, "rms": value})
+                             "step": t, "kind": kind, "name": name[len("x/"):],
+                             "rms": float(value)})
     return rows, losses
 
 
@@ -362,34 +361,26 @@ def run(config: ml_collections.ConfigDict, widths: Sequence[int], steps: int, ou
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv):
-    from absl import app, flags
+def main(argv: Optional[list[str]] = None) -> None:
+    """``python -m umup_jax.coord_check --config=FILE[:ARG] --widths=… --steps=k --out=DIR``."""
+    import argparse
 
-    FLAGS = flags.FLAGS
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from umup_jax import config as config_lib
+
+    p = argparse.ArgumentParser(prog="python -m umup_jax.coord_check", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="config file, optionally :variants,k=v")
+    p.add_argument("--widths", default="64,128,256,512", help="comma-separated widths")
+    p.add_argument("--steps", type=int, default=3, help="AdamW steps k (rows at steps 0 … k)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=None, help="init seed (default: the config's)")
+    args = p.parse_args(argv)
     try:
-        widths = [int(w) for w in FLAGS.widths.split(",") if w.strip()]
-    except ValueError as e:
-        raise app.UsageError(f"--widths={FLAGS.widths!r}: comma-separated integers") from e
-    run(FLAGS.config, widths, FLAGS.steps, FLAGS.out, seed=FLAGS.seed)
-
-
-def _define_flags():
-    from absl import flags
-    from ml_collections import config_flags
-
-    config_flags.DEFINE_config_file("config", None, "Config file (get_config(arg) style).",
-                                    lock_config=True)
-    flags.DEFINE_string("widths", "64,128,256,512", "Comma-separated widths.")
-    flags.DEFINE_integer("steps", 3, "AdamW steps k (rows are recorded at steps 0 … k).")
-    flags.DEFINE_string("out", None, "Output directory (coord_check.csv, coord_check.png).")
-    flags.DEFINE_integer("seed", None, "Init seed (default: the config's seed).")
-    flags.mark_flags_as_required(["config", "out"])
+        widths = [int(w) for w in args.widths.split(",") if w.strip()]
+    except ValueError:
+        p.error(f"--widths={args.widths!r}: comma-separated integers")
+    run(config_lib.load_config_file(args.config), widths, args.steps, args.out, seed=args.seed)
 
 
 if __name__ == "__main__":
-    from absl import app
-
-    _define_flags()
-    app.run(main)
+    main()
