@@ -163,7 +163,8 @@ def test_batch_not_divisible_by_devices_fails_before_compilation():
     import jax
 
     cfg = smoke(train__batch_size=3)
-    with pytest.raises(ValueError, match="train.batch_size=3 is not divisible by the 2 devices"):
+    with pytest.raises(ValueError,
+                       match=r"train.batch_size=3 is not divisible by data × fsdp = 2 × 1 = 2"):
         train_lib.build_run(cfg, devices=[jax.devices()[0]] * 2)
 
 

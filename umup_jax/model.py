@@ -165,21 +165,20 @@ PARAM_GROUPS = {"attn_qkv": "qkv", "attn_out": "attn_out", "ffn_up": "ffn_in",
 PROBES = "fp8_probe"
 
 
-def matmul_for(module: nn.Module, cfg: "ModelConfig", name: str):
-    """The ``dot(x, w)`` of parameter ``name`` under the FP8 policy, inside a named scope
-    (``fp8_<group>``) so the lowered HLO shows which group each matmul belongs to.  If the
-    ``fp8_probe`` collection holds a probe for ``name``, the dot reports its cast statistics."""
+def linear_for(module: nn.Module, cfg: "ModelConfig", name: str, linear, *args, **kwargs):
+    """``linear(*args, dot=…, **kwargs)`` for parameter ``name`` under the FP8 policy, inside a
+    named scope (``fp8_<group>``) so the lowered HLO shows which group each matmul belongs to.
+    A ``bf16`` group passes ``dot=None`` (the rule's own, fused matmul); an FP8 group passes
+    :func:`umup_jax.fp8.fp8_dot`, which reports its cast statistics if the ``fp8_probe``
+    collection holds a probe for ``name``."""
     group = PARAM_GROUPS[name]
     mode = cfg.fp8_policy[group]
     probe = module.get_variable(PROBES, name) if module.has_variable(PROBES, name) else None
-
-    def dot(x, w):
-        with jax.named_scope(f"fp8_{group}"):
-            if mode == "bf16":
-                return jnp.matmul(x, w)
-            return fp8_lib.fp8_dot(x, w, mode=mode, probe=probe)
-
-    return dot
+    dot = None
+    if mode != "bf16":
+        dot = functools.partial(fp8_lib.fp8_dot, mode=mode, probe=probe)
+    with jax.named_scope(f"fp8_{group}"):
+        return linear(*args, dot=dot, **kwargs)
 
 
 def fp8_probes(cfg: "ModelConfig") -> dict:
@@ -255,15 +254,15 @@ class Block(nn.Module):
         def attention(r):
             b, s, _ = r.shape
             r = ops.rms_norm(r, cfg.norm_eps)
-            qkv = rule.linear(r, w_qkv.astype(dt).reshape(d, 3 * h * hd), m_qkv,
-                              dot=matmul_for(self, cfg, "attn_qkv"))
+            qkv = linear_for(self, cfg, "attn_qkv", rule.linear,
+                             r, w_qkv.astype(dt).reshape(d, 3 * h * hd), m_qkv)
             qkv = qkv.reshape(b, s, 3, h, hd)
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
             if cfg.position == "rope":
                 q, k = apply_rope(q, cfg.rope_theta), apply_rope(k, cfg.rope_theta)
             o = rule.attention(q, k, v, causal=True)
-            o = rule.linear(o.reshape(b, s, h * hd), w_o.astype(dt).reshape(h * hd, d), m_o,
-                            dot=matmul_for(self, cfg, "attn_out"))
+            o = linear_for(self, cfg, "attn_out", rule.linear,
+                           o.reshape(b, s, h * hd), w_o.astype(dt).reshape(h * hd, d), m_o)
             self.sow("intermediates", "attn_branch", o)
             return o
 
@@ -271,13 +270,13 @@ class Block(nn.Module):
             r = ops.rms_norm(r, cfg.norm_eps)
             self.sow("intermediates", "ffn_norm", r)
             # Unconstrained, as uu.MLP: the up/gate and down mismatches cancel (spec §1.2).
-            up = rule.linear(r, w_up.astype(dt), m_up, constrained=False,
-                             dot=matmul_for(self, cfg, "ffn_up"))
-            gate = rule.linear(r, w_gate.astype(dt), m_gate, constrained=False,
-                               dot=matmul_for(self, cfg, "ffn_gate"))
+            up = linear_for(self, cfg, "ffn_up", rule.linear,
+                            r, w_up.astype(dt), m_up, constrained=False)
+            gate = linear_for(self, cfg, "ffn_gate", rule.linear,
+                              r, w_gate.astype(dt), m_gate, constrained=False)
             a = rule.ffn_activation(up, gate)
-            o = rule.linear(a, w_down.astype(dt), m_down, constrained=False,
-                            dot=matmul_for(self, cfg, "ffn_down"))
+            o = linear_for(self, cfg, "ffn_down", rule.linear,
+                           a, w_down.astype(dt), m_down, constrained=False)
             self.sow("intermediates", "ffn_branch", o)
             return o
 
@@ -315,8 +314,8 @@ class Decoder(nn.Module):
             x = Block(cfg, i, name=f"layer_{i}")(x)
         x = ops.rms_norm(x, cfg.norm_eps)
         self.sow("intermediates", "final_norm", x)
-        logits = rule.readout(x, w_out.astype(cfg.compute_dtype), m_out,
-                              dot=matmul_for(self, cfg, "readout")).astype(jnp.float32)
+        logits = linear_for(self, cfg, "readout", rule.readout,
+                            x, w_out.astype(cfg.compute_dtype), m_out).astype(jnp.float32)
         self.sow("intermediates", "logits", logits)
         return logits
 

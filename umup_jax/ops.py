@@ -131,7 +131,8 @@ def linear(
     ``to_output_scale`` constraint makes the input-gradient scale ``fan_in^-1/2`` too, which a
     residual branch needs (spec §1.2).  The bias sits inside the scaled product as in the
     authors' library.  ``dot(x, w)`` replaces the matmul (e.g. :func:`umup_jax.fp8.fp8_dot`);
-    the scales stay outside it, so FP8 casts see unit-scale operands (spec §8).
+    the scales stay outside it, so FP8 casts see unit-scale operands (spec §8).  Without
+    ``dot`` the scales are folded into one custom-VJP matmul (:func:`_scaled_matmul`).
     """
     if w.ndim != 2:
         raise ValueError(f"linear weight must be (fan_in, fan_out), got shape {w.shape}")
@@ -143,12 +144,54 @@ def linear(
     grad_in_scale = fan_out ** -scale_power[1]
     grad_w_scale = batch ** -scale_power[2]
     out_scale, grad_in_scale = apply_constraint(constraint, out_scale, grad_in_scale)
+    if dot is None:
+        # The plain matmul: one custom-VJP op applying each scale to its smaller operand.
+        y = _scaled_matmul(x, w, out_scale, grad_in_scale, grad_w_scale)
+        if bias is not None:
+            y = y + scale_fwd(scale_bwd(bias, grad_w_scale), out_scale)
+        return y
     x = scale_bwd(x, grad_in_scale)
     w = scale_bwd(w, grad_w_scale)
-    y = jnp.matmul(x, w) if dot is None else dot(x, w)
+    y = dot(x, w)
     if bias is not None:
         y = y + scale_bwd(bias, grad_w_scale)
     return scale_fwd(y, out_scale)
+
+
+def _matmul_scaled(x, w, scale: float, out_size: int):
+    """``scale·(x @ w)``, multiplying whichever of ``w`` and the output is smaller (the weight,
+    for any layer that sees more tokens than its fan-in)."""
+    if scale == 1.0:
+        return jnp.matmul(x, w)
+    if w.size <= out_size:
+        return jnp.matmul(x, w * scale)
+    return jnp.matmul(x, w) * scale
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _scaled_matmul(x, w, out_scale: float, grad_in_scale: float, grad_w_scale: float):
+    """``out_scale·(x @ w)`` whose backward is ``grad_in_scale·(g @ wᵀ)`` for x and
+    ``grad_w_scale·(xᵀ @ g)`` for w: the values of ``scale_fwd``/``scale_bwd`` around a
+    matmul, but every scale multiplies the smaller operand (normally the weight), so no
+    activation-sized elementwise pass is added in either direction, and the weight gradient is
+    one 2-D ``(tokens, fan_in)ᵀ @ (tokens, fan_out)`` product (no transposed copy of g)."""
+    return _matmul_scaled(x, w, out_scale, x.size // w.shape[0] * w.shape[1])
+
+
+def _scaled_matmul_fwd(x, w, out_scale, grad_in_scale, grad_w_scale):
+    return _matmul_scaled(x, w, out_scale, x.size // w.shape[0] * w.shape[1]), (x, w)
+
+
+def _scaled_matmul_bwd(out_scale, grad_in_scale, grad_w_scale, res, g):
+    x, w = res
+    dx = _matmul_scaled(g, w.T, grad_in_scale, x.size)
+    dw = jnp.matmul(x.reshape(-1, x.shape[-1]).T, g.reshape(-1, g.shape[-1]))
+    if grad_w_scale != 1.0:
+        dw = dw * grad_w_scale
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_scaled_matmul.defvjp(_scaled_matmul_fwd, _scaled_matmul_bwd)
 
 
 def linear_readout(x, w, bias=None, constraint: Optional[str] = None, dot=None):
@@ -191,7 +234,10 @@ def silu_glu(x_in, x_gate, mult: float = 1.0):
     s = silu_glu_scale(mult)
     x_in = scale_bwd(x_in, s)
     x_gate = scale_bwd(x_gate, s)
-    y = x_in * x_gate * jax.nn.sigmoid(x_gate * mult)
+    # x_in·silu(x_gate), as a plain SwiGLU: the backward then reuses the saved activation
+    # instead of recomputing the sigmoid inside the weight-gradient transposes.
+    act = jax.nn.silu(x_gate) if mult == 1.0 else x_gate * jax.nn.sigmoid(x_gate * mult)
+    y = x_in * act
     return scale_fwd(y, s)
 
 
@@ -242,10 +288,31 @@ def scaled_dot_product_attention(q, k, v, mult: float = 1.0, causal: bool = True
 # ---------------------------------------------------------------------------------------------
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _residual_split(x, a: float, b: float):
+    return x, x
+
+
+def _residual_split_fwd(x, a, b):
+    return (x, x), None
+
+
+def _residual_split_bwd(a, b, _, g):
+    g_branch, g_skip = g
+    # = a·g_branch + b·g_skip, written so that the incoming residual-stream gradient g_skip
+    # feeds the add directly, as in a plain residual.  Behind a standalone multiply-by-constant
+    # XLA (CPU) fuses the whole chain of stream gradients into every consumer instead of
+    # materialising it once per layer: O(L²) recomputation in the backward pass.
+    return (g_skip + (g_branch * a + g_skip * (b - 1.0)),)
+
+
+_residual_split.defvjp(_residual_split_fwd, _residual_split_bwd)
+
+
 def residual_split(x, tau: float):
     """(branch, skip) = (scale_bwd(x, a), scale_bwd(x, b)), a = τ/√(1+τ²), b = 1/√(1+τ²)."""
     denom = math.sqrt(1.0 + tau * tau)
-    return scale_bwd(x, tau / denom), scale_bwd(x, 1.0 / denom)
+    return _residual_split(x, tau / denom, 1.0 / denom)
 
 
 def residual_add(branch, skip, tau: float):
