@@ -33,6 +33,8 @@ def run_config(parametrization: str, preset: str, steps: int):
     cfg.train.eval_every = max(steps // 4, 1)
     cfg.train.metrics_every = max(steps // 8, 1)
     cfg.train.checkpoint_every = steps
+    cfg.train.log_every = 1
+    cfg.train.progress = False
     cfg.optimizer.warmup_steps = max(steps // 6, 1)
     cfg.model.dtype = "bfloat16"
     cfg.model.fp8 = preset
@@ -51,12 +53,44 @@ def cast_summary(stats_rows):
             for s in ("saturated", "underflow")}
 
 
+def plot(out: pathlib.Path, curves: dict) -> None:
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    styles = {"umup_bf16": ("C0", "-"), "umup_fp8": ("C0", "--"),
+              "mup_bf16": ("C3", "-"), "mup_fp8": ("C3", "--")}
+    for name, (x, y) in curves.items():
+        color, ls = styles[name]
+        k = max(1, min(10, len(y) // 20))  # smooth over ~5% of the logged points
+        smooth = np.convolve(y, np.ones(k) / k, mode="valid")
+        ax.plot(x[len(x) - len(smooth):], smooth, color=color, ls=ls,
+                label=name.replace("umup", "u-μP").replace("mup", "μP").replace("_", " "))
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss (smoothed)")
+    ax.set_title("FP8 (paper_simple, un-scaled casts) vs BF16, width 128, depth 2")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "fp8_vs_bf16.png")
+
+
+def curves_from_runs(out: pathlib.Path) -> dict:
+    curves = {}
+    for parametrization, preset in RUNS:
+        name = f"{parametrization}_{'fp8' if preset != 'none' else 'bf16'}"
+        train = read_metrics(out / "runs" / name / "metrics.jsonl", "train")
+        curves[name] = ([r["step"] for r in train], [r["loss"] for r in train])
+    return curves
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--out", default="experiments/results/fp8_vs_bf16")
+    p.add_argument("--plot-only", action="store_true", help="redraw the PNG from OUT/runs")
     args = p.parse_args()
     out = pathlib.Path(args.out)
+    if args.plot_only:
+        plot(out, curves_from_runs(out))
+        return
     (out / "runs").mkdir(parents=True, exist_ok=True)
     rows, curves = [], {}
     for parametrization, preset in RUNS:
@@ -82,22 +116,7 @@ def main() -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
-    styles = {"umup_bf16": ("C0", "-"), "umup_fp8": ("C0", "--"),
-              "mup_bf16": ("C3", "-"), "mup_fp8": ("C3", "--")}
-    for name, (x, y) in curves.items():
-        color, ls = styles[name]
-        kernel = np.ones(10) / 10
-        smooth = np.convolve(y, kernel, mode="valid") if len(y) > 10 else y
-        ax.plot(x[len(x) - len(smooth):], smooth, color=color, ls=ls,
-                label=name.replace("umup", "u-μP").replace("mup", "μP").replace("_", " "))
-    ax.set_xlabel("step")
-    ax.set_ylabel("train loss (10-step mean)")
-    ax.set_title("FP8 (paper_simple, un-scaled casts) vs BF16, width 128, depth 2")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "fp8_vs_bf16.png")
+    plot(out, curves)
     for r in rows:
         print(f"{r['run']:10s} train {r['final_train_loss']:.4f} eval {r['final_eval_loss']:.4f} "
               f"x_under {r['x_underflow']:.4f} w_under {r['w_underflow']:.4f} "
