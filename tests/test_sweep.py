@@ -130,6 +130,11 @@ def test_independent_search_stages(tmp_path):
     lr_rows = [r for r in rows_of(tmp_path) if r["group"] == "lr"]
     best = min(lr_rows, key=lambda r: float(r["final_eval_loss"]))
     assert chosen["optimizer.learning_rate"] == float(best["lr"])
+    # The default α = 1 competes too: stage 1 measured it at the best LR.
+    cands = {float(r["hp.attn_mult"]): float(r["final_eval_loss"]) for r in rows_of(tmp_path)
+             if r["group"] == "hp:model.hparams.attn_mult"}
+    cands[1.0] = float(best["final_eval_loss"])
+    assert chosen["model.hparams.attn_mult"] == min(cands, key=cands.get)
     combined = next(r for r in rows_of(tmp_path) if r["group"] == "combined")
     assert float(combined["hp.attn_mult"]) == chosen["model.hparams.attn_mult"]
 

@@ -8,7 +8,8 @@
   keys joined by ``+`` vary together (``{"model.width+model.num_heads": [[64, 2], [128, 4]]}``);
 * ``{"kind": "independent", "lr": {"key": …, "values": […]}, "hps": {key: […], …}}``: the
   u-μP paper's independent search (§6.3 of the spec, paper Fig. 1a): (1) an LR line search
-  with every other HP at its default; (2) at the best LR, a 1-D search per HP; (3) one run
+  with every other HP at its default; (2) at the best LR, a 1-D search per HP (its default is
+  a candidate too, measured by stage 1, so it need not be listed); (3) one run
   combining each HP's best value (plus, with ``"recheck_lr": true``, an LR line search at the
   combined HPs);
 * ``{"kind": "random", "space": {key: {"log2_uniform": [lo, hi], "scale": s} | {"choice":
@@ -399,15 +400,29 @@ def independent_search(spec, config, runner: Runner) -> dict:
     stage1 = runner.run(seed_runs("lr", [{lr_key: v} for v in lr_values]))
     best_lr = _best(stage1, lr_key, lr_values, nseeds)
     chosen = {lr_key: best_lr}
+    best_lr_rows = stage1[lr_values.index(best_lr) * nseeds:(lr_values.index(best_lr) + 1) * nseeds]
     for key, values in (spec.get("hps") or {}).items():
+        values = list(values)
         rows = runner.run(seed_runs(f"hp:{key}", [{lr_key: best_lr, key: v} for v in values]))
-        chosen[key] = _best(rows, key, list(values), nseeds)
+        default = _config_value(config, spec.get("base", {}), key)
+        if default not in values:  # the LR stage already measured the default at best_lr
+            values, rows = values + [default], rows + best_lr_rows
+        chosen[key] = _best(rows, key, values, nseeds)
     runner.run(seed_runs("combined", [dict(chosen)]))
     if spec.get("recheck_lr"):
         rows = runner.run(seed_runs("recheck_lr", [{**chosen, lr_key: v} for v in lr_values]))
         chosen[lr_key] = _best(rows, lr_key, lr_values, nseeds)
     (runner.workdir / "chosen.json").write_text(json.dumps(chosen, indent=2, default=float))
     return chosen
+
+
+def _config_value(config, base: dict, key: str) -> Any:
+    if key in base:
+        return base[key]
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    return node
 
 
 def count_runs(spec, config) -> int:
