@@ -122,9 +122,10 @@ def test_independent_search_stages(tmp_path):
             "hps": {"model.hparams.attn_mult": [0.5, 2.0]}}
     rows = sweep_lib.run_sweep(base(), spec, str(tmp_path), progress=False)
     groups = [r["group"] for r in rows_of(tmp_path)]
-    assert groups.count("lr") == 2 and groups.count("combined") == 1
-    assert groups.count("hp:model.hparams.attn_mult") == 2
-    assert len(rows) == sweep_lib.count_runs(spec, base()) == 5
+    assert groups.count("lr") == 2 and groups.count("hp:model.hparams.attn_mult") == 2
+    # Stage 3 may coincide with a run already made (then it is not run twice).
+    assert groups.count("combined") <= 1
+    assert len(rows) in (4, 5) and sweep_lib.count_runs(spec, base()) == 5
     chosen = json.loads((tmp_path / "chosen.json").read_text())
     assert set(chosen) == {"optimizer.learning_rate", "model.hparams.attn_mult"}
     lr_rows = [r for r in rows_of(tmp_path) if r["group"] == "lr"]
@@ -135,8 +136,13 @@ def test_independent_search_stages(tmp_path):
              if r["group"] == "hp:model.hparams.attn_mult"}
     cands[1.0] = float(best["final_eval_loss"])
     assert chosen["model.hparams.attn_mult"] == min(cands, key=cands.get)
-    combined = next(r for r in rows_of(tmp_path) if r["group"] == "combined")
-    assert float(combined["hp.attn_mult"]) == chosen["model.hparams.attn_mult"]
+    combined = {"optimizer.learning_rate": chosen["optimizer.learning_rate"],
+                "model.hparams.attn_mult": chosen["model.hparams.attn_mult"], "seed": 0}
+    same = [r for r in rows_of(tmp_path)
+            if float(r["lr"]) == combined["optimizer.learning_rate"]
+            and float(r["hp.attn_mult"]) == combined["model.hparams.attn_mult"]]
+    assert same, "the combined configuration was never trained"
+    assert (tmp_path / "results.csv").read_text().count(sweep_lib.run_id(combined)) <= 1
 
 
 def test_random_search_samples_log2_uniform():
