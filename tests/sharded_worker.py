@@ -91,7 +91,8 @@ def main(outdir):
     nxt = batches(run_a, 1, skip=3)[0]
     step_a = train_lib.make_train_step(run_a, with_stats=False)
     ref_params = jax.device_get(state_a["params"])
-    _, m_a = step_a(state_a, train_lib.to_global(run_a, nxt))
+    new_a, m_a = step_a(state_a, train_lib.to_global(run_a, nxt))
+    after_a = jax.device_get(new_a["params"])
     result["restore"] = {"2x4x1": float(m_a["loss"])}
     for name in ("4x2x1", "1"):
         run_b = states[name][0]
@@ -101,12 +102,25 @@ def main(outdir):
             jax.tree.leaves(ref_params), jax.tree.leaves(jax.device_get(restored["params"]))))
         shard_ok = all(x.sharding == s for x, s in zip(
             jax.tree.leaves(restored), jax.tree.leaves(run_b.state_sharding)))
-        _, m_b = train_lib.make_train_step(run_b, with_stats=False)(
+        new_b, m_b = train_lib.make_train_step(run_b, with_stats=False)(
             restored, train_lib.to_global(run_b, nxt))
         result["restore"][name] = float(m_b["loss"])
+        # The update after the restore (per-parameter LRs rebuilt from the model definition,
+        # Adam moments from the checkpoint) equals the one on the original mesh.
+        result["restore"][name + "_update_max_rel"] = max(
+            float(np.max(np.abs(a - b)) / (np.max(np.abs(a)) + 1e-30))
+            for a, b in zip(jax.tree.leaves(after_a), jax.tree.leaves(jax.device_get(new_b["params"]))))
         result["restore"][name + "_params_equal"] = same
         result["restore"][name + "_sharding_ok"] = shard_ok
         result["restore"][name + "_data_state"] = data_state
+
+    # FP8 (paper_simple) under FSDP × data × tensor sharding: same losses as one device.
+    fp8_cfg = {}
+    for name, mesh in (("1", None), ("2x2x2", (2, 2, 2))):
+        cfg = config(mesh)
+        cfg.model.fp8 = "paper_simple"
+        _, fp8_cfg[name] = train(train_lib.build_run(cfg, devices(mesh)))
+    result["fp8_losses"] = fp8_cfg
 
     errors = {}
     for label, mesh, extra in [

@@ -57,6 +57,13 @@ def test_save_on_2x4_restore_on_4x2_and_one_device(worker):
         assert r[f"{name}_params_equal"] and r[f"{name}_sharding_ok"]
         assert r[f"{name}_data_state"] == {"next_index": 3}
         np.testing.assert_allclose(r[name], r["2x4x1"], rtol=1e-6)
+        assert r[f"{name}_update_max_rel"] < 1e-5  # same per-parameter LRs after the reshard
+
+
+def test_fp8_trains_under_sharding(worker):
+    losses = worker["fp8_losses"]
+    assert all(np.isfinite(losses["2x2x2"]))
+    np.testing.assert_allclose(losses["2x2x2"], losses["1"], rtol=1e-3)
 
 
 def test_bad_meshes_fail_before_compilation_naming_sizes(worker):
