@@ -16,7 +16,6 @@ Prints both rates and their ratio (goal ≥ 0.95).
 """
 
 import argparse
-import importlib.util
 import json
 import pathlib
 import statistics
@@ -25,17 +24,10 @@ import time
 
 import jax
 
+from umup_jax import config as config_lib
 from umup_jax import data as data_lib
 from umup_jax import train as train_lib
 from umup_jax.metrics import read_metrics
-
-
-def load_config(spec: str):
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("cfg", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
 
 
 def loop_rate(config, steps: int) -> float:
@@ -77,7 +69,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--rounds", type=int, default=2)
     args = p.parse_args()
-    config = load_config(args.config)
+    config = config_lib.load_config_file(args.config)
     loop, bare = [], []
     for r in range(args.rounds):
         loop.append(loop_rate(config, args.steps))
