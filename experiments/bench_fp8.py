@@ -15,7 +15,6 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax.core import meta as flax_meta
 

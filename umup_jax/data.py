@@ -28,12 +28,11 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
-import json
 import logging
 import lzma
 import os
 import pathlib
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import grain
 import numpy as np
@@ -406,6 +405,3 @@ class Prefetcher:
             except Exception:
                 break
 
-
-def iterator_state_to_json(state: Any) -> str:
-    return json.dumps(state, sort_keys=True)

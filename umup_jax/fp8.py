@@ -41,8 +41,7 @@ g_sat, g_under]``.
 from __future__ import annotations
 
 import functools
-import math
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp

@@ -43,7 +43,7 @@ import json
 import math
 import pathlib
 import time
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -291,8 +291,7 @@ def run_batched(cfg, lrs: list[float], wds: list[float]) -> list[dict]:
     """Trains len(lrs) runs that differ only in (η, λ) as one vmapped computation; returns
     per-run {final_train_loss, final_eval_loss} defined exactly as ``train_and_evaluate``'s:
     the last step's train loss and the mean loss over the validation batches at the end."""
-    train_lib.check_config(cfg)
-    run = train_lib.build_run(cfg, devices=jax.devices()[:1])
+    run = train_lib.build_run(cfg, devices=jax.devices()[:1])  # validates cfg first
     boxed = jax.eval_shape(lambda k: {"params": run.model.init(
         k, jnp.zeros((1, run.model_cfg.seq_len), jnp.int32))["params"]}, jax.random.key(0))
     n = len(lrs)
