@@ -17,8 +17,9 @@ TEXT = (
 
 @pytest.fixture
 def text_files(tmp_path):
-    (tmp_path / "a.txt").write_text(TEXT, encoding="utf-8")
-    (tmp_path / "b.txt").write_text(TEXT.upper(), encoding="utf-8")
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "a.txt").write_text(TEXT, encoding="utf-8")
+    (tmp_path / "train" / "b.txt").write_text(TEXT.upper(), encoding="utf-8")
     (tmp_path / "valid.txt").write_text(TEXT[:5000], encoding="utf-8")
     return tmp_path
 
@@ -26,7 +27,7 @@ def text_files(tmp_path):
 def data_cfg(tmp_path, **kw):
     cfg = config_lib.base_config("umup").data
     cfg.source = "text"
-    cfg.train_files = [str(tmp_path / "*.txt")]
+    cfg.train_files = [str(tmp_path / "train" / "*.txt")]
     cfg.valid_files = [str(tmp_path / "valid.txt")]
     cfg.tokenizer = "bytes"
     cfg.cache_dir = str(tmp_path / "cache")
@@ -47,7 +48,7 @@ def test_text_source_globs_and_caches(text_files):
     b = data_lib.load_tokens(cfg, cfg.cache_dir)  # from the cache
     assert a.vocab_size == 256
     np.testing.assert_array_equal(a.train, b.train)
-    assert len(a.train) > 2 * len(TEXT)  # glob matched a.txt, b.txt and valid.txt
+    assert len(a.train) == 2 * len(TEXT) + 2  # the glob matched a.txt and b.txt ("\n\n" between)
     assert list((text_files / "cache").glob("tokens-bytes-*.npy"))
 
 
@@ -103,7 +104,7 @@ def _take(it, n):
 def test_pipeline_deterministic_and_resumable():
     tokens = np.arange(5000, dtype=np.uint16)
     ds = data_lib.train_dataset(tokens, seq_len=16, batch_size=8, seed=3)
-    first = _take(iter(ds), 40)  # > 1 epoch (294 windows / 8 = 36 batches)
+    first = _take(iter(ds), 40)  # > 1 epoch (312 windows / 8 = 39 batches)
     again = _take(iter(ds), 40)
     for a, b in zip(first, again):
         np.testing.assert_array_equal(a["inputs"], b["inputs"])
@@ -118,9 +119,18 @@ def test_pipeline_deterministic_and_resumable():
     b = first[0]
     np.testing.assert_array_equal(b["inputs"][:, 1:], b["targets"][:, :-1])
     assert np.all(np.diff(b["inputs"], axis=1) == 1)
-    # A different seed gives a different order; epochs are reshuffled.
+    # A different seed gives a different order.
     other = _take(iter(data_lib.train_dataset(tokens, 16, 8, seed=4)), 1)[0]
     assert not np.array_equal(other["inputs"], first[0]["inputs"])
+    # Epochs are reshuffled: epoch 2 visits every window again, in another order.
+    window_starts = lambda batches: [int(r[0]) for b in batches for r in b["inputs"]]
+    n_windows = (5000 - 1) // 16
+    ds = data_lib.train_dataset(tokens, seq_len=16, batch_size=1, seed=3)
+    it = iter(ds)
+    epoch1 = window_starts(_take(it, n_windows))
+    epoch2 = window_starts(_take(it, n_windows))
+    assert sorted(epoch1) == sorted(epoch2) == [16 * i for i in range(n_windows)]
+    assert epoch1 != epoch2
 
 
 def test_process_shards_are_disjoint_and_cover_the_global_batch():

@@ -67,6 +67,10 @@ def base_config(parametrization: str = "umup") -> ml_collections.ConfigDict:
         checkpoint_every=1024, keep_checkpoints=3,
         nan_policy="stop",  # stop | ignore
         progress=True,
+        # Resuming a workdir whose checkpoints were made by a different run config is refused;
+        # True moves that run (checkpoints, metrics, results) to WORKDIR/previous/<time>/ and
+        # starts from step 0.  Nothing is ever deleted.
+        restart=False,
     ))
     return c
 

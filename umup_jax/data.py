@@ -21,10 +21,26 @@ Sources (``config.data.source``):
 Tokenizers (``config.data.tokenizer``): ``bytes`` (V = 256), ``bpe`` (byte-level BPE trained
 with Hugging Face ``tokenizers`` on the train split to ``vocab_size``, cached by content hash),
 or a path to a ``tokenizer.json``.
+
+The cache (``data.cache_dir``, else ``$UMUP_JAX_CACHE``, else ``~/.cache/umup_jax``) is flat:
+
+* ``bpe-<V>-<key>.json``: a trained BPE; ``key`` hashes the ``tokenizers`` version, V and the
+  full training text;
+* ``tokens-<tokenizer name>-<key>.npy``: one tokenized split; ``key`` hashes the tokenizer's
+  *content* (:attr:`ByteTokenizer.fingerprint`/:attr:`HFTokenizer.fingerprint`: the sha256
+  of its serialized JSON, so two BPEs with the same name and size but different merges never
+  share entries), the split name and the full text of the split (every input file's bytes,
+  read and hashed on each run: exact, at the cost of hashing the text, which is negligible
+  next to tokenizing it).
+
+Entries are written to a uniquely named temporary file and renamed into place, so concurrent
+runs that tokenize the same data do not collide, and a killed run leaves no partial entry.
+Deleting the folder is always safe.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -32,6 +48,7 @@ import logging
 import lzma
 import os
 import pathlib
+import tempfile
 from typing import Any, Optional
 
 import grain
@@ -74,6 +91,38 @@ def _expand(field: str, patterns) -> list[pathlib.Path]:
     return paths
 
 
+def _file_digest(path: pathlib.Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_disjoint(train: list[pathlib.Path], valid: list[pathlib.Path]) -> None:
+    """Refuses validation files that are also training files: the same path (after resolving
+    links) or the same bytes under another name.  Either would leak the validation text into
+    training and make the validation loss a training loss."""
+    train_paths = {p.resolve(): p for p in train}
+    by_size: dict[int, list[pathlib.Path]] = {}
+    for p in train:
+        by_size.setdefault(p.stat().st_size, []).append(p)
+    overlap = []
+    for v in valid:
+        if v.resolve() in train_paths:
+            overlap.append(str(v))
+            continue
+        twin = next((t for t in by_size.get(v.stat().st_size, [])
+                     if _file_digest(t) == _file_digest(v)), None)
+        if twin is not None:
+            overlap.append(f"{v} (same bytes as {twin})")
+    if overlap:
+        raise DataConfigError(
+            f"data.valid_files overlap data.train_files: {', '.join(overlap)}; validation "
+            "text must not be trained on. Make the two globs select disjoint files"
+        )
+
+
 def bundled_paths(data_dir: Optional[str] = None) -> dict[str, pathlib.Path]:
     root = pathlib.Path(data_dir) if data_dir else BUNDLED_DIR
     paths = {split: root / name for split, name in BUNDLED_FILES.items()}
@@ -91,9 +140,12 @@ def load_texts(cfg) -> dict[str, str]:
     if cfg.source == "bundled":
         return {split: _read_text(p) for split, p in bundled_paths(cfg.data_dir).items()}
     if cfg.source == "text":
+        train = _expand("train_files", cfg.train_files)
+        valid = _expand("valid_files", cfg.valid_files)
+        check_disjoint(train, valid)
         return {
-            "train": "\n\n".join(_read_text(p) for p in _expand("train_files", cfg.train_files)),
-            "valid": "\n\n".join(_read_text(p) for p in _expand("valid_files", cfg.valid_files)),
+            "train": "\n\n".join(_read_text(p) for p in train),
+            "valid": "\n\n".join(_read_text(p) for p in valid),
         }
     if cfg.source == "hf":
         return _load_hf(cfg)
@@ -133,6 +185,7 @@ class ByteTokenizer:
 
     vocab_size = 256
     name = "bytes"
+    fingerprint = "bytes-v1"
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16)
@@ -148,6 +201,12 @@ class HFTokenizer:
         self._tok = tokenizer
         self.name = name
         self.vocab_size = tokenizer.get_vocab_size()
+        # What the ids mean: the serialized tokenizer (vocabulary, merges, normalisation).
+        self.fingerprint = _sha("hf-tokenizer", tokenizer.to_str())
+
+    def to_json(self) -> str:
+        """The serialized tokenizer (Hugging Face ``tokenizer.json`` format)."""
+        return self._tok.to_str()
 
     def encode(self, text: str) -> np.ndarray:
         # Encode in chunks of lines: one huge string is slow and memory hungry.
@@ -159,6 +218,21 @@ class HFTokenizer:
 
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids])
+
+
+def _atomic_write(path: pathlib.Path, write) -> None:
+    """``write(tmp_path)`` then rename to ``path``; the temporary name is unique per process
+    and call, so concurrent writers of the same entry never collide."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _sha(*parts: Any) -> str:
@@ -196,10 +270,7 @@ def train_bpe(text: str, vocab_size: int, cache_dir: pathlib.Path) -> HFTokenize
     tok.train_from_iterator(
         ("".join(lines[i : i + 512]) for i in range(0, len(lines), 512)), trainer=trainer
     )
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tok.save(str(tmp))
-    os.replace(tmp, path)
+    _atomic_write(path, lambda tmp: tok.save(str(tmp)))
     return HFTokenizer(tok, f"bpe{vocab_size}")
 
 
@@ -237,15 +308,17 @@ class TokenData:
 
 
 def _cached_encode(tokenizer, text: str, cache_dir: pathlib.Path, tag: str) -> np.ndarray:
-    key = _sha("tokens-v1", tokenizer.name, str(tokenizer.vocab_size), tag, text)
+    key = _sha("tokens-v2", tokenizer.fingerprint, tag, text)
     path = cache_dir / f"tokens-{tokenizer.name}-{key}.npy"
     if path.exists():
         return np.load(path, mmap_mode="r")
     arr = tokenizer.encode(text)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, arr)
-    os.replace(tmp, path)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+
+    _atomic_write(path, write)
     return arr
 
 
