@@ -60,9 +60,11 @@ def test_main_smoke_end_to_end(tmp_path):
         assert any(k.startswith(prefix) for k in stats), prefix
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3", "6"]
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
-    # Rerunning a finished run resumes at its end and trains nothing more.
+    # Rerunning a finished run trains nothing more and leaves its results as they were.
+    before = (tmp_path / "results.json").read_bytes()
     again = run_main(tmp_path, "smoke")
-    assert "resumed from checkpoint step 6" in again.stdout
+    assert "is finished (step 6 of 6)" in again.stdout
+    assert (tmp_path / "results.json").read_bytes() == before
 
 
 def test_config_flag_overrides(tmp_path):
@@ -190,25 +192,33 @@ def _tree_digest(path: pathlib.Path) -> str:
 def test_corrupted_latest_checkpoint_falls_back_to_previous(tmp_path, capsys):
     train_lib.train_and_evaluate(smoke(), str(tmp_path))  # checkpoints 3 and 6
     good = _tree_digest(tmp_path / "checkpoints" / "3")
+    first_losses = losses(tmp_path)
     for f in (tmp_path / "checkpoints" / "6" / "state").rglob("*"):
         if f.is_file() and f.stat().st_size > 0:
             f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncate every file
-    results = train_lib.train_and_evaluate(smoke(train__steps=9), str(tmp_path))
+    results = train_lib.train_and_evaluate(smoke(), str(tmp_path))
     out = capsys.readouterr().out
-    assert "checkpoint step 6 is unreadable" in out and "resumed from checkpoint step 3" in out
-    assert results["steps"] == 9
+    assert "checkpoint step 6 is damaged" in out and "resumed from checkpoint step 3" in out
+    assert "bytes," in out  # names the file whose size no longer matches its manifest
+    assert results["steps"] == 6
     assert _tree_digest(tmp_path / "checkpoints" / "3") == good  # untouched
     assert len(list((tmp_path / "checkpoints" / "corrupt").iterdir())) == 1  # kept aside
-    # The re-trained steps 3-5 equal the first run's (same data, same state).
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [
-        "3", "6", "9"]
+        "3", "6"]
+    # The re-trained steps 3-5 equal the first run's (same data, same state), bit for bit.
+    by_step: dict = {}
+    for row in (json.loads(line) for line in (tmp_path / "metrics.jsonl").open()):
+        if row["kind"] == "train":
+            by_step.setdefault(row["step"], []).append(row["loss"])
+    assert [len(by_step[s]) for s in range(6)] == [1, 1, 1, 2, 2, 2]
+    assert [by_step[s][1] for s in (3, 4, 5)] == [first_losses[s] for s in (3, 4, 5)]
 
 
 def test_no_readable_checkpoint_fails_clearly(tmp_path):
     train_lib.train_and_evaluate(smoke(), str(tmp_path))
     for f in (tmp_path / "checkpoints").rglob("_METADATA"):
         f.write_text("{not json")
-    with pytest.raises(NoUsableCheckpointError, match="no checkpoint .* could be restored"):
+    with pytest.raises(NoUsableCheckpointError, match=r"no checkpoint .* could be restored \(damaged: steps \[3, 6\]"):
         train_lib.train_and_evaluate(smoke(), str(tmp_path))
 
 

@@ -1,37 +1,141 @@
-"""Orbax checkpoints of a run: train state, data-iterator state and config, with fallback.
+"""Orbax checkpoints of a run: train state, data-iterator state and config, verified by
+checksums, with fallback to an older checkpoint only when files are really damaged.
 
-Each checkpoint ``DIR/checkpoints/<step>`` holds three items: ``state`` (params, optimizer
-state, step; sharded arrays), ``data`` (the grain iterator state, JSON) and ``config`` (JSON).
-Orbax writes to a temporary directory and renames it when complete, so a run killed mid-save
-leaves no half checkpoint under a step name.
+Each checkpoint ``DIR/checkpoints/<step>`` holds three orbax items: ``state`` (params,
+optimizer state, step; sharded arrays), ``data`` (the grain iterator state, JSON) and
+``config`` (the run's config, JSON), plus ``umup_manifest.json``: the size and CRC-32 of every
+file of the checkpoint, written by process 0 once orbax has finished the step.  Orbax writes
+to a temporary directory and renames it when complete, so a run killed mid-save leaves no half
+checkpoint under a step name; a run killed between that rename and the manifest leaves an
+intact checkpoint without a manifest, which is read normally.
 
-Restoring tries the newest checkpoint first; if it cannot be read (truncated or corrupted
-files) it is *moved aside* to ``DIR/checkpoints/corrupt/<step>-<time>`` (never deleted, so it
-can be inspected) and the next newest is tried.  Good checkpoints are never overwritten: a step
-is only written once, and rotation keeps the ``keep`` newest.
+Restoring distinguishes three kinds of failure:
+
+* **damaged files** (a file missing, truncated or changed against the manifest; or, for a
+  checkpoint without a manifest, a read that fails on undecodable data): the checkpoint is
+  *moved aside* to ``DIR/checkpoints/corrupt/<step>-<time>`` (never deleted, so it can be
+  inspected) and the next newest is used;
+* **a checkpoint that does not fit the model** (a shape mismatch): nothing is moved; the run
+  stops with :class:`CheckpointMismatchError`;
+* **transient errors** (I/O, out of memory): retried a few times, then
+  :class:`CheckpointReadError`; nothing is moved.
+
+Good checkpoints are never overwritten: a step is only written once, and rotation keeps the
+``keep`` newest.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import pathlib
 import shutil
 import time
+import zlib
 from typing import Any, Optional
 
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
 
+MANIFEST = "umup_manifest.json"
+RETRIES = 3
+RETRY_WAIT_S = 1.0
 
-class NoUsableCheckpointError(RuntimeError):
-    """Checkpoints exist but none could be restored."""
+
+class CheckpointError(RuntimeError):
+    """Base class of the checkpoint failures below."""
+
+
+class NoUsableCheckpointError(CheckpointError):
+    """Checkpoints existed but every one of them was damaged (all were moved aside)."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A checkpoint's arrays do not fit the model being restored (nothing was moved)."""
+
+
+class CheckpointReadError(CheckpointError):
+    """A checkpoint could not be read for a reason other than damage (nothing was moved)."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """``Type: first line of the message`` (third-party errors can run to hundreds of lines)."""
+    text = str(exc).strip().splitlines()
+    msg = text[0] if text else ""
+    if len(msg) > limit:
+        msg = msg[:limit] + "…"
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+
+
+def _crc32(path: pathlib.Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _files(root: pathlib.Path) -> list[pathlib.Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(step_dir: pathlib.Path) -> None:
+    """Records size and CRC-32 of every file under ``step_dir`` (atomically)."""
+    entries = {str(p.relative_to(step_dir)): {"size": p.stat().st_size, "crc32": _crc32(p)}
+               for p in _files(step_dir)}
+    tmp = step_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"version": 1, "files": entries}, indent=0, sort_keys=True))
+    os.replace(tmp, step_dir / MANIFEST)
+
+
+def verify(step_dir: pathlib.Path) -> Optional[str]:
+    """``None`` if every file matches the manifest (or there is no manifest to check
+    against), else the first damage found, naming the file."""
+    manifest = step_dir / MANIFEST
+    if not manifest.exists():
+        return None
+    try:
+        entries = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        return f"{manifest} is unreadable ({first_line(e)})"
+    for rel, want in entries.items():
+        path = step_dir / rel
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != want["size"]:
+            return f"{path} has {size} bytes, {want['size']} were written"
+        if _crc32(path) != want["crc32"]:
+            return f"{path} fails its CRC-32 check"
+    return None
+
+
+def _looks_damaged(exc: BaseException) -> bool:
+    """For checkpoints without a manifest: does a read failure mean undecodable files?"""
+    if isinstance(exc, (json.JSONDecodeError, UnicodeDecodeError, EOFError)):
+        return True
+    text = str(exc)
+    return any(mark in text for mark in ("DATA_LOSS", "corrupt", "Corrupt", "truncated",
+                                         "Unexpected end", "unexpected end", "checksum"))
+
+
+def _is_mismatch(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, ValueError) and any(
+        mark in text for mark in ("not compatible with the stored shape", "Requested shape",
+                                  "Structure mismatch", "tree structures do not match"))
 
 
 class CheckpointStore:
-    def __init__(self, directory: pathlib.Path | str, keep: int):
+    """The checkpoints of one run directory.  ``writer`` (process 0) writes manifests and is
+    the one process that moves damaged checkpoints aside."""
+
+    def __init__(self, directory: pathlib.Path | str, keep: int, writer: bool = True):
         self.directory = pathlib.Path(directory).resolve()
         self.keep = keep
+        self.writer = writer
         self._manager = self._open()
 
     def _open(self) -> ocp.CheckpointManager:
@@ -52,6 +156,7 @@ class CheckpointStore:
     def path(self, step: int) -> pathlib.Path:
         return self.directory / str(step)
 
+    # -- writing --------------------------------------------------------------------------
     def save(self, step: int, state: Any, data_state: dict, config: dict) -> bool:
         """Saves ``step`` unless it already exists (a good checkpoint is never rewritten)."""
         if step in self._manager.all_steps():
@@ -66,43 +171,98 @@ class CheckpointStore:
             force=True,
         )
         self._manager.wait_until_finished()
+        if self.writer:
+            write_manifest(self.path(step))
         return True
 
-    def _quarantine(self, step: int) -> pathlib.Path:
+    # -- damage ---------------------------------------------------------------------------
+    def quarantine(self, step: int, reason: str) -> pathlib.Path:
+        """Moves a damaged checkpoint to ``corrupt/<step>-<time>`` and says so."""
         target = self.directory / "corrupt" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(self.path(step)), str(target))
+        if self.writer:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.path(step)), str(target))
         self._manager.close()
         self._manager = self._open()
+        msg = f"checkpoint step {step} is damaged ({reason}); moved to {target}"
+        log.warning(msg)
+        print(f"WARNING: {msg}", flush=True)
         return target
 
-    def restore_latest(self, abstract_state: Any) -> Optional[tuple[int, Any, dict]]:
-        """(step, state, data_state) of the newest readable checkpoint, or ``None`` if there
-        is none; unreadable ones are moved aside with a warning.  Raises
-        :class:`NoUsableCheckpointError` if checkpoints existed but none could be read."""
-        tried = []
-        for step in reversed(self.steps()):
+    def _read(self, step: int, what: str, fn):
+        """``fn()`` with retries for transient errors; damaged files → quarantine and
+        ``None``; a mismatch or persistent failure raises (nothing moved)."""
+        for attempt in range(RETRIES):
             try:
-                restored = self._manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state),
-                        data=ocp.args.JsonRestore(),
-                    ),
-                )
-                return step, restored["state"], dict(restored["data"])
-            except Exception as e:  # any read/parse failure means this one is unusable
-                moved = self._quarantine(step)
-                msg = f"checkpoint step {step} is unreadable ({type(e).__name__}: {e}); moved to {moved}"
-                log.warning(msg)
-                print(f"WARNING: {msg}", flush=True)
-                tried.append(f"step {step}: {type(e).__name__}")
-        if tried:
+                return fn()
+            except Exception as e:  # classified below; never silently swallowed
+                if _looks_damaged(e):
+                    self.quarantine(step, f"{what} unreadable: {first_line(e)}")
+                    return None
+                if _is_mismatch(e):
+                    raise CheckpointMismatchError(
+                        f"checkpoint step {step} in {self.directory} does not fit this model "
+                        f"({first_line(e)}); it was left in place. Train this config in a new "
+                        "--workdir, or pass --config.train.restart=True to keep the old "
+                        "checkpoints aside and start from step 0"
+                    ) from e
+                if attempt + 1 == RETRIES:
+                    raise CheckpointReadError(
+                        f"could not read the {what} of checkpoint step {step} in "
+                        f"{self.directory} after {RETRIES} tries ({first_line(e)}); it was "
+                        "left in place. If this persists, check the disk and free memory"
+                    ) from e
+                log.warning("reading checkpoint %s failed (%s); retrying", step, first_line(e))
+                time.sleep(RETRY_WAIT_S * (attempt + 1))
+        return None  # unreachable
+
+    def newest_intact(self) -> Optional[tuple[int, dict]]:
+        """(step, stored config) of the newest checkpoint whose files verify and whose config
+        reads; damaged ones on the way are moved aside.  ``None`` if there were none;
+        :class:`NoUsableCheckpointError` if there were some and all were damaged."""
+        damaged = []
+        for step in reversed(self.steps()):
+            reason = verify(self.path(step))
+            if reason is not None:
+                self.quarantine(step, reason)
+                damaged.append(step)
+                continue
+            config = self._read(step, "config", lambda: self._manager.restore(
+                step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
+            if config is None:
+                damaged.append(step)
+                continue
+            return step, dict(config)
+        if damaged:
             raise NoUsableCheckpointError(
-                f"no checkpoint in {self.directory} could be restored ({'; '.join(tried)}); "
-                "the unreadable ones were moved to its corrupt/ folder. Remove the workdir or "
+                f"no checkpoint in {self.directory} could be restored (damaged: steps "
+                f"{sorted(damaged)}, moved to its corrupt/ folder). Remove the workdir or "
                 "point --workdir elsewhere to start fresh."
             )
+        return None
+
+    def restore(self, step: int, abstract_state: Any) -> Optional[tuple[Any, dict]]:
+        """(state, data_state) of ``step``; ``None`` if its files turned out damaged (then
+        it was moved aside)."""
+        restored = self._read(step, "state", lambda: self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=ocp.args.JsonRestore(),
+            ),
+        ))
+        if restored is None:
+            return None
+        return restored["state"], dict(restored["data"])
+
+    def restore_latest(self, abstract_state: Any) -> Optional[tuple[int, Any, dict]]:
+        """(step, state, data_state) of the newest intact checkpoint (damaged ones are moved
+        aside on the way), or ``None`` if there is none.  It does not compare configs: the
+        train loop checks the stored config first (:mod:`umup_jax.identity`)."""
+        while (found := self.newest_intact()) is not None:
+            restored = self.restore(found[0], abstract_state)
+            if restored is not None:
+                return (found[0], *restored)
         return None
 
     def close(self) -> None:

@@ -2,11 +2,16 @@
 
 Flags in, ``train_and_evaluate(config, workdir)`` out; nothing else reads absl flags.
 Override any config field with ``--config.model.width=512``-style flags.
+
+A failure ends with one ``error: …`` line and exit status 1; the traceback goes to
+``WORKDIR/error.log`` and library logging (orbax, jax) to ``WORKDIR/run.log``
+(:mod:`umup_jax.failures`).
 """
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from umup_jax import failures
 from umup_jax.train import train_and_evaluate
 
 FLAGS = flags.FLAGS
@@ -21,7 +26,9 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    failures.log_to_workdir(FLAGS.workdir, logging.get_absl_logger().getEffectiveLevel())
+    with failures.exit_on_failure(FLAGS.workdir):
+        train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,10 @@ Results: ``DIR/results.csv``, one row per run (columns :data:`COLUMNS`), written
 ends; ``DIR/sweep.json`` records the sweep, and a rerun with a different sweep in the same
 workdir fails.  A rerun skips finished runs (by ``run_id``, a hash of the run's overrides), so a
 killed sweep redoes only what is missing.  A run whose loss becomes NaN/Inf is recorded with
-``diverged=1``; the sweep goes on.
+``diverged=1``; the sweep goes on.  ``sweep.json`` also records the hash of the base config's
+run-defining keys (:func:`umup_jax.identity.identity_hash`): rerunning the sweep in the same
+workdir over another base config (e.g. ``:cpu`` instead of the full proxy) is refused, so old
+rows and old per-run checkpoints are never reused for another setting.
 
 Runs that differ only in optimizer HPs (learning rate, weight decay) share shapes and compile
 once: the **batched runner** trains them together as one ``jax.vmap``-ed computation (same data,
@@ -53,6 +56,7 @@ import optax
 
 from umup_jax import config as config_lib
 from umup_jax import data as data_lib
+from umup_jax import identity as identity_lib
 from umup_jax import parametrization as P
 from umup_jax import train as train_lib
 from umup_jax.model import Decoder
@@ -190,23 +194,44 @@ def random_runs(spec, config) -> list[tuple[str, dict]]:
 
 
 class ResultsStore:
-    def __init__(self, workdir: pathlib.Path, spec: dict):
+    """``results.csv`` of a sweep and ``sweep.json``, the identity of what it holds: the sweep
+    spec and the hash of the base config's run-defining keys (:mod:`umup_jax.identity`).  A
+    workdir holding another sweep, or the same sweep over another base config, is refused."""
+
+    def __init__(self, workdir: pathlib.Path, spec: dict, config: ml_collections.ConfigDict):
         self.workdir = workdir
         self.path = workdir / "results.csv"
         workdir.mkdir(parents=True, exist_ok=True)
         spec_file = workdir / "sweep.json"
-        blob = json.dumps(spec, sort_keys=True, default=str)
+        record = {"spec": spec, "base_config_identity": identity_lib.identity_hash(config),
+                  "base_config": json.loads(config.to_json())}
+        canon = lambda x: json.dumps(x, sort_keys=True, default=str)
         if spec_file.exists():
             previous = json.loads(spec_file.read_text())
-            if json.dumps(previous, sort_keys=True, default=str) != blob:
+            legacy = "spec" not in previous  # written before the base config was recorded
+            old_spec = previous if legacy else previous["spec"]
+            if canon(old_spec) != canon(spec):
                 raise SweepError(
-                    f"{workdir} holds results of a different sweep ({previous.get('name')!r}, "
+                    f"{workdir} holds results of a different sweep ({old_spec.get('name')!r}, "
                     f"see {spec_file}); use another --workdir"
+                )
+            if legacy:
+                print(f"note: {spec_file} predates base-config identity; recording the "
+                      "current base config for it", flush=True)
+                spec_file.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+            elif previous["base_config_identity"] != record["base_config_identity"]:
+                changes = identity_lib.diff(identity_lib.identity(previous["base_config"]),
+                                            identity_lib.identity(config))
+                shown = "; ".join(identity_lib.describe_change(*c) for c in changes[:8])
+                more = f" (+{len(changes) - 8} more)" if len(changes) > 8 else ""
+                raise SweepError(
+                    f"{workdir} holds sweep {spec.get('name')!r} run over another base config "
+                    f"(changed: {shown}{more}; see {spec_file}); use another --workdir"
                 )
         elif self.path.exists():
             raise SweepError(f"{self.path} exists but {spec_file} does not: not this sweep's")
         else:
-            spec_file.write_text(json.dumps(spec, indent=2, sort_keys=True, default=str))
+            spec_file.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
         self.rows: dict[str, dict] = {}
         if self.path.exists():
             with open(self.path, newline="") as f:
@@ -342,7 +367,7 @@ class Runner:
     def __init__(self, spec, config, workdir: pathlib.Path, batched: bool = True,
                  progress: bool = True, total: Optional[int] = None):
         self.spec, self.config, self.workdir = spec, config, workdir
-        self.store = ResultsStore(workdir, spec)
+        self.store = ResultsStore(workdir, spec, config)
         self.batched = batched
         self.bar = None
         if progress:

@@ -1,9 +1,15 @@
 """``train_and_evaluate(config, workdir)``: the train loop of a run.
 
-Order of work: validate the whole config and the data (no compilation yet) → build the model,
-its metadata and the optimizer → place state and batches with ``NamedSharding`` on a mesh of the
-devices (axis ``data``) → restore the newest readable checkpoint in ``workdir`` if any → train
-with a jitted, buffer-donating step, evaluating, logging, checkpointing → ``results.json``.
+Order of work: validate the whole config (no compilation yet) → find the newest intact
+checkpoint in ``workdir`` and check that it was made by the same run (:mod:`umup_jax.identity`:
+a change to a run-defining key is refused before anything is touched; ``train.restart=True``
+moves the old run aside instead) → validate the data, build the model, its metadata and the
+optimizer → place state and batches with ``NamedSharding`` on a mesh of the devices → restore
+→ train with a jitted, buffer-donating step, evaluating, logging, checkpointing →
+``results.json``.  A finished run rerun leaves its ``results.json`` as it is.
+
+A checkpoint is saved only if every parameter and optimizer moment is finite (one on-device
+reduction), so "the last good checkpoint" never holds exploded weights.
 
 The host never waits on the step it just dispatched: it reads step k−1's scalars (to log them
 and to stop on a non-finite loss) while step k runs, and a background thread prepares batches.
@@ -19,6 +25,7 @@ import json
 import logging
 import math
 import pathlib
+import shutil
 import signal
 import time
 from typing import Any, Optional
@@ -35,6 +42,7 @@ from umup_jax import checkpoint as ckpt
 from umup_jax import config as config_lib
 from umup_jax import data as data_lib
 from umup_jax import fp8 as fp8_lib
+from umup_jax import identity as identity_lib
 from umup_jax import metrics as metrics_lib
 from umup_jax import sharding as sharding_lib
 from umup_jax.model import PROBES, Decoder, ModelConfig, fp8_probes, init_params
@@ -46,7 +54,7 @@ NAN_POLICIES = ("stop", "ignore")
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/Inf (with ``train.nan_policy='stop'``)."""
+    """The loss (or the state to be checkpointed) became NaN/Inf (``train.nan_policy='stop'``)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,6 +78,7 @@ def validate_train(config: ml_collections.ConfigDict) -> None:
         value = t[field]
         _require(_is_int(value) and value > 0, f"train.{field}", value, "an integer > 0")
     _require(t.nan_policy in NAN_POLICIES, "train.nan_policy", t.nan_policy, f"one of {NAN_POLICIES}")
+    _require(isinstance(t.restart, bool), "train.restart", t.restart, "True or False")
     _require(_is_int(config.seed), "seed", config.seed, "an integer")
     d = config.data
     _require(d.source in data_lib.SOURCES, "data.source", d.source, f"one of {data_lib.SOURCES}")
@@ -211,6 +220,13 @@ def _global_norm(tree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
+@jax.jit
+def state_is_finite(state) -> jax.Array:
+    """True iff every floating-point leaf of ``state`` (params, Adam moments) is finite."""
+    leaves = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def make_train_step(run: Run, with_stats: bool):
     """state, batch → (new state, metrics); with_stats adds per-tensor RMS of params, grads,
     updates and activations."""
@@ -332,6 +348,65 @@ def _count_params(abstract_state) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "results.json", "run.log",
+             "error.log", "tokenizer.json")
+
+
+def archive_run(workdir: pathlib.Path) -> Optional[pathlib.Path]:
+    """Moves a previous run's files (:data:`RUN_FILES`) to ``workdir/previous/<time>/``;
+    returns that folder, or ``None`` if there was nothing to move.  Nothing is deleted."""
+    present = [workdir / name for name in RUN_FILES if (workdir / name).exists()]
+    if not present:
+        return None
+    target = workdir / "previous" / time.strftime("%Y%m%d-%H%M%S")
+    n = 1
+    while target.exists():
+        target = target.with_name(f"{target.name.split('.')[0]}.{n}")
+        n += 1
+    target.mkdir(parents=True)
+    for path in present:
+        if path.name == "run.log":  # the current run already logs here: keep a copy
+            shutil.copy2(path, target / path.name)
+            path.write_text("")
+        else:
+            shutil.move(str(path), str(target / path.name))
+    return target
+
+
+def check_resume(config_dict: dict, stored: dict, step: int, workdir: pathlib.Path,
+                 parametrization: str) -> list[tuple[str, Any, Any]]:
+    """Refuses (``identity.RunMismatchError``) to resume checkpoint ``step`` made by
+    ``stored`` under the new config if a run-defining key changed; returns the allowed
+    changes otherwise."""
+    defaults = json.loads(config_lib.base_config(parametrization).to_json())
+    refused, allowed = identity_lib.resume_diff(stored, config_dict, defaults)
+    if refused:
+        changes = "; ".join(identity_lib.describe_change(*c) for c in refused)
+        raise identity_lib.RunMismatchError(
+            f"{workdir} holds a different run (checkpoint step {step}); changed: {changes}. "
+            "Nothing was touched. To train this config, use a new --workdir, or pass "
+            "--config.train.restart=True to move the old run to "
+            f"{workdir / 'previous'}/<time>/ and start from step 0"
+        )
+    return allowed
+
+
+def _read_results(workdir: pathlib.Path) -> Optional[dict]:
+    try:
+        return json.loads((workdir / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _last_train_loss(workdir: pathlib.Path, step: int) -> Optional[float]:
+    """The train loss logged for ``step`` in metrics.jsonl, if any."""
+    path = workdir / "metrics.jsonl"
+    if not path.exists():
+        return None
+    rows = [r for r in metrics_lib.read_metrics(path, "train") if r["step"] == step]
+    return float(rows[-1]["loss"]) if rows else None
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (or resumes) the run ``config`` in ``workdir``; returns the results dict that is
     also written to ``workdir/results.json``."""
@@ -339,13 +414,55 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     workdir_path = pathlib.Path(workdir).expanduser().resolve()
     check_config(config)
     sharding_lib.initialize_distributed(dict(config.distributed))
-    run = build_run(config)
     tcfg = config.train
     is_main = jax.process_index() == 0
-    workdir_path.mkdir(parents=True, exist_ok=True)
     config_dict = json.loads(config.to_json())
-
     steps_total = tcfg.steps
+
+    # Which run does the workdir hold?  Decided before any data is read or anything compiles.
+    store = ckpt.CheckpointStore(workdir_path / "checkpoints", keep=tcfg.keep_checkpoints,
+                                 writer=is_main)
+    found = store.newest_intact()
+    allowed: list = []
+    if found is not None:
+        try:
+            allowed = check_resume(config_dict, found[1], found[0], workdir_path,
+                                   config.model.parametrization)
+            if tcfg.restart and is_main:
+                print(f"train.restart=True: the checkpoints in {workdir_path} were made by "
+                      "this same run; resuming it", flush=True)
+        except identity_lib.RunMismatchError:
+            if not tcfg.restart:
+                store.close()
+                raise
+            store.close()
+            moved = archive_run(workdir_path) if is_main else None
+            if jax.process_count() > 1:  # the others wait until process 0 has moved the run
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("umup_jax.archive_run")
+            if is_main:
+                print(f"train.restart=True: moved the previous run to {moved}; starting from "
+                      "step 0", flush=True)
+            store = ckpt.CheckpointStore(workdir_path / "checkpoints",
+                                         keep=tcfg.keep_checkpoints, writer=is_main)
+            found = None
+    if found is not None and found[0] >= steps_total:
+        previous = _read_results(workdir_path)
+        if previous is not None and previous.get("steps") == found[0]:
+            store.close()
+            if is_main:
+                print(f"the run in {workdir_path} is finished (step {found[0]} of "
+                      f"{steps_total}); results unchanged in {workdir_path / 'results.json'}",
+                      flush=True)
+            return previous
+
+    try:
+        run = build_run(config)
+    except BaseException:
+        store.close()
+        raise
+    workdir_path.mkdir(parents=True, exist_ok=True)
     tokens_per_step = tcfg.batch_size * run.model_cfg.seq_len
     epochs = data_lib.epochs_covered(run.tokens.train, run.model_cfg.seq_len, tcfg.batch_size,
                                      steps_total)
@@ -366,8 +483,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             log.warning(msg)
             print(f"WARNING: {msg}", flush=True)
 
-    store = ckpt.CheckpointStore(workdir_path / "checkpoints", keep=tcfg.keep_checkpoints)
-    restored = store.restore_latest(run.abstract_state)
+    # Restore the newest intact checkpoint (an older one if its arrays turn out damaged).
+    restored = None
+    while found is not None:
+        restored = store.restore(found[0], run.abstract_state)
+        if restored is not None:
+            break
+        found = store.newest_intact()
+        if found is not None:
+            allowed = check_resume(config_dict, found[1], found[0], workdir_path,
+                                   config.model.parametrization)
     pipeline = data_lib.train_dataset(
         run.tokens.train, run.model_cfg.seq_len, tcfg.batch_size, config.data.shuffle_seed,
         jax.process_index(), jax.process_count(),
@@ -377,10 +502,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state = make_init_fn(run)(jax.random.key(config.seed))
         start = 0
     else:
-        start, state, data_state = restored
+        state, data_state = restored
+        start = found[0]
         iterator.set_state(data_state)
         if is_main:
             print(f"resumed from checkpoint step {start} in {store.directory}", flush=True)
+            for key, old, new in allowed:
+                note = ""
+                if key == "train.steps" and config.optimizer.schedule == "cosine":
+                    note = " (the cosine decay now ends at the new total)"
+                print(f"config change on resume: {key}: {old!r} → {new!r}{note}", flush=True)
     last_good_ckpt = start if restored is not None else None
 
     train_step = make_train_step(run, with_stats=False)
@@ -391,6 +522,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         jax.process_index(), jax.process_count(),
     )
     writer = metrics_lib.MetricsWriter(workdir_path, enabled=is_main)
+    for key, old, new in allowed:
+        writer.write(start, "config_change", {"key": key, "old": old, "new": new})
     prefetch = data_lib.Prefetcher(iterator, depth=max(config.data.prefetch, 1))
     bar = _progress(config, start, steps_total)
 
@@ -400,17 +533,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     interval_t0, interval_steps = time.time(), 0
     tokens_per_s = float("nan")
 
+    def where_good() -> str:
+        return (f"the last good checkpoint is step {last_good_ckpt} in {store.directory}"
+                if last_good_ckpt is not None else "no checkpoint was saved yet")
+
     def finish_step(step: int, metrics: Any) -> None:
         """Reads step ``step``'s scalars on the host: NaN check, logs, progress."""
         nonlocal last_train_loss, interval_t0, interval_steps, tokens_per_s
         host = jax.device_get(metrics)
         loss = float(host["loss"])
         if not math.isfinite(loss) and tcfg.nan_policy == "stop":
-            where = (f"the last good checkpoint is step {last_good_ckpt} in {store.directory}"
-                     if last_good_ckpt is not None else "no checkpoint was saved yet")
             raise NonFiniteLossError(
                 f"non-finite loss ({loss}) at step {step}; stopping (train.nan_policy='stop'); "
-                f"{where}"
+                f"{where_good()}"
             )
         last_train_loss = loss
         interval_steps += 1
@@ -427,7 +562,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             writer.write(step, "stats", {k: float(v) for k, v in host["stats"].items()})
 
     def save(step_done: int, data_state: dict) -> None:
+        """Checkpoints the state after ``step_done`` steps, if it is finite."""
         nonlocal last_good_ckpt
+        if not bool(state_is_finite(state)):
+            msg = (f"the parameters or optimizer state are not finite after step {step_done}; "
+                   "not saved as a checkpoint")
+            if tcfg.nan_policy == "stop":
+                raise NonFiniteLossError(f"{msg}; stopping (train.nan_policy='stop'); "
+                                         f"{where_good()}")
+            log.warning(msg)
+            if is_main:
+                print(f"WARNING: {msg}", flush=True)
+            return
         if store.save(step_done, state, data_state, config_dict):
             last_good_ckpt = step_done
 
@@ -469,6 +615,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if pending is not None:
                 finish_step(*pending)
                 pending = None
+            final_step = int(jax.device_get(state["step"]))
+            if last_eval is None:  # a finished run whose results.json was lost: re-evaluate
+                last_eval = evaluate(run, eval_step, state["params"], valid_batches)
+            if last_train_loss is None and final_step > 0:
+                last_train_loss = _last_train_loss(workdir_path, final_step - 1)
     finally:
         prefetch.close()
         if bar is not None:
@@ -476,11 +627,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.close()
         store.close()
 
-    final_step = int(jax.device_get(state["step"]))
     results = {
         "final_train_loss": last_train_loss,
-        "final_eval_loss": None if last_eval is None else last_eval["loss"],
-        "final_eval_perplexity": None if last_eval is None else last_eval["perplexity"],
+        "final_eval_loss": last_eval["loss"],
+        "final_eval_perplexity": last_eval["perplexity"],
         "steps": final_step,
         "tokens_seen": final_step * tokens_per_step,
         "epochs": final_step * tcfg.batch_size / max(

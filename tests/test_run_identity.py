@@ -1,0 +1,325 @@
+"""No run silently trains on the wrong thing (issue 9): config changes on resume, the token
+cache key, finished reruns, sweep identity, train/valid overlap, finite checkpoints, damaged vs
+mismatched checkpoints, one-line failures."""
+
+import hashlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from umup_jax import checkpoint as ckpt
+from umup_jax import config as config_lib
+from umup_jax import data as data_lib
+from umup_jax import identity
+from umup_jax import sweep as sweep_lib
+from umup_jax import train as train_lib
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "umup_proxy.py"
+
+
+def smoke(**overrides):
+    cfg = config_lib.proxy_config("umup", "smoke")
+    for key, value in overrides.items():
+        config_lib.set_key(cfg, key.replace("__", "."), value)
+    return cfg
+
+
+def digest(path: pathlib.Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def rows(workdir, kind):
+    out = []
+    for line in (pathlib.Path(workdir) / "metrics.jsonl").open():
+        row = json.loads(line)
+        if row["kind"] == kind:
+            out.append(row)
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished :smoke run (checkpoints 3 and 6) to copy from."""
+    workdir = tmp_path_factory.mktemp("finished")
+    train_lib.train_and_evaluate(smoke(), str(workdir))
+    return workdir
+
+
+def copy_run(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------
+# Run identity on resume
+# ---------------------------------------------------------------------------------------------
+
+
+def test_identity_rules():
+    a = smoke()
+    b = smoke(train__progress=True, train__eval_every=1, mesh__data=2, data__cache_dir="/x")
+    assert identity.identity_hash(a) == identity.identity_hash(b)
+    refused, allowed = identity.resume_diff(json.loads(a.to_json()), json.loads(b.to_json()))
+    assert refused == [] and {k for k, _, _ in allowed} == {
+        "train.progress", "train.eval_every", "mesh.data", "data.cache_dir"}
+    c = smoke(train__steps=12)
+    assert identity.identity_hash(a) != identity.identity_hash(c)
+    refused, allowed = identity.resume_diff(json.loads(a.to_json()), json.loads(c.to_json()))
+    assert refused == [] and allowed == [("train.steps", 6, 12)]
+    refused, _ = identity.resume_diff(json.loads(c.to_json()), json.loads(a.to_json()))
+    assert refused == [("train.steps", 12, 6)]  # steps may only grow
+    # A key the old config did not have counts as unchanged while it holds its default.
+    old = json.loads(a.to_json())
+    del old["train"]["restart"]
+    assert identity.diff(old, json.loads(a.to_json()), json.loads(a.to_json())) == []
+
+
+def test_width_change_is_refused_and_touches_nothing(finished, tmp_path):
+    workdir = copy_run(finished, tmp_path / "run")
+    before = digest(workdir)
+    with pytest.raises(identity.RunMismatchError) as info:
+        train_lib.train_and_evaluate(smoke(model__width=64, model__num_heads=2), str(workdir))
+    msg = str(info.value)
+    assert "model.width: 32 → 64" in msg and "model.num_heads: 1 → 2" in msg
+    assert "--workdir" in msg and "train.restart=True" in msg
+    assert digest(workdir) == before  # nothing moved, nothing written
+    assert not (workdir / "checkpoints" / "corrupt").exists()
+    # The original command finds its run intact: finished, results unchanged.
+    results_before = (workdir / "results.json").read_bytes()
+    again = train_lib.train_and_evaluate(smoke(), str(workdir))
+    assert again["steps"] == 6 and (workdir / "results.json").read_bytes() == results_before
+
+
+def test_learning_rate_change_is_refused(finished, tmp_path):
+    workdir = copy_run(finished, tmp_path / "run")
+    with pytest.raises(identity.RunMismatchError, match=r"optimizer.learning_rate: 1.0 → 0.5"):
+        train_lib.train_and_evaluate(smoke(optimizer__learning_rate=0.5), str(workdir))
+
+
+def test_more_steps_resume_and_the_change_is_recorded(finished, tmp_path, capsys):
+    workdir = copy_run(finished, tmp_path / "run")
+    results = train_lib.train_and_evaluate(smoke(train__steps=9, train__eval_every=9),
+                                           str(workdir))
+    out = capsys.readouterr().out
+    assert "resumed from checkpoint step 6" in out
+    assert "config change on resume: train.steps: 6 → 9" in out
+    assert results["steps"] == 9 and results["final_eval_loss"] is not None
+    changes = {r["key"]: (r["old"], r["new"]) for r in rows(workdir, "config_change")}
+    assert changes == {"train.steps": (6, 9), "train.eval_every": (3, 9)}
+    assert sorted(r["step"] for r in rows(workdir, "train"))[-3:] == [6, 7, 8]
+
+
+def test_restart_keeps_the_old_run_aside(finished, tmp_path):
+    workdir = copy_run(finished, tmp_path / "run")
+    old_ckpts = digest(workdir / "checkpoints")
+    results = train_lib.train_and_evaluate(
+        smoke(model__width=64, model__num_heads=2, train__restart=True), str(workdir))
+    assert results["steps"] == 6 and results["config"]["model"]["width"] == 64
+    previous = list((workdir / "previous").iterdir())
+    assert len(previous) == 1
+    assert digest(previous[0] / "checkpoints") == old_ckpts  # kept, byte for byte
+    assert (previous[0] / "results.json").exists() and (previous[0] / "metrics.jsonl").exists()
+    assert rows(workdir, "train")[0]["step"] == 0  # the new run's metrics start afresh
+
+
+def test_finished_run_rerun_keeps_results(finished, tmp_path, capsys):
+    workdir = copy_run(finished, tmp_path / "run")
+    before = (workdir / "results.json").read_bytes()
+    results = train_lib.train_and_evaluate(smoke(), str(workdir))
+    assert "is finished (step 6 of 6)" in capsys.readouterr().out
+    assert (workdir / "results.json").read_bytes() == before
+    assert results == json.loads(before)
+    # Without results.json the finished run re-evaluates instead of writing nulls.
+    (workdir / "results.json").unlink()
+    redone = train_lib.train_and_evaluate(smoke(), str(workdir))
+    assert redone["final_eval_loss"] == pytest.approx(json.loads(before)["final_eval_loss"])
+    assert redone["final_train_loss"] == pytest.approx(json.loads(before)["final_train_loss"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: finite, damaged, mismatched, transient
+# ---------------------------------------------------------------------------------------------
+
+
+def test_non_finite_state_is_never_saved(tmp_path):
+    # η = 1e39 is inf in float32: the first update makes the params non-finite while the
+    # loss of step 0 (computed before that update) is still finite.
+    cfg = smoke(optimizer__learning_rate=1e39, optimizer__warmup_steps=0,
+                train__checkpoint_every=1)
+    with pytest.raises(train_lib.NonFiniteLossError, match="not finite after step 1"):
+        train_lib.train_and_evaluate(cfg, str(tmp_path / "stop"))
+    assert not list((tmp_path / "stop" / "checkpoints").glob("[0-9]*"))
+    cfg.train.nan_policy = "ignore"
+    cfg.train.steps = 2
+    train_lib.train_and_evaluate(cfg, str(tmp_path / "ignore"))
+    assert not list((tmp_path / "ignore" / "checkpoints").glob("[0-9]*"))
+
+
+def test_state_is_finite():
+    ok = {"a": jnp.ones(3), "b": {"c": jnp.zeros((2, 2))}, "step": jnp.int32(3)}
+    assert bool(train_lib.state_is_finite(ok))
+    assert not bool(train_lib.state_is_finite({**ok, "a": jnp.array([1.0, jnp.nan, 0.0])}))
+    assert not bool(train_lib.state_is_finite({**ok, "a": jnp.array([jnp.inf, 0.0, 0.0])}))
+
+
+def test_shape_mismatch_is_not_treated_as_damage(finished, tmp_path):
+    workdir = copy_run(finished, tmp_path / "run")
+    before = digest(workdir / "checkpoints")
+    other = train_lib.build_run(smoke(model__width=64, model__num_heads=2))
+    store = ckpt.CheckpointStore(workdir / "checkpoints", keep=3)
+    with pytest.raises(ckpt.CheckpointMismatchError, match="does not fit this model"):
+        store.restore(6, other.abstract_state)
+    store.close()
+    assert digest(workdir / "checkpoints") == before
+
+
+def test_transient_errors_are_retried_then_fail_leaving_the_checkpoint(finished, tmp_path,
+                                                                       monkeypatch):
+    workdir = copy_run(finished, tmp_path / "run")
+    before = digest(workdir / "checkpoints")
+    run = train_lib.build_run(smoke())
+    store = ckpt.CheckpointStore(workdir / "checkpoints", keep=3)
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        raise OSError("Resource temporarily unavailable")
+
+    monkeypatch.setattr(ckpt, "RETRY_WAIT_S", 0.0)
+    monkeypatch.setattr(store._manager, "restore", flaky)
+    with pytest.raises(ckpt.CheckpointReadError, match="after 3 tries"):
+        store.restore(6, run.abstract_state)
+    assert len(calls) == ckpt.RETRIES
+    store.close()
+    assert digest(workdir / "checkpoints") == before
+
+
+def test_manifest_detects_any_changed_byte(finished, tmp_path):
+    workdir = copy_run(finished, tmp_path / "run")
+    step_dir = workdir / "checkpoints" / "6"
+    assert (step_dir / ckpt.MANIFEST).exists() and ckpt.verify(step_dir) is None
+    victim = max((p for p in (step_dir / "state").rglob("*") if p.is_file()),
+                 key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one flipped byte
+    victim.write_bytes(bytes(data))
+    assert "fails its CRC-32 check" in ckpt.verify(step_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: cache keys and train/valid overlap
+# ---------------------------------------------------------------------------------------------
+
+TEXT_A = "the quick brown fox jumps over the lazy dog. " * 400
+TEXT_B = "Of Man's first disobedience, and the fruit of that forbidden tree. " * 300
+VALID = "the fruit of the lazy tree jumps over first disobedience. " * 60
+
+
+def test_token_cache_is_keyed_by_the_tokenizer_content(tmp_path):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "train.txt").write_text(TEXT_A)
+    (tmp_path / "b" / "train.txt").write_text(TEXT_B)
+    (tmp_path / "valid.txt").write_text(VALID)
+    cfg = config_lib.base_config("umup").data
+    cfg.source, cfg.tokenizer, cfg.vocab_size = "text", "bpe", 400
+    cfg.valid_files = [str(tmp_path / "valid.txt")]
+    cache = str(tmp_path / "cache")
+    cfg.train_files = [str(tmp_path / "a" / "train.txt")]
+    a = data_lib.load_tokens(cfg, cache)
+    cfg.train_files = [str(tmp_path / "b" / "train.txt")]
+    b = data_lib.load_tokens(cfg, cache)
+    assert a.tokenizer.name == b.tokenizer.name  # same name, different merges
+    assert a.tokenizer.fingerprint != b.tokenizer.fingerprint
+    np.testing.assert_array_equal(b.valid, b.tokenizer.encode(VALID))
+    assert not np.array_equal(a.valid, b.valid)
+    assert not list(pathlib.Path(cache).glob(".*"))  # no temporary files left behind
+
+
+def test_concurrent_cache_writers_do_not_collide(tmp_path):
+    text = "concurrent writers " * 2000
+    tok = data_lib.ByteTokenizer()
+    code = ("import sys, pathlib; from umup_jax import data; "
+            "data._cached_encode(data.ByteTokenizer(), sys.argv[1], pathlib.Path(sys.argv[2]), "
+            "'train')")
+    procs = [subprocess.Popen([sys.executable, "-c", code, text, str(tmp_path)], cwd=ROOT,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read()
+    (entry,) = tmp_path.glob("tokens-bytes-*.npy")
+    np.testing.assert_array_equal(np.load(entry), tok.encode(text))
+
+
+def test_overlapping_train_and_valid_files_are_refused(tmp_path):
+    (tmp_path / "a.txt").write_text(TEXT_A)
+    (tmp_path / "b.txt").write_text(TEXT_B)
+    (tmp_path / "held").mkdir()
+    (tmp_path / "held" / "copy_of_b.txt").write_text(TEXT_B)
+    cfg = config_lib.base_config("umup").data
+    cfg.source, cfg.tokenizer, cfg.cache_dir = "text", "bytes", str(tmp_path / "cache")
+    cfg.train_files = [str(tmp_path / "*.txt")]
+    cfg.valid_files = [str(tmp_path / "a.txt")]
+    with pytest.raises(data_lib.DataConfigError, match=r"overlap data.train_files: .*a\.txt"):
+        data_lib.load_tokens(cfg, cfg.cache_dir)
+    cfg.valid_files = [str(tmp_path / "held" / "copy_of_b.txt")]
+    with pytest.raises(data_lib.DataConfigError, match=r"same bytes as .*b\.txt"):
+        data_lib.load_tokens(cfg, cfg.cache_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sweep_rerun_with_another_base_config_is_refused(tmp_path):
+    spec = {"name": "s", "kind": "grid", "grid": {"optimizer.learning_rate": [0.5, 1.0]}}
+    base = config_lib.proxy_config("umup", "smoke,train.steps=2")
+    sweep_lib.run_sweep(base, spec, str(tmp_path), progress=False)
+    other = config_lib.proxy_config("umup", "smoke,train.steps=2,model.width=64,"
+                                            "model.num_heads=2")
+    with pytest.raises(sweep_lib.SweepError, match=r"another base config .*model.width: 32 → 64"):
+        sweep_lib.run_sweep(other, spec, str(tmp_path), progress=False)
+    # Execution-only changes (the progress bar, cadence) are the same sweep.
+    cosmetic = config_lib.proxy_config("umup", "smoke,train.steps=2,train.log_every=5")
+    assert len(sweep_lib.run_sweep(cosmetic, spec, str(tmp_path), progress=False)) == 2
+
+
+def test_sweep_rerun_of_finished_single_runs_is_not_diverged(tmp_path):
+    spec = {"name": "s", "kind": "grid", "grid": {"model.width": [32]}}
+    base = config_lib.proxy_config("umup", "smoke,train.steps=2")
+    sweep_lib.run_sweep(base, spec, str(tmp_path), progress=False)
+    (tmp_path / "results.csv").write_text((tmp_path / "results.csv").read_text()
+                                          .splitlines()[0] + "\n")  # forget the row
+    (row,) = sweep_lib.run_sweep(base, spec, str(tmp_path), progress=False)
+    assert row["diverged"] in (0, "0") and float(row["final_eval_loss"]) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# One clear line on failure
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cli_failure_is_one_line_with_the_traceback_in_the_workdir(finished, tmp_path):
+    workdir = copy_run(finished, tmp_path / "run")
+    cmd = [sys.executable, "-m", "umup_jax.main", f"--config={CONFIG}:smoke,model.width=64,"
+           "model.num_heads=2", f"--workdir={workdir}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 1
+    err = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in proc.stderr and len(err) == 1, proc.stderr[-3000:]
+    assert err[0].startswith("error: ") and "model.width: 32 → 64" in err[0]
+    assert "error.log" in err[0] and "Traceback" in (workdir / "error.log").read_text()

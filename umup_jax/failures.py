@@ -1,0 +1,88 @@
+"""How a command-line run ends when it fails: one clear line on the console, a non-zero exit,
+and the details (full tracebacks, third-party log output) in files in the run directory.
+
+Console output of a run is what the user reads; a failure deep inside orbax or TensorStore can
+print hundreds of lines of traceback that hide the one sentence that matters.  The entry
+points therefore:
+
+* send Python/absl logging (orbax, jax, our own warnings) to ``WORKDIR/run.log``
+  (:func:`log_to_workdir`); our own progress and warnings are printed as well;
+* turn an exception into ``error: <what happened, where, what to do>`` on stderr, append the
+  full traceback to ``WORKDIR/error.log`` and exit with status 1 (:func:`exit_on_failure`).
+
+The library itself raises ordinary exceptions whose messages already say what, where and what
+to do (config errors name the key, data errors the file, checkpoint errors the step and
+folder); only the entry points catch them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import pathlib
+import sys
+import time
+import traceback
+from typing import Iterator, Optional
+
+RUN_LOG = "run.log"
+ERROR_LOG = "error.log"
+
+
+def log_to_workdir(workdir: pathlib.Path | str, level: int = logging.WARNING) -> pathlib.Path:
+    """Routes Python logging (absl's handler included) to ``workdir/run.log``."""
+    path = pathlib.Path(workdir).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    log_file = path / RUN_LOG
+    handler = logging.FileHandler(log_file, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for h in list(root.handlers):  # absl's stderr handler: the console gets our prints only
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(level)
+    return log_file
+
+
+def one_line(exc: BaseException) -> str:
+    """The exception's message as one line; unexpected exception types are named."""
+    text = " ".join(str(exc).split())
+    ours = type(exc).__module__.startswith("umup_jax") or isinstance(
+        exc, (ValueError, FileNotFoundError, KeyError))
+    if not text:
+        return type(exc).__name__
+    if len(text) > 600:
+        text = text[:600] + "…"
+    return text if ours else f"{type(exc).__name__}: {text}"
+
+
+def write_traceback(exc: BaseException, workdir: Optional[pathlib.Path | str]) -> Optional[pathlib.Path]:
+    """Appends the full traceback to ``workdir/error.log``; returns its path (``None`` if it
+    could not be written)."""
+    if workdir is None:
+        return None
+    path = pathlib.Path(workdir).expanduser() / ERROR_LOG
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}\n")
+            f.write("".join(traceback.format_exception(exc)))
+            f.write("\n")
+    except OSError:
+        return None
+    return path
+
+
+@contextlib.contextmanager
+def exit_on_failure(workdir: Optional[pathlib.Path | str]) -> Iterator[None]:
+    """Runs the body; any exception becomes one ``error: …`` line on stderr (plus where the
+    traceback went) and exit status 1.  ``SystemExit`` and Ctrl-C pass through."""
+    try:
+        yield
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except BaseException as exc:  # the one place a run's failure is reported
+        where = write_traceback(exc, workdir)
+        tail = f" (traceback in {where})" if where else ""
+        print(f"error: {one_line(exc)}{tail}", file=sys.stderr, flush=True)
+        sys.exit(1)
