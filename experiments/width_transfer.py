@@ -40,7 +40,7 @@ def base_config(parametrization: str, steps: int, base_width: int):
            f"train.eval_batch_size=16,train.eval_batches=8,optimizer.warmup_steps={steps // 6}")
     cfg = config_lib.proxy_config(parametrization, arg)
     if parametrization == "mup":
-        cfg.model.hparams.base_width = base_width  # μP equals SP at the smallest width
+        cfg.model.hparams.base_width = base_width  # μP's weights match SP's at the smallest width
     return cfg
 
 

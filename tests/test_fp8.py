@@ -135,6 +135,8 @@ def _train(tmp_path, name, parametrization, fp8_preset, steps=50):
            f"model.dtype=bfloat16,train.batch_size=8,train.steps={steps},"
            f"train.metrics_every=10,train.eval_every={steps},train.checkpoint_every={steps},"
            f"optimizer.warmup_steps=10,model.fp8={fp8_preset}")
+    if parametrization == "umup":
+        arg += ",optimizer.learning_rate=2.8284271247461903"  # 2^1.5: a brisk but stable η
     cfg = config_lib.proxy_config(parametrization, arg)
     if parametrization == "mup":
         cfg.model.hparams.base_width = 64

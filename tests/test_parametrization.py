@@ -84,9 +84,12 @@ def test_mup_table_relative_to_base_width():
     assert rule.attention_logit_scale(64) == pytest.approx(1 / 64)
     base = P.make_parametrization("mup", width=256, hparams=dict(init_std=0.5))
     sp = P.SP(init_std=0.5)
-    # At the base width μP is SP with its multipliers (here all 1).
+    # At the base width μP's weights are SP's (its multipliers here all 1) ...
     for role in (P.EMBEDDING, P.HIDDEN, P.OUTPUT):
         assert base.abc(meta(role)) == sp.abc(meta(role))
+    # ... but its attention logits are not: α_attn/d_head against SP's 1/√d_head.
+    assert base.attention_logit_scale(64) == pytest.approx(1 / 64)
+    assert sp.attention_logit_scale(64) == pytest.approx(1 / 8)
 
 
 def test_sp_table():

@@ -306,12 +306,14 @@ class MuP(Parametrization):
 
     With width multiplier m = width/base_width (every hidden fan-in grows ∝ width):
     embedding A=α_emb, B=σ_init, C=η̂_emb; hidden A=1, B=σ_init·√(1/m), C=1/m; output
-    A=α_output/m, B=σ_init, C=1; attention logits α_attn/d_head.  At the base width μP is SP
-    with its multipliers.
+    A=α_output/m, B=σ_init, C=1; attention logits α_attn/d_head.  At the base width (m = 1)
+    every weight's (A, B, C) is SP's times μP's multipliers, but μP is still not SP there: its
+    attention logits are scaled by α_attn/d_head where SP uses 1/√d_head, so with d_head = 64
+    and α_attn = 1 they are 8× smaller than SP's.
 
     Attributes:
       width: the model's width d (set from the model config).
-      base_width: d₀, the width at which μP equals SP.
+      base_width: d₀, the width at which μP's weights match SP's (m = 1).
       init_std: σ_init (SP's weight std at the base width).
       emb_mult: α_emb.  attn_mult: α_attn.  output_mult: α_output.  emb_lr_mult: η̂_emb.
     """
