@@ -39,11 +39,13 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import hashlib
 import importlib.util
 import itertools
 import json
 import math
+import os
 import pathlib
 import time
 from typing import Any, Iterable, Optional
@@ -58,6 +60,7 @@ from umup_jax import config as config_lib
 from umup_jax import data as data_lib
 from umup_jax import identity as identity_lib
 from umup_jax import parametrization as P
+from umup_jax import sweep_backends as backends
 from umup_jax import train as train_lib
 from umup_jax.model import Decoder
 from umup_jax.optim import make_optimizer
@@ -69,7 +72,7 @@ HP_COLUMNS = sorted({f"hp.{n}" for name in P.PARAMETRIZATIONS for n in P.hparam_
 COLUMNS = (["run_id", "sweep", "group", "parametrization", "width", "depth", "steps",
             "batch_size", "seq_len", "lr", "weight_decay"] + HP_COLUMNS +
            ["seed", "final_train_loss", "final_eval_loss", "diverged", "wall_time_s",
-            "overrides"])
+            "overrides", "error"])
 
 
 class SweepError(ValueError):
@@ -236,20 +239,33 @@ class ResultsStore:
         if self.path.exists():
             with open(self.path, newline="") as f:
                 reader = csv.DictReader(f)
-                if reader.fieldnames != COLUMNS:
-                    raise SweepError(f"{self.path} has other columns than this version writes")
-                for row in reader:
-                    if row["sweep"] != spec["name"]:
-                        raise SweepError(f"{self.path} has rows of sweep {row['sweep']!r}")
-                    self.rows[row["run_id"]] = row
+                fields = list(reader.fieldnames or [])
+                rows = list(reader)
+            if fields == COLUMNS[:-1]:  # written before runs could fail: no "error" column
+                self._rewrite(rows)
+            elif fields != COLUMNS:
+                raise SweepError(f"{self.path} has other columns than this version writes")
+            for row in rows:
+                if row["sweep"] != spec["name"]:
+                    raise SweepError(f"{self.path} has rows of sweep {row['sweep']!r}")
+                self.rows[row["run_id"]] = {k: row.get(k, "") or "" for k in COLUMNS}
         else:
-            with open(self.path, "w", newline="") as f:
-                csv.DictWriter(f, fieldnames=COLUMNS).writeheader()
+            self._rewrite([])
+
+    def _rewrite(self, rows: list[dict]) -> None:
+        tmp = self.path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows({k: row.get(k, "") for k in COLUMNS} for row in rows)
+        os.replace(tmp, self.path)
 
     def done(self, rid: str) -> bool:
-        return rid in self.rows
+        """Finished: a row exists and the run did not fail (failed runs run again)."""
+        return rid in self.rows and not self.rows[rid].get("error")
 
     def add(self, row: dict) -> None:
+        """Appends ``row`` (a rerun of a failed run appends again; the last row wins)."""
         row = {k: row.get(k, "") for k in COLUMNS}
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=COLUMNS).writerow(row)
@@ -361,14 +377,57 @@ def _batch_key(overrides: dict) -> str:
                       sort_keys=True, default=float)
 
 
+@dataclasses.dataclass(frozen=True)
+class UnitContext:
+    """What every unit of a sweep needs besides its members (sent once to each worker)."""
+
+    spec: dict
+    config_json: str
+    workdir: str
+
+
+def execute_unit(unit: backends.Unit, context: UnitContext) -> list[dict]:
+    """Trains one unit (a batched group, or one run) and returns its results rows.  A
+    module-level function so that Ray workers import it by name."""
+    base = ml_collections.ConfigDict(json.loads(context.config_json))
+    t0 = time.time()
+    cfgs = [run_config(base, ov) for _, ov in unit.members]
+    if len(unit.members) > 1:
+        results = run_batched(cfgs[0], [c.optimizer.learning_rate for c in cfgs],
+                              [c.optimizer.weight_decay for c in cfgs])
+        wall = (time.time() - t0) / len(unit.members)
+        return [make_row(context.spec, g, ov, cfg, res, wall)
+                for (g, ov), cfg, res in zip(unit.members, cfgs, results)]
+    (g, ov), cfg = unit.members[0], cfgs[0]
+    res = run_single(cfg, pathlib.Path(context.workdir) / "runs" / run_id(ov))
+    return [make_row(context.spec, g, ov, cfg, res, time.time() - t0)]
+
+
+def failed_rows(spec, config, unit: backends.Unit, exc: BaseException) -> list[dict]:
+    """Rows for a unit that raised: its runs are recorded with the error (one line) and run
+    again when the sweep is rerun."""
+    from umup_jax.failures import one_line
+
+    error = one_line(exc)
+    rows = []
+    for g, ov in unit.members:
+        row = make_row(spec, g, ov, run_config(config, ov), None, 0.0)
+        row.update(diverged="", error=error)
+        rows.append(row)
+    return rows
+
+
 class Runner:
-    """Executes lists of runs, skipping finished ones, batching where shapes are shared."""
+    """Executes lists of runs on a backend, skipping finished ones, batching where shapes
+    are shared; writes each unit's rows to ``results.csv`` as it arrives."""
 
     def __init__(self, spec, config, workdir: pathlib.Path, batched: bool = True,
-                 progress: bool = True, total: Optional[int] = None):
+                 progress: bool = True, total: Optional[int] = None, backend=None):
         self.spec, self.config, self.workdir = spec, config, workdir
         self.store = ResultsStore(workdir, spec, config)
         self.batched = batched
+        self.backend = backend or backends.LocalBackend()
+        self.context = UnitContext(spec, config.to_json(), str(workdir))
         self.bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -383,26 +442,22 @@ class Runner:
         for g, ov in todo:
             key = _batch_key(ov) if self.batched else run_id(ov)
             groups.setdefault(key, []).append((g, ov))
-        for members in groups.values():
-            t0 = time.time()
-            cfgs = [run_config(self.config, ov) for _, ov in members]
-            if len(members) > 1:
-                results = run_batched(cfgs[0], [c.optimizer.learning_rate for c in cfgs],
-                                      [c.optimizer.weight_decay for c in cfgs])
-                wall = (time.time() - t0) / len(members)
-                for (g, ov), cfg, res in zip(members, cfgs, results):
-                    self.store.add(make_row(self.spec, g, ov, cfg, res, wall))
-            else:
-                (g, ov), cfg = members[0], cfgs[0]
-                res = run_single(cfg, self.workdir / "runs" / run_id(ov))
-                self.store.add(make_row(self.spec, g, ov, cfg, res, time.time() - t0))
+        units = [backends.Unit(members) for members in groups.values()]
+        for unit, outcome in self.backend.run(units, execute_unit, self.context):
+            if isinstance(outcome, BaseException):
+                print(f"  failed: {len(unit.members)} run(s) of group {unit.members[0][0]!r} "
+                      f"raised {type(outcome).__name__}: {outcome}", flush=True)
+                outcome = failed_rows(self.spec, self.config, unit, outcome)
+            for row in outcome:
+                self.store.add(row)
             if self.bar is not None:
-                self.bar.update(len(members))
+                self.bar.update(len(unit.members))
         return [self.store.get(run_id(ov)) for _, ov in runs]
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        self.backend.close()
 
 
 def _best(rows: list[dict], key: str, values: list, seeds: int) -> Any:
@@ -425,9 +480,13 @@ def independent_search(spec, config, runner: Runner) -> dict:
     best_lr = _best(stage1, lr_key, lr_values, nseeds)
     chosen = {lr_key: best_lr}
     best_lr_rows = stage1[lr_values.index(best_lr) * nseeds:(lr_values.index(best_lr) + 1) * nseeds]
-    for key, values in (spec.get("hps") or {}).items():
-        values = list(values)
-        rows = runner.run(seed_runs(f"hp:{key}", [{lr_key: best_lr, key: v} for v in values]))
+    hps = {key: list(values) for key, values in (spec.get("hps") or {}).items()}
+    stage2 = [seed_runs(f"hp:{key}", [{lr_key: best_lr, key: v} for v in values])
+              for key, values in hps.items()]
+    all_rows = runner.run([r for runs in stage2 for r in runs])  # one stage: all at once
+    offsets = np.cumsum([0] + [len(runs) for runs in stage2])
+    for (key, values), lo, hi in zip(hps.items(), offsets[:-1], offsets[1:]):
+        rows = all_rows[lo:hi]
         default = _config_value(config, spec.get("base", {}), key)
         if default not in values:  # the LR stage already measured the default at best_lr
             values, rows = values + [default], rows + best_lr_rows
@@ -463,16 +522,25 @@ def count_runs(spec, config) -> int:
 
 
 def run_sweep(config: ml_collections.ConfigDict, spec: dict, workdir: str,
-              batched: bool = True, progress: bool = True) -> list[dict]:
-    """Validates the sweep against the config, runs what is missing, returns all rows."""
+              batched: bool = True, progress: bool = True, backend: str = "local",
+              ray_address: Optional[str] = None, gpus_per_task: Optional[float] = None,
+              cpus_per_task: float = 1.0) -> list[dict]:
+    """Validates the sweep against the config, runs what is missing on ``backend``
+    (:mod:`umup_jax.sweep_backends`: ``local`` or ``ray``), returns all rows.
+
+    The independent search keeps its stage order (stage 2 needs stage 1's best LR): stages
+    run one after another, the runs of a stage in parallel where the backend allows."""
     spec = dict(spec)
     spec.setdefault("name", "sweep")
     spec.setdefault("kind", "grid")
     validate(spec, config)
     train_lib.check_config(config)
+    # The workdir's identity is checked (ResultsStore) before any Ray cluster starts.
     runner = Runner(spec, config, pathlib.Path(workdir), batched=batched, progress=progress,
                     total=count_runs(spec, config))
     try:
+        runner.backend = backends.make_backend(backend, ray_address, gpus_per_task,
+                                               cpus_per_task)
         if spec["kind"] == "grid":
             runner.run(grid_runs(spec, config))
         elif spec["kind"] == "random":

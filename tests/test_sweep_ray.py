@@ -1,0 +1,140 @@
+"""Sweeps on a local Ray (2 CPUs): the same rows as the local backend, failed runs recorded,
+resume after a killed driver, the independent search's stage order, bad backend input."""
+
+import csv
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from umup_jax import config as config_lib
+from umup_jax import sweep as sweep_lib
+from umup_jax import sweep_backends as backends
+
+ray = pytest.importorskip("ray", reason="needs the optional 'ray' extra")
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+KEYS = ("run_id", "group", "final_train_loss", "final_eval_loss", "diverged", "error")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for the module (the backend reuses an initialised Ray)."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    yield
+    ray.shutdown()
+
+
+def base(arg="smoke,train.steps=2"):
+    return config_lib.proxy_config("umup", arg)
+
+
+def csv_rows(workdir):
+    with open(pathlib.Path(workdir) / "results.csv", newline="") as f:
+        return {r["run_id"]: r for r in csv.DictReader(f)}
+
+
+def comparable(rows):
+    return {rid: {k: r[k] for k in KEYS} for rid, r in rows.items()}
+
+
+GRID = {"name": "g", "kind": "grid",
+        "grid": {"model.hparams.attn_mult": [0.5, 2.0], "model.num_heads": [1, 3]}}
+
+
+def test_ray_and_local_rows_are_identical_and_failures_are_recorded(local_ray, tmp_path):
+    sweep_lib.run_sweep(base(), GRID, str(tmp_path / "local"), progress=False)
+    sweep_lib.run_sweep(base(), GRID, str(tmp_path / "ray"), progress=False, backend="ray")
+    local, remote = csv_rows(tmp_path / "local"), csv_rows(tmp_path / "ray")
+    assert len(local) == 4 and comparable(local) == comparable(remote)  # same losses, exactly
+    failed = [r for r in remote.values() if r["error"]]
+    assert len(failed) == 2  # num_heads=3 does not divide width 32: raised in the worker
+    assert all("width=32 is invalid" in r["error"] and r["diverged"] == "" for r in failed)
+    ok = [r for r in remote.values() if not r["error"]]
+    assert all(r["diverged"] == "0" and float(r["final_eval_loss"]) > 0 for r in ok)
+
+
+def test_failed_runs_run_again_on_rerun(local_ray, tmp_path):
+    spec = {"name": "f", "kind": "grid", "grid": {"model.num_heads": [1, 3]}}
+    sweep_lib.run_sweep(base(), spec, str(tmp_path), progress=False, backend="ray")
+    assert sum(1 for r in csv_rows(tmp_path).values() if r["error"]) == 1
+    # A rerun runs the failed run again (it fails again: one more row); the finished one not.
+    lines_before = (tmp_path / "results.csv").read_text().splitlines()
+    (row_ok,) = [line for line in lines_before[1:] if '""model.num_heads"": 1' in line]
+    sweep_lib.run_sweep(base(), spec, str(tmp_path), progress=False, backend="ray")
+    lines_after = (tmp_path / "results.csv").read_text().splitlines()
+    assert len(lines_after) == len(lines_before) + 1 and lines_after.count(row_ok) == 1
+
+
+def test_independent_search_under_ray_equals_local(local_ray, tmp_path):
+    spec = {"name": "ind", "kind": "independent",
+            "lr": {"values": [0.5, 2.0]},
+            "hps": {"model.hparams.attn_mult": [2.0], "model.hparams.loss_softmax_mult": [2.0]}}
+    sweep_lib.run_sweep(base(), spec, str(tmp_path / "local"), progress=False)
+    sweep_lib.run_sweep(base(), spec, str(tmp_path / "ray"), progress=False, backend="ray")
+    assert comparable(csv_rows(tmp_path / "local")) == comparable(csv_rows(tmp_path / "ray"))
+    chosen = [json.loads((tmp_path / d / "chosen.json").read_text()) for d in ("local", "ray")]
+    assert chosen[0] == chosen[1]
+
+
+DRIVER = """
+import sys
+from umup_jax import config as C, sweep as S
+spec = {"name": "k", "kind": "grid", "grid": {"model.hparams.attn_mult": [0.25, 0.5, 1.0, 2.0, 4.0]}}
+S.run_sweep(C.proxy_config("umup", "smoke,train.steps=2"), spec, sys.argv[1], progress=False,
+            backend="ray")
+"""
+
+
+def test_killed_driver_rerun_runs_only_missing_runs(local_ray, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(tmp_path)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while not ((tmp_path / "results.csv").exists()
+               and len((tmp_path / "results.csv").read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.time() < deadline, "driver ended too early"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    time.sleep(1.0)
+    proc.wait()
+    before = csv_rows(tmp_path)
+    assert 1 <= len(before) < 5
+    spec = {"name": "k", "kind": "grid",
+            "grid": {"model.hparams.attn_mult": [0.25, 0.5, 1.0, 2.0, 4.0]}}
+    sweep_lib.run_sweep(base(), spec, str(tmp_path), progress=False, backend="ray")
+    after = csv_rows(tmp_path)
+    assert len(after) == 5 and all(after[rid] == row for rid, row in before.items())
+    lines = (tmp_path / "results.csv").read_text().splitlines()
+    assert len(lines) == 1 + 5  # no finished run was trained (and recorded) twice
+
+
+def test_bad_backend_input(tmp_path, monkeypatch, local_ray):
+    with pytest.raises(backends.BackendError, match=r"--gpus_per_task=4 is more than any node"):
+        sweep_lib.run_sweep(base(), GRID, str(tmp_path / "g"), progress=False, backend="ray",
+                            gpus_per_task=4)
+    assert not list((tmp_path / "g").glob("runs/*"))
+    with pytest.raises(backends.BackendError, match="--backend='slurm' is invalid"):
+        sweep_lib.run_sweep(base(), GRID, str(tmp_path / "s"), progress=False, backend="slurm")
+
+
+def test_unreachable_address_fails_fast(tmp_path):
+    t0 = time.time()
+    with pytest.raises(backends.BackendError, match=r"cannot reach the Ray cluster at "
+                                                    r"--ray_address='127.0.0.1:9'"):
+        backends.RayBackend(address="127.0.0.1:9")
+    assert time.time() - t0 < 10
+    with pytest.raises(backends.BackendError, match="--ray_address='nowhere' is invalid"):
+        backends.RayBackend(address="nowhere")
+
+
+def test_missing_ray_gives_a_clear_message(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray → ImportError
+    with pytest.raises(backends.BackendError, match=r"pip install -e '\.\[ray\]'"):
+        backends.make_backend("ray")
