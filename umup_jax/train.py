@@ -343,6 +343,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     tcfg = config.train
     is_main = jax.process_index() == 0
     workdir_path.mkdir(parents=True, exist_ok=True)
+    if is_main and isinstance(run.tokens.tokenizer, data_lib.HFTokenizer):
+        run.tokens.tokenizer.save(workdir_path / "tokenizer.json")  # for sample and export
     config_dict = json.loads(config.to_json())
 
     steps_total = tcfg.steps
