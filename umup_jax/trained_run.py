@@ -17,7 +17,9 @@ when the run used ``data.tokenizer=bytes``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
+import re
 from typing import Any, Iterator, Optional
 
 import jax
@@ -84,10 +86,35 @@ def _choose_step(workdir: pathlib.Path, step: Optional[int]) -> int:
     return step
 
 
+def _damaged_files(item: pathlib.Path, error: Exception) -> list[str]:
+    """The files of checkpoint item ``item`` to blame for ``error``: those the storage layer
+    names (tensorstore says ``local file "…"``), else the item's JSON metadata files that do
+    not parse (orbax's JSON errors name no file)."""
+    named = [f for f in re.findall(r'local file "([^"]+)"', str(error))
+             if pathlib.Path(f).is_file()]
+    if named:
+        return sorted(set(named))
+    bad = []
+    if item.is_dir():
+        for f in sorted(item.rglob("*")):
+            is_json = f.name.startswith("_") or f.name == "metadata" or (
+                f.parent.name == "array_metadatas")
+            if f.is_file() and is_json:
+                try:
+                    json.loads(f.read_text())
+                except (ValueError, UnicodeDecodeError):
+                    bad.append(str(f))
+    return bad
+
+
 def _unreadable(path: pathlib.Path, e: Exception) -> RunReadError:
+    files = _damaged_files(path, e)
+    blame = f": {', '.join(files)} {'is' if len(files) == 1 else 'are'} damaged" if files else ""
+    detail = str(e).split(" [tensorstore_spec=")[0]
+    detail = detail if len(detail) <= 400 else detail[:400] + " …"
     return RunReadError(
-        f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); the run directory was "
-        "left as it is (choose another --step)"
+        f"checkpoint {path} is unreadable{blame} ({type(e).__name__}: {detail}); the run "
+        "directory was left as it is (choose another --step)"
     )
 
 
