@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Sequence
 
@@ -37,8 +38,10 @@ def _check(field: str, ok: bool, value, allowed: str) -> None:
         raise ValueError(f"--{field}={value!r} is invalid: it must be {allowed}")
 
 
+@functools.lru_cache(maxsize=16)
 def make_next_token(model_cfg: ModelConfig, temperature: float, top_k: int, vocab_limit: int):
-    """The jitted ``(params, buffer (1, S) int32, last index, key) → next token id``.
+    """The jitted ``(params, buffer (1, S) int32, last index, key) → next token id``, one per
+    (model, sampling settings).
 
     Ids ≥ ``vocab_limit`` (a model vocabulary padded beyond its tokenizer's) are never drawn."""
     model = Decoder(model_cfg)
