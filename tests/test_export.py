@@ -132,6 +132,32 @@ def test_export_asks_the_rule_for_every_fold():
     assert tensors["model.layers.0.self_attn.o_proj.weight"].shape == (16, 8)
 
 
+def test_stacked_layers_export_like_a_python_loop():
+    """Params whose blocks are stacked on a leading axis (a ``layers`` subtree, as scanned
+    blocks store them) give the same tensors as ``layer_<i>`` subtrees."""
+    cfg = ModelConfig(vocab_size=16, width=16, depth=3, num_heads=2, seq_len=8,
+                      parametrization="umup", hparams=tiny_runs.HPARAMS["umup"])
+    from umup_jax.model import Decoder, init_params
+    from flax.core import meta as flax_meta
+    import jax
+
+    loop = jax.tree.map(np.asarray, flax_meta.unbox(init_params(Decoder(cfg),
+                                                                 jax.random.key(0))))
+    inner = loop["params"]
+    stacked = {"params": {
+        "embedding": inner["embedding"], "readout": inner["readout"],
+        "layers": {k: np.stack([inner[f"layer_{i}"][k] for i in range(3)])
+                   for k in inner["layer_0"]}}}
+    a, _ = export_lib.hf_tensors(cfg, loop)
+    b, _ = export_lib.hf_tensors(cfg, stacked)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    stacked["params"]["layers"]["ffn_up"] = stacked["params"]["layers"]["ffn_up"][:2]
+    with pytest.raises(trained_run.RunReadError, match="leading axis must be depth=3"):
+        export_lib.hf_tensors(cfg, stacked)
+
+
 @pytest.mark.parametrize("residual_mult, ratio, depth", [(1.0, 1.0, 2), (1.4, 0.5, 3),
                                                           (0.3, 2.0, 1)])
 def test_residual_stream_rescaling_closed_form(residual_mult, ratio, depth):
