@@ -5,7 +5,6 @@ modified)."""
 
 import hashlib
 import json
-import math
 import pathlib
 import re
 import subprocess
@@ -137,12 +136,13 @@ def test_stacked_layers_export_like_a_python_loop():
     blocks store them) give the same tensors as ``layer_<i>`` subtrees."""
     cfg = ModelConfig(vocab_size=16, width=16, depth=3, num_heads=2, seq_len=8,
                       parametrization="umup", hparams=tiny_runs.HPARAMS["umup"])
-    from umup_jax.model import Decoder, init_params
-    from flax.core import meta as flax_meta
     import jax
+    from flax.core import meta as flax_meta
+    from umup_jax.model import Decoder, abstract_params
 
-    loop = jax.tree.map(np.asarray, flax_meta.unbox(init_params(Decoder(cfg),
-                                                                 jax.random.key(0))))
+    rng = np.random.default_rng(0)
+    loop = jax.tree.map(lambda a: rng.normal(size=a.shape).astype(np.float32),
+                        flax_meta.unbox(abstract_params(Decoder(cfg))))
     inner = loop["params"]
     stacked = {"params": {
         "embedding": inner["embedding"], "readout": inner["readout"],

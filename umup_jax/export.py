@@ -310,7 +310,11 @@ def export(workdir, out, step: Optional[int] = None, fmt: str = "hf", overwrite:
     workdir = pathlib.Path(workdir).expanduser().resolve()
     out = pathlib.Path(out).expanduser().resolve()
     _check_out(out, workdir, overwrite)
-    from safetensors.numpy import save_file  # the `export` extra
+    try:
+        from safetensors.numpy import save_file
+    except ImportError as e:
+        raise ExportError("export writes safetensors: pip install safetensors (the `export` "
+                          "extra)") from e
 
     run = trained_run.load(workdir, step)
     check_exportable(run.model_cfg)

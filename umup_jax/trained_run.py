@@ -55,10 +55,6 @@ class TrainedRun:
     def model(self) -> Decoder:
         return Decoder(self.model_cfg)
 
-    def metadata(self) -> Any:
-        """The :class:`~umup_jax.parametrization.ParamMeta` tree matching ``params``."""
-        return P.param_metadata(abstract_params(self.model))
-
 
 def checkpoint_steps(workdir: pathlib.Path | str) -> list[int]:
     """The finished checkpoint steps of a run (orbax renames a step's directory to its number
