@@ -219,6 +219,13 @@ class HFTokenizer:
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids])
 
+    def save(self, path) -> None:
+        """Writes the tokenizer as a Hugging Face ``tokenizer.json`` (atomically)."""
+        path = pathlib.Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        self._tok.save(str(tmp))
+        os.replace(tmp, path)
+
 
 def _atomic_write(path: pathlib.Path, write) -> None:
     """``write(tmp_path)`` then rename to ``path``; the temporary name is unique per process

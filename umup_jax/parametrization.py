@@ -282,6 +282,19 @@ class Parametrization(metaclass=_abc.ABCMeta):
     def loss(self, logits, targets):
         return ops.plain_cross_entropy(logits, targets)
 
+    # -- forward multipliers inside the ops (read by export to fold them into weights) ------
+    def attention_output_scale(self, seq_len: int, head_dim: int) -> float:
+        """The factor :meth:`attention` applies to softmax(…)·v at training length S."""
+        return 1.0
+
+    def ffn_activation_mults(self) -> tuple[float, float]:
+        """(m, s) with ``ffn_activation(up, gate) = s·up·gate·σ(m·gate)``."""
+        return 1.0, 1.0
+
+    def loss_logit_mult(self) -> float:
+        """The factor :meth:`loss` applies to the logits before its softmax."""
+        return 1.0
+
 
 @dataclasses.dataclass(frozen=True)
 class SP(Parametrization):
@@ -406,6 +419,18 @@ class UMuP(Parametrization):
 
     def loss(self, logits, targets):
         return ops.cross_entropy(logits, targets, mult=self.loss_softmax_mult)
+
+    def attention_logit_scale(self, head_dim: int) -> float:
+        return self.attn_mult / head_dim
+
+    def attention_output_scale(self, seq_len: int, head_dim: int) -> float:
+        return ops.attention_scale(seq_len, head_dim, self.attn_mult, causal=True)
+
+    def ffn_activation_mults(self) -> tuple[float, float]:
+        return self.ffn_act_mult, ops.silu_glu_scale(self.ffn_act_mult)
+
+    def loss_logit_mult(self) -> float:
+        return self.loss_softmax_mult
 
 
 _CLASSES = {"sp": SP, "mup": MuP, "umup": UMuP}

@@ -463,6 +463,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         store.close()
         raise
     workdir_path.mkdir(parents=True, exist_ok=True)
+    if is_main and isinstance(run.tokens.tokenizer, data_lib.HFTokenizer):
+        run.tokens.tokenizer.save(workdir_path / "tokenizer.json")  # for sample and export
     tokens_per_step = tcfg.batch_size * run.model_cfg.seq_len
     epochs = data_lib.epochs_covered(run.tokens.train, run.model_cfg.seq_len, tcfg.batch_size,
                                      steps_total)
