@@ -27,8 +27,11 @@ UMUP_LAYOUT = {"model__head_dim": 8, "model__rope_theta": 500.0}
 
 
 def text_file(directory: pathlib.Path, text: str = TEXT, repeat: int = 40) -> pathlib.Path:
+    """Writes the training text (``corpus.txt``) and, beside it, a validation file with other
+    bytes (``valid.txt``: the same text in upper case; train and valid files must differ)."""
     path = directory / "corpus.txt"
     path.write_text(text * repeat, encoding="utf-8")
+    (directory / "valid.txt").write_text(text.upper() * repeat, encoding="utf-8")
     return path
 
 
@@ -41,7 +44,7 @@ def tiny_config(parametrization: str, directory: pathlib.Path, text_path: pathli
         "model.depth": 2, "model.num_heads": 2, "train.steps": 2, "train.eval_every": 2,
         "train.eval_batches": 1, "train.metrics_every": 1000, "train.checkpoint_every": 1,
         "train.batch_size": 4, "data.source": "text", "data.train_files": [str(text_path)],
-        "data.valid_files": [str(text_path)], "data.cache_dir": str(directory / "cache"),
+        "data.valid_files": [str(text_path.with_name("valid.txt"))], "data.cache_dir": str(directory / "cache"),
         "data.prefetch": 1,
     }
     values.update({f"model.hparams.{k}": v for k, v in HPARAMS[parametrization].items()})
