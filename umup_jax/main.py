@@ -1,28 +1,31 @@
-"""Entry point: ``python -m umup_jax.main --config=configs/umup_proxy.py[:ARG] --workdir=DIR``.
+"""Train one model: ``python -m umup_jax.main --config=configs/umup_proxy.py[:ARG] --workdir=DIR``.
 
-Flags in, ``train_and_evaluate(config, workdir)`` out; nothing else reads absl flags.
-Override any config field with ``--config.model.width=512``-style flags.
+Flags in, ``train_and_evaluate(config, workdir)`` out.  Override any config field with
+``--config.model.width=512``-style flags; the conventions (flag files, ``--helpfull``, one-line
+errors) are those of :mod:`umup_jax.cli`.
 """
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags
 
-from umup_jax.train import train_and_evaluate
+from umup_jax import cli
+from umup_jax import train as train_lib
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file (get_config(arg) style).",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, results.json.")
-flags.mark_flags_as_required(["config", "workdir"])
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+def define_flags() -> None:
+    cli.define_config_flag(FLAGS)
+    flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, results.json.")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main() -> None:
+    config = FLAGS.config
+    with cli.usage_errors():
+        train_lib.check_config(config)
+    train_lib.train_and_evaluate(config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    define_flags()
+    cli.run(main, FLAGS)
