@@ -6,9 +6,16 @@ non-trainable RMSNorm, untied embedding and readout; spec §5.16) and
 float32 on the same weights and tokens; we compare the loss, the logits, every parameter's
 unit-scaled gradient and the parameters after one AdamW step.
 
+Our side goes through the model's own loss, ``Decoder.loss`` (→ the rule's ``loss`` →
+``ops.cross_entropy`` with α_loss-softmax), on inputs of length S and their next tokens as
+targets.  The library's side is its logits on the same inputs and ``U.cross_entropy(…,
+mult=α_loss-softmax)`` on the same targets: the rule of ``TransformerDecoder.loss`` (asserted
+bit for bit with mult = 1, on the library's own convention of S inputs predicting S − 1
+targets), which takes no mult itself.
+
 Three cases:
 
-* ``default``: all α = 1, against ``TransformerDecoder.loss`` itself;
+* ``default``: all α = 1, against ``TransformerDecoder``;
 * ``residual``: α_residual = 2, α_residual-attn-ratio = 0.5, against ``TransformerDecoder``
   built with ``transformer_residual_scaling_rule(2, 0.5)``;
 * ``mults``: α_attn, α_ffn-act, α_loss-softmax ≠ 1.  ``TransformerDecoder`` exposes no mults,
@@ -22,7 +29,9 @@ Adam's first step is g/(|g|+ε), so an element whose gradient is ~0 can flip sig
 correct fp32 backward passes and move by 2·η·c_p; the end-to-end step (our own gradients) is
 printed but not asserted.  Gradients themselves are asserted separately.
 
-Both sides run the model on the full (B, S) tokens, so the attention scale uses S on both.
+Both sides run the model on (B, S) tokens, so the attention scale uses S on both.  The
+library has no RoPE (its demo is NoPE); ``tests/test_rope.py`` checks ours against a closed
+form and against Hugging Face Llama's.
 
 Layouts: torch ``Linear`` weights are (out, in), our kernels (in, out).  The library's fused
 QKV output is rearranged ``"b s (z h d) -> z b h s d"``, so our (d, 3, H, Dh) kernel is
@@ -53,7 +62,6 @@ import unit_scaling.functional as U  # noqa: E402
 import unit_scaling.optim  # noqa: E402
 from unit_scaling.core.functional import transformer_residual_scaling_rule  # noqa: E402
 
-from umup_jax import ops  # noqa: E402
 from umup_jax.model import Decoder, ModelConfig  # noqa: E402
 from umup_jax.optim import OptimizerConfig, make_optimizer  # noqa: E402
 
@@ -121,12 +129,11 @@ def _torch_logits_with_mults(model, ids, attn_mult=1.0, ffn_act_mult=1.0):
     return U.linear_readout(x, model.projection.weight, None)
 
 
-def _torch_loss(logits, ids, loss_softmax_mult=1.0):
-    """As TransformerDecoder.loss, with α_loss-softmax."""
+def _torch_loss(logits, targets, loss_softmax_mult=1.0):
+    """The library's loss rule (``TransformerDecoder.loss``: float logits, flattened, mean
+    ``U.cross_entropy``) with α_loss-softmax, for logits (B, S, V) and targets (B, S)."""
     return U.cross_entropy(
-        logits.float()[..., :-1, :].flatten(end_dim=-2),
-        ids[..., 1:].flatten(),
-        mult=loss_softmax_mult,
+        logits.float().flatten(end_dim=-2), targets.flatten(), mult=loss_softmax_mult
     )
 
 
@@ -205,24 +212,33 @@ def test_conformance_with_unit_scaling(case):
 
     # ---- reference: loss, logits, grads, one AdamW step ---------------------------------
     tmodel = _torch_model(hparams)
-    ids_t = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(SEED))
+    seq_t = torch.randint(0, VOCAB, (BATCH, SEQ + 1),
+                          generator=torch.Generator().manual_seed(SEED))
+    ids_t, targets_t = seq_t[:, :-1], seq_t[:, 1:]  # inputs (B, S) and next tokens (B, S)
     named = _torch_named_params(tmodel)
     init = {path: p.detach().numpy().copy() for path, p in named.items()}
 
+    # The reference loss rule is the library's own: TransformerDecoder.loss(ids) predicts
+    # ids[:, 1:] from the logits of ids[:, :-1] positions, exactly.
+    with torch.no_grad():
+        lib_logits = tmodel(ids_t)
+        lib_loss = tmodel.loss(ids_t)
+        torch.testing.assert_close(_torch_loss(lib_logits[:, :-1], ids_t[:, 1:]), lib_loss,
+                                   rtol=0, atol=0)
+        if case == "mults":
+            # The hand-built reference must be the library's forward when all mults are 1.
+            torch.testing.assert_close(_torch_logits_with_mults(tmodel, ids_t), lib_logits,
+                                       rtol=0, atol=0)
     if case == "mults":
-        # The hand-built reference must be the library's forward when all mults are 1.
-        with torch.no_grad():
-            lib_logits = tmodel(ids_t)
-            lib_loss = tmodel.loss(ids_t)
-            ref_logits = _torch_logits_with_mults(tmodel, ids_t)
-            ref_loss = _torch_loss(ref_logits, ids_t)
-        torch.testing.assert_close(ref_logits, lib_logits, rtol=0, atol=0)
-        torch.testing.assert_close(ref_loss, lib_loss, rtol=0, atol=0)
         t_logits = _torch_logits_with_mults(tmodel, ids_t, **mults)
-        t_loss = _torch_loss(t_logits, ids_t, loss_mult)
     else:
         t_logits = tmodel(ids_t)
-        t_loss = tmodel.loss(ids_t)
+    t_loss = _torch_loss(t_logits, targets_t, loss_mult)
+    if loss_mult != 1.0:  # α_loss-softmax moves the loss ≥ 100× the tolerance (measured 160×)
+        with torch.no_grad():
+            unscaled = float(_torch_loss(t_logits, targets_t, 1.0))
+        scaled = float(t_loss.detach())
+        assert abs(unscaled - scaled) > 100 * LOSS_RTOL * abs(scaled)
     t_loss.backward()
     t_grads = {path: p.grad.detach().numpy().copy() for path, p in named.items()}
     t_logits = t_logits.detach().numpy()
@@ -242,6 +258,7 @@ def test_conformance_with_unit_scaling(case):
     )
     model = Decoder(cfg)
     ids = jnp.asarray(ids_t.numpy(), jnp.int32)
+    targets = jnp.asarray(targets_t.numpy(), jnp.int32)
     # Only the structure and metadata are needed: the values come from the library's model.
     boxed = jax.eval_shape(model.init, jax.random.key(0), ids)
     shapes = jax.tree.map(lambda x: tuple(x.shape), nn.meta.unbox(boxed))
@@ -253,12 +270,11 @@ def test_conformance_with_unit_scaling(case):
     )
     assert jax.tree.map(jnp.shape, params) == shapes
 
-    def loss_fn(p):
-        logits = model.apply(p, ids)
-        loss = ops.cross_entropy(logits[:, :-1], ids[:, 1:], mult=loss_mult)
-        return loss, logits
+    def loss_fn(p):  # the model's own loss: Decoder.loss → rule.loss → α_loss-softmax
+        return model.apply(p, ids, targets, method=Decoder.loss)
 
-    (loss, logits), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
+    logits = jax.jit(model.apply)(params, ids)
 
     opt = make_optimizer(
         OptimizerConfig(

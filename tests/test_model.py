@@ -177,6 +177,26 @@ def test_rope_changes_output_only_through_position():
     assert not np.allclose(a[:, 5:], b[:, 5:], rtol=1e-3)
 
 
+@pytest.mark.parametrize("parametrization", ["umup", "sp"])
+def test_prefix_outputs_do_not_change_when_the_sequence_is_extended(parametrization):
+    """Causal attention + RoPE + an attention scale from the *training* S (spec §5.9): the
+    logits of a length-S/2 prefix equal the first S/2 positions of the full-length run.  With
+    the scale taken from each call's length instead, u-μP's prefix logits move by ~1e-1."""
+    cfg = config(64, parametrization, position="rope", num_heads=2)
+    model = Decoder(cfg)
+    params = flax_meta.unbox(init_params(model, jax.random.key(SEED)))
+    tokens, _ = batch()
+    full = jax.jit(model.apply)(params, tokens)
+    prefix = jax.jit(model.apply)(params, tokens[:, : SEQ // 2])
+    assert prefix.shape == (BATCH, SEQ // 2, VOCAB)
+    np.testing.assert_allclose(prefix, full[:, : SEQ // 2], rtol=0, atol=2e-6)
+    # A prefix of the targets gives the mean loss over those positions (Decoder.loss).
+    _, targets = batch()
+    loss = model.apply(params, tokens[:, : SEQ // 2], targets[:, : SEQ // 2], method=Decoder.loss)
+    expected = cfg.rule.loss(full[:, : SEQ // 2], targets[:, : SEQ // 2])
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

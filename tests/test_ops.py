@@ -206,6 +206,20 @@ def test_attention_logits_use_mult_over_head_dim():
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_attention_scale_uses_the_given_seq_len():
+    """seq_len (the model's training S) replaces the call's length in the scale, forward and
+    backward; None keeps the call's length."""
+    q, k, v = (normal(i, (1, 8, 2, 16)) for i in range(3))
+    ratio = ops.attention_scale(64, 16) / ops.attention_scale(8, 16)
+    f = lambda seq_len: lambda q, k, v: ops.scaled_dot_product_attention(q, k, v, seq_len=seq_len)
+    np.testing.assert_allclose(f(64)(q, k, v), f(None)(q, k, v) * ratio, rtol=1e-6)
+    np.testing.assert_allclose(f(8)(q, k, v), f(None)(q, k, v), rtol=0)
+    w = normal(3, (1, 8, 2, 16))
+    grads = lambda n: jax.grad(lambda *a: jnp.sum(f(n)(*a) * w), argnums=(0, 1, 2))(q, k, v)
+    for ours, base in zip(grads(64), grads(None)):  # scale_bwd on q, k, v: the same s
+        np.testing.assert_allclose(ours, base * ratio, rtol=1e-5, atol=1e-7)
+
+
 # --- residual split/add, plain add ---------------------------------------------------------------
 
 

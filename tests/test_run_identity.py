@@ -321,5 +321,6 @@ def test_cli_failure_is_one_line_with_the_traceback_in_the_workdir(finished, tmp
     assert proc.returncode == 1
     err = [line for line in proc.stderr.splitlines() if line.strip()]
     assert "Traceback" not in proc.stderr and len(err) == 1, proc.stderr[-3000:]
-    assert err[0].startswith("error: ") and "model.width: 32 → 64" in err[0]
+    assert err[0].startswith("python -m umup_jax.main: error: ")
+    assert "model.width: 32 → 64" in err[0]
     assert "error.log" in err[0] and "Traceback" in (workdir / "error.log").read_text()

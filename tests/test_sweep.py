@@ -163,10 +163,11 @@ def test_cli_runs_a_sweep_file(tmp_path):
     sweep_file.write_text(json.dumps(
         {"name": "cli", "grid": {"optimizer.learning_rate": [0.5, 1.0]}}))
     cmd = [sys.executable, "-m", "umup_jax.sweep",
-           f"--config={ROOT / 'configs' / 'umup_proxy.py'}:smoke,train.steps=2",
-           f"--sweep={sweep_file}", f"--workdir={tmp_path / 'w'}", "--no-progress"]
+           f"--config={ROOT / 'configs' / 'umup_proxy.py'}:smoke", "--config.train.steps=2",
+           f"--sweep={sweep_file}", f"--workdir={tmp_path / 'w'}", "--noprogress"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = rows_of(tmp_path / "w")
     assert len(rows) == 2 and list(rows[0]) == sweep_lib.COLUMNS
+    assert {r["steps"] for r in rows} == {"2"}  # the --config.train.steps override
     assert "2 runs in" in proc.stdout

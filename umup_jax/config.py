@@ -12,6 +12,7 @@ batch 64, sequence 256, 8192 steps, 2000 warm-up steps then cosine to 10%, AdamW
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.util
 import pathlib
 from typing import Any, Optional
@@ -109,13 +110,25 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def set_key(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
-    """Sets ``a.b.c = value``; an unknown key raises ``ValueError`` naming it."""
+def _unknown_key(key: str, parts: list[str], node: ml_collections.ConfigDict) -> ValueError:
+    """``config key 'train.stepz' is unknown (did you mean 'train.steps'?)``; ``parts`` is
+    ``key`` up to the first part that ``node`` lacks."""
+    close = difflib.get_close_matches(parts[-1], list(node.keys()), n=1)
+    hint = f" (did you mean {'.'.join(parts[:-1] + close)!r}?)" if close else ""
+    return ValueError(f"config key {key!r} is unknown{hint}")
+
+
+def _lookup(config: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str]:
+    """The ConfigDict holding ``key`` (``a.b.c``) and its last part; an unknown key raises
+    ``ValueError`` naming it."""
     node = config
     parts = key.split(".")
-    for part in parts[:-1]:
-        if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-            raise ValueError(f"config key {key!r} is unknown")
+    for i, part in enumerate(parts[:-1]):
+        if part not in node:
+            raise _unknown_key(key, parts[: i + 1], node)
+        if not isinstance(node[part], ml_collections.ConfigDict):
+            raise ValueError(f"config key {key!r} is unknown: {'.'.join(parts[: i + 1])!r} is "
+                             "a value, not a group of keys")
         node = node[part]
     leaf = parts[-1]
     if leaf not in node:
@@ -124,7 +137,18 @@ def set_key(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
                 f"config key {key!r} is unknown: hparams of {config.model.parametrization!r} "
                 f"are {sorted(node.keys())}"
             )
-        raise ValueError(f"config key {key!r} is unknown")
+        raise _unknown_key(key, parts, node)
+    return node, leaf
+
+
+def check_key(config: ml_collections.ConfigDict, key: str) -> None:
+    """An unknown ``key`` (``a.b.c``) raises ``ValueError`` naming it, as :func:`set_key`."""
+    _lookup(config, key)
+
+
+def set_key(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+    """Sets ``a.b.c = value``; an unknown key raises ``ValueError`` naming it."""
+    node, leaf = _lookup(config, key)
     current = node[leaf]
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)

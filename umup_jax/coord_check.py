@@ -3,6 +3,9 @@
     python -m umup_jax.coord_check --config=configs/umup_proxy.py[:ARG] \\
         --widths=64,128,256,512 --steps=3 --out=DIR
 
+(``--config.a.b=value`` overrides, ``--seed=N``; the flag conventions are those of
+:mod:`umup_jax.cli`.)
+
 For each width the config's model is rebuilt at that width with everything else unchanged:
 same parametrization and HPs, same depth, sequence length and batch size, and the same head
 size (the config's ``width / num_heads``), so the number of heads grows with width.  Each model
@@ -48,8 +51,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import flags
 from flax.core import meta as flax_meta
 
+from umup_jax import cli
 from umup_jax import data as data_lib
 from umup_jax import metrics as metrics_lib
 from umup_jax import train as train_lib
@@ -361,26 +366,35 @@ def run(config: ml_collections.ConfigDict, widths: Sequence[int], steps: int, ou
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    """``python -m umup_jax.coord_check --config=FILE[:ARG] --widths=… --steps=k --out=DIR``."""
-    import argparse
+FLAGS = flags.FLAGS
 
-    from umup_jax import config as config_lib
 
-    p = argparse.ArgumentParser(prog="python -m umup_jax.coord_check", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="config file, optionally :variants,k=v")
-    p.add_argument("--widths", default="64,128,256,512", help="comma-separated widths")
-    p.add_argument("--steps", type=int, default=3, help="AdamW steps k (rows at steps 0 … k)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--seed", type=int, default=None, help="init seed (default: the config's)")
-    args = p.parse_args(argv)
-    try:
-        widths = [int(w) for w in args.widths.split(",") if w.strip()]
-    except ValueError:
-        p.error(f"--widths={args.widths!r}: comma-separated integers")
-    run(config_lib.load_config_file(args.config), widths, args.steps, args.out, seed=args.seed)
+def define_flags() -> None:
+    """The flags of ``python -m umup_jax.coord_check`` (defined only when it runs)."""
+    cli.define_config_flag(FLAGS)
+    flags.DEFINE_list("widths", ["64", "128", "256", "512"], "Comma-separated widths.")
+    flags.DEFINE_integer("steps", 3, "AdamW steps k (rows at steps 0 … k).", lower_bound=0)
+    flags.DEFINE_string("out", None, "Output directory: coord_check.csv, coord_check.png.")
+    flags.DEFINE_integer("seed", None, "Init seed (default: the config's).")
+    flags.mark_flags_as_required(["config", "out"])
+
+
+def main() -> None:
+    config = FLAGS.config
+    with cli.usage_errors():
+        try:
+            widths = [int(w) for w in FLAGS.widths]
+        except ValueError:
+            raise ValueError(f"--widths={','.join(FLAGS.widths)}: give comma-separated "
+                             "integers") from None
+        if not widths:
+            raise ValueError("--widths is empty: give one or more widths")
+        train_lib.check_config(config)
+        for w in widths:  # a width that is not a multiple of the head size
+            model_config_at_width(config, max(int(config.model.vocab_size or 0), 2), w)
+    run(config, widths, FLAGS.steps, FLAGS.out, seed=FLAGS.seed)
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    cli.run(main, FLAGS)

@@ -7,7 +7,8 @@ points therefore:
 
 * send Python/absl logging (orbax, jax, our own warnings) to ``WORKDIR/run.log``
   (:func:`log_to_workdir`); our own progress and warnings are printed as well;
-* turn an exception into ``error: <what happened, where, what to do>`` on stderr, append the
+* turn an exception into ``<program>: error: <what happened, where, what to do>`` on stderr
+  (the format of :mod:`umup_jax.cli`'s usage errors, which exit with status 2), append the
   full traceback to ``WORKDIR/error.log`` and exit with status 1 (:func:`exit_on_failure`).
 
 The library itself raises ordinary exceptions whose messages already say what, where and what
@@ -84,5 +85,7 @@ def exit_on_failure(workdir: Optional[pathlib.Path | str]) -> Iterator[None]:
     except BaseException as exc:  # the one place a run's failure is reported
         where = write_traceback(exc, workdir)
         tail = f" (traceback in {where})" if where else ""
-        print(f"error: {one_line(exc)}{tail}", file=sys.stderr, flush=True)
+        from umup_jax.cli import program_name
+
+        print(f"{program_name()}: error: {one_line(exc)}{tail}", file=sys.stderr, flush=True)
         sys.exit(1)

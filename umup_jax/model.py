@@ -47,7 +47,8 @@ class ModelConfig:
       vocab_size: V.  width: d_model.  depth: L, the number of transformer layers.
       num_heads: H (width must be divisible by it).  head_dim: defaults to width // H.
       ffn_expansion: the SwiGLU hidden size is ffn_expansion·width (u-μP library: 4).
-      seq_len: the training sequence length S (u-μP's attention scale uses the actual S).
+      seq_len: the training sequence length S, the longest input; u-μP's attention scale
+        uses this S for every call, whatever its length (spec §5.9).
       position: ``rope`` (default) or ``none`` (NoPE).  rope_theta: RoPE base.
       parametrization: ``sp | mup | umup``.  hparams: that rule's HPs (a mapping).
       dtype: compute dtype ``float32 | bfloat16``; params, logits and the loss stay fp32.
@@ -260,7 +261,7 @@ class Block(nn.Module):
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
             if cfg.position == "rope":
                 q, k = apply_rope(q, cfg.rope_theta), apply_rope(k, cfg.rope_theta)
-            o = rule.attention(q, k, v, causal=True)
+            o = rule.attention(q, k, v, causal=True, seq_len=cfg.seq_len)
             o = linear_for(self, cfg, "attn_out", rule.linear,
                            o.reshape(b, s, h * hd), w_o.astype(dt).reshape(h * hd, d), m_o)
             self.sow("intermediates", "attn_branch", o)

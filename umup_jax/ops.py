@@ -273,11 +273,17 @@ def attention_scale(seq_len: int, head_dim: int, mult: float = 1.0, causal: bool
     return 1.0 / logarithmic_interpolation(1.0 / (1.0 + 4.0 * head_dim / mult**2), lower, 1.0)
 
 
-def scaled_dot_product_attention(q, k, v, mult: float = 1.0, causal: bool = True):
+def scaled_dot_product_attention(q, k, v, mult: float = 1.0, causal: bool = True,
+                                 seq_len: Optional[int] = None):
     """Unit-scaled attention with logits (α_attn/d_head)·q·kᵀ; the scale s of
-    :func:`attention_scale` is applied to the output (forward) and to the q, k, v gradients."""
-    seq_len, head_dim = v.shape[-3], v.shape[-1]
-    s = attention_scale(seq_len, head_dim, mult, causal)
+    :func:`attention_scale` is applied to the output (forward) and to the q, k, v gradients.
+
+    ``seq_len`` is the S of that scale, a static int.  A model passes its *training* length
+    (spec §5.9: "use the training S for the constant"), so that a shorter call (evaluation,
+    sampling, a prefix) computes the same function; ``None`` takes the call's own length.
+    """
+    head_dim = v.shape[-1]
+    s = attention_scale(v.shape[-3] if seq_len is None else seq_len, head_dim, mult, causal)
     q, k, v = (scale_bwd(t, s) for t in (q, k, v))
     out = dot_product_attention(q, k, v, logit_scale=mult / head_dim, causal=causal)
     return scale_fwd(out, s)

@@ -267,7 +267,9 @@ class Parametrization(metaclass=_abc.ABCMeta):
     def attention_logit_scale(self, head_dim: int) -> float:
         return head_dim**-0.5
 
-    def attention(self, q, k, v, causal: bool = True):
+    def attention(self, q, k, v, causal: bool = True, seq_len: Optional[int] = None):
+        """Attention on (B, S, H, D); ``seq_len`` is the model's training S (u-μP's output
+        scale is computed from it; plain attention has no such scale)."""
         return ops.dot_product_attention(
             q, k, v, logit_scale=self.attention_logit_scale(q.shape[-1]), causal=causal
         )
@@ -408,8 +410,9 @@ class UMuP(Parametrization):
     def embed(self, table, ids, meta: ParamMeta):
         return ops.embedding(self._shifted(table, meta), ids)
 
-    def attention(self, q, k, v, causal: bool = True):
-        return ops.scaled_dot_product_attention(q, k, v, mult=self.attn_mult, causal=causal)
+    def attention(self, q, k, v, causal: bool = True, seq_len: Optional[int] = None):
+        return ops.scaled_dot_product_attention(q, k, v, mult=self.attn_mult, causal=causal,
+                                                seq_len=seq_len)
 
     def ffn_activation(self, up, gate):
         return ops.silu_glu(up, gate, mult=self.ffn_act_mult)

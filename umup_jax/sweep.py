@@ -2,6 +2,9 @@
 
     python -m umup_jax.sweep --config=configs/umup_proxy.py:cpu --sweep=SWEEP --workdir=DIR
 
+(``--config.a.b=value`` overrides, ``--nobatched``, ``--noprogress``; the flag conventions are
+those of :mod:`umup_jax.cli`.)
+
 ``SWEEP`` is a ``.json`` file or a ``.py`` file with ``get_sweep()`` returning a dict:
 
 * ``{"kind": "grid", "grid": {key: [values…], …}}``: the Cartesian product (e.g. width × LR);
@@ -55,7 +58,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import flags
 
+from umup_jax import cli
 from umup_jax import config as config_lib
 from umup_jax import data as data_lib
 from umup_jax import identity as identity_lib
@@ -552,23 +557,34 @@ def run_sweep(config: ml_collections.ConfigDict, spec: dict, workdir: str,
     return list(runner.store.rows.values())
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    """``python -m umup_jax.sweep --config=FILE[:ARG] --sweep=SWEEP --workdir=DIR``."""
-    import argparse
+# ---------------------------------------------------------------------------------------------
+# Command line (conventions of umup_jax.cli)
+# ---------------------------------------------------------------------------------------------
 
-    p = argparse.ArgumentParser(prog="python -m umup_jax.sweep", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="config file, optionally :variants,k=v")
-    p.add_argument("--sweep", required=True, help=".json, or .py with get_sweep()")
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--batched", default=True, action=argparse.BooleanOptionalAction,
-                   help="train runs that differ only in LR/WD as one vmapped computation")
-    p.add_argument("--progress", default=True, action=argparse.BooleanOptionalAction)
-    args = p.parse_args(argv)
-    rows = run_sweep(config_lib.load_config_file(args.config), load_sweep(args.sweep),
-                     args.workdir, batched=args.batched, progress=args.progress)
-    print(f"{len(rows)} runs in {pathlib.Path(args.workdir) / 'results.csv'}")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The flags of ``python -m umup_jax.sweep`` (defined only when it runs)."""
+    cli.define_config_flag(FLAGS)
+    flags.DEFINE_string("sweep", None, "The sweep: a .json file, or a .py file with get_sweep().")
+    flags.DEFINE_string("workdir", None, "Sweep directory: results.csv, sweep.json, runs/.")
+    flags.DEFINE_boolean("batched", True, "Train runs that differ only in learning rate / "
+                         "weight decay as one vmapped computation (--nobatched: one by one).")
+    flags.DEFINE_boolean("progress", True, "Show a progress bar over runs.")
+    flags.mark_flags_as_required(["config", "sweep", "workdir"])
+
+
+def main() -> None:
+    config = FLAGS.config
+    with cli.usage_errors():
+        train_lib.check_config(config)
+        spec = load_sweep(FLAGS.sweep)
+        validate(spec, config)
+    rows = run_sweep(config, spec, FLAGS.workdir, batched=FLAGS.batched, progress=FLAGS.progress)
+    print(f"{len(rows)} runs in {pathlib.Path(FLAGS.workdir) / 'results.csv'}")
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    define_flags()
+    cli.run(main, FLAGS)
