@@ -138,3 +138,18 @@ def test_missing_ray_gives_a_clear_message(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray → ImportError
     with pytest.raises(backends.BackendError, match=r"pip install -e '\.\[ray\]'"):
         backends.make_backend("ray")
+
+
+def test_cli_unreachable_ray_address_is_one_line(tmp_path):
+    sweep = tmp_path / "s.json"
+    sweep.write_text(json.dumps(GRID))
+    cmd = [sys.executable, "-m", "umup_jax.sweep",
+           f"--config={ROOT / 'configs' / 'umup_proxy.py'}:smoke,train.steps=2",
+           f"--sweep={sweep}", f"--workdir={tmp_path / 'w'}", "--backend=ray",
+           "--ray_address=127.0.0.1:9", "--noprogress"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip() == ("python -m umup_jax.sweep: error: cannot reach the Ray "
+                                   "cluster at --ray_address='127.0.0.1:9' " +
+                                   proc.stderr.split("'127.0.0.1:9' ", 1)[1].strip())
+    assert "\n" not in proc.stderr.strip() and not (tmp_path / "w" / "runs").exists()

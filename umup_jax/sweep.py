@@ -3,7 +3,10 @@
     python -m umup_jax.sweep --config=configs/umup_proxy.py:cpu --sweep=SWEEP --workdir=DIR
 
 (``--config.a.b=value`` overrides, ``--nobatched``, ``--noprogress``; the flag conventions are
-those of :mod:`umup_jax.cli`.)
+those of :mod:`umup_jax.cli`.)  ``--backend=ray`` runs the sweep's units of work as Ray tasks
+on a local Ray or on a cluster (``--ray_address``, ``--gpus_per_task``, ``--cpus_per_task``;
+:mod:`umup_jax.sweep_backends`); the results are the same rows as with the default
+``--backend=local``.
 
 ``SWEEP`` is a ``.json`` file or a ``.py`` file with ``get_sweep()`` returning a dict:
 
@@ -572,6 +575,15 @@ def define_flags() -> None:
     flags.DEFINE_boolean("batched", True, "Train runs that differ only in learning rate / "
                          "weight decay as one vmapped computation (--nobatched: one by one).")
     flags.DEFINE_boolean("progress", True, "Show a progress bar over runs.")
+    flags.DEFINE_enum("backend", "local", list(backends.BACKENDS),
+                      "Where units of work run: local (one after another in this process) or "
+                      "ray (Ray tasks in parallel; pip install -e '.[ray]').")
+    flags.DEFINE_string("ray_address", None, "With --backend=ray: the cluster to join "
+                        "(host:port, ray://host:port or auto); default RAY_ADDRESS, else a "
+                        "local Ray started in this process.")
+    flags.DEFINE_float("gpus_per_task", None, "With --backend=ray: GPUs per task (default 1 "
+                       "when the cluster has GPUs, else 0).")
+    flags.DEFINE_float("cpus_per_task", 1.0, "With --backend=ray: CPUs per task.")
     flags.mark_flags_as_required(["config", "sweep", "workdir"])
 
 
@@ -581,7 +593,11 @@ def main() -> None:
         train_lib.check_config(config)
         spec = load_sweep(FLAGS.sweep)
         validate(spec, config)
-    rows = run_sweep(config, spec, FLAGS.workdir, batched=FLAGS.batched, progress=FLAGS.progress)
+    with cli.usage_errors():
+        rows = run_sweep(config, spec, FLAGS.workdir, batched=FLAGS.batched,
+                         progress=FLAGS.progress, backend=FLAGS.backend,
+                         ray_address=FLAGS.ray_address, gpus_per_task=FLAGS.gpus_per_task,
+                         cpus_per_task=FLAGS.cpus_per_task)
     print(f"{len(rows)} runs in {pathlib.Path(FLAGS.workdir) / 'results.csv'}")
 
 
