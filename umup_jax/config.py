@@ -54,6 +54,12 @@ def base_config(parametrization: str = "umup") -> ml_collections.ConfigDict:
         train_bin="", valid_bin="", bin_dtype="uint16",
         hf_name="", hf_config="", hf_text_field="text",
         tokenizer="bpe", vocab_size=32000, cache_dir="", shuffle_seed=0, prefetch=2,
+        # source="prepared": a directory written by `python -m umup_jax.prepare_data`, and the
+        # prepare_data arguments that make it (shown when it is missing).
+        prepared_dir="", prepare_args="",
+        # source="hf": split names (WikiText: train/validation/test) and what a document is
+        # ("rows": each row; "wikitext": rows grouped into articles at " = Title = " headings).
+        hf_train_split="train", hf_valid_split="validation", hf_documents="rows",
     ))
     # Device mesh (sizes, one may be -1 = the rest) and multi-host settings (empty: single
     # process, or taken from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID).
