@@ -2,7 +2,8 @@
 
 Config files in ``configs/`` call :func:`proxy_config` with their parametrization and accept an
 argument string ``--config=configs/umup_proxy.py:ARG`` made of comma-separated variant names
-(``cpu``, ``smoke``) and ``key=value`` overrides, e.g. ``:cpu,train.steps=200,model.width=64``.
+(``cpu``, ``smoke``, ``wikitext103``) and ``key=value`` overrides, e.g.
+``:cpu,train.steps=200,model.width=64``.
 
 The defaults are the u-μP paper's Table 5 proxy (spec §0.1): width 256, depth 4, 4 heads of 64,
 batch 64, sequence 256, 8192 steps, 2000 warm-up steps then cosine to 10%, AdamW (0.9, 0.999,
@@ -85,6 +86,16 @@ VARIANTS = {
         "train.steps": 600, "train.batch_size": 16, "train.eval_every": 200,
         "train.eval_batches": 8, "train.eval_batch_size": 16, "train.metrics_every": 100,
         "train.checkpoint_every": 200, "optimizer.warmup_steps": 100,
+    },
+    # The paper's proxy data (Table 5): WikiText-103 raw, 32k byte-level BPE, prepared once
+    # with the command in data.prepare_args (a GPU path: ~120 M train tokens).
+    "wikitext103": {
+        "data.source": "prepared",
+        "data.prepared_dir": "~/.cache/umup_jax/prepared/wikitext103-bpe32k",
+        "data.prepare_args": ("--source=hf --hf_name=Salesforce/wikitext "
+                              "--hf_config=wikitext-103-raw-v1 --hf_documents=wikitext "
+                              "--nohf_streaming --tokenizer=bpe:32000"),
+        "data.vocab_size": 32000,
     },
     # Seconds, for tests.
     "smoke": {
