@@ -40,7 +40,8 @@ counted ×4, an estimate) or the dataset's recorded size; when it is unknown (e.
 without size metadata) p = 1.  ``head`` takes the first documents (reads only the start of a
 stream; ``spread`` reads a stream twice).
 
-Encoding is done in chunks of about 2 M characters, by ``--workers`` processes, with at most
+Encoding is done in chunks of about 2 M characters, by ``--workers`` processes (started with
+``spawn``, about a second each; ``bytes`` always encodes in the main process), with at most
 2 × workers chunks in flight, so memory stays bounded whatever the corpus size; a document
 longer than 1 M characters is encoded in pieces cut before a newline (or space) that follows a
 printable ASCII character, where byte-level BPE's pre-tokenizer always has a word boundary, so
@@ -856,7 +857,9 @@ def prepare(
         tok_bytes = tok.to_json().encode("utf-8")
         (tmp / "tokenizer.json").write_bytes(tok_bytes)
         t_encode = time.time()
-        pool = EncoderPool(workers, (kind, tok.to_json() if kind == "hf" else "", eos_id, dtype))
+        # Bytes are a copy per character: worker processes would only add their start-up.
+        pool = EncoderPool(workers if kind == "hf" else 1,
+                           (kind, tok.to_json() if kind == "hf" else "", eos_id, dtype))
         try:
             splits = {}
             for split, source in (("train", train), ("valid", valid)):
