@@ -438,7 +438,8 @@ class HFEncoder:
 # The same pattern for pure-ASCII text in the standard library's (faster) engine: there \p{L}
 # is [A-Za-z], \p{N} is [0-9] and \s is [\t\n\v\f\r ] (checked at run time, see below).
 _ASCII_SPACE = r"\t\n\x0b\x0c\r "
-GPT2_ASCII_PATTERN = (rf"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^{_ASCII_SPACE}A-Za-z0-9]+"""
+GPT2_ASCII_PATTERN = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+"""
+                      rf"""| ?[^{_ASCII_SPACE}A-Za-z0-9]+"""
                       rf"""|[{_ASCII_SPACE}]+(?![^{_ASCII_SPACE}])|[{_ASCII_SPACE}]+""")
 _NON_ASCII = re.compile(r"[^\x00-\x7f]+")
 _BOUNDARY_AFTER = re.compile(r"[!-~](?=[\n ])")
@@ -954,7 +955,8 @@ def prepare_hf_cached(cfg, cache_dir: pathlib.Path) -> pathlib.Path:
     size = train.size_estimate() or 0
     workers = min(_available_cpus(), 8) if size > 32e6 else 1
     prepare(train, valid, spec, out, workers=workers, exist_ok=True, progress=True,
-            command=f"data.source=hf, data.hf_name={cfg.hf_name!r}", tokenizer_field="data.tokenizer")
+            command=f"data.source=hf, data.hf_name={cfg.hf_name!r}",
+            tokenizer_field="data.tokenizer")
     return out
 
 
