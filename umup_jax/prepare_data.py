@@ -714,6 +714,9 @@ def build_tokenizer(spec: str, train, eos_token: str = data_lib.EOS_TOKEN,
             raise DataConfigError("the train split has no text to train the BPE on")
         tok = data_lib.train_bpe(texts, arg, special_tokens=(eos_token,))
         sample["train_seconds"] = round(time.time() - t0, 2)
+        if tok.vocab_size < arg:
+            log.warning("the BPE has %d tokens, not %d: the sample has no more merges to make",
+                        tok.vocab_size, arg)
         return tok, "hf", {"spec": spec, "bpe_sample": sample}
     try:
         tok = data_lib.HFTokenizer.from_file(arg)
@@ -1030,9 +1033,13 @@ def check_disjoint_files(train, valid) -> None:
 def main(argv) -> None:
     from absl import app, flags
 
+    from absl import logging as absl_logging
+
     FLAGS = flags.FLAGS
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)  # datasets logs every step at INFO
     command = "python -m umup_jax.prepare_data " + shlex.join(sys.argv[1:])
     try:
         train, valid = sources_from_flags(FLAGS)
