@@ -109,13 +109,17 @@ def test_bpe_round_trip_equals_direct_encode_with_separators(prepared_bpe):
     assert first == docs["train"][0]
 
 
+@pytest.mark.parametrize("fork", [True, False])
 def test_workers_small_reads_and_pieces_give_identical_bins(prepared_bpe, corpus, tmp_path,
-                                                            monkeypatch):
+                                                            monkeypatch, fork):
     out, _ = prepared_bpe
+    monkeypatch.setattr(P, "fork_is_safe", lambda: fork)
     monkeypatch.setattr(P, "_READ_CHARS", 7)  # separators straddle reads
     monkeypatch.setattr(P, "CHUNK_CHARS", 500)  # many chunks in flight
     other = tmp_path / "other"
-    P.prepare(*sources(corpus, piece_chars=60), str(out / "tokenizer.json"), other, workers=2)
+    meta = P.prepare(*sources(corpus, piece_chars=60), str(out / "tokenizer.json"), other,
+                     workers=2)
+    assert meta["start_method"] == ("fork" if fork else "spawn")
     for name in ("train.bin", "valid.bin", "tokenizer.json"):
         assert (other / name).read_bytes() == (out / name).read_bytes(), name
 

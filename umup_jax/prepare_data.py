@@ -40,8 +40,8 @@ counted ×4, an estimate) or the dataset's recorded size; when it is unknown (e.
 without size metadata) p = 1.  ``head`` takes the first documents (reads only the start of a
 stream; ``spread`` reads a stream twice).
 
-Encoding is done in chunks of about 2 M characters, by ``--workers`` processes (started with
-``spawn``, about a second each; ``bytes`` always encodes in the main process), with at most
+Encoding is done in chunks of about 2 M characters, by ``--workers`` processes (forked when no
+JAX backend runs in this process, else spawned; ``bytes`` encodes in the main process), with at most
 2 × workers chunks in flight, so memory stays bounded whatever the corpus size; a document
 longer than 1 M characters is encoded in pieces cut before a newline (or space) that follows a
 printable ASCII character, where byte-level BPE's pre-tokenizer always has a word boundary, so
@@ -601,17 +601,39 @@ def _worker_encode(chunk):
     return _WORKER_ENCODER(chunk)
 
 
+def fork_is_safe() -> bool:
+    """Whether worker processes may be forked from this one: on a platform with ``fork``, and
+    only while no JAX backend is running here (its threads do not survive a fork).  Forked
+    workers start in milliseconds; spawned ones import the package (and JAX) again, about a
+    second each."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return False
+    if "jax" not in sys.modules:
+        return True
+    try:
+        from jax._src import xla_bridge
+
+        return not xla_bridge.backends_are_initialized()
+    except (ImportError, AttributeError):  # pragma: no cover - another JAX layout
+        return False
+
+
 class EncoderPool:
-    """Encodes chunks in order: in this process (workers ≤ 1) or in ``workers`` spawned
-    processes with at most 2 × workers chunks in flight."""
+    """Encodes chunks in order: in this process (workers ≤ 1) or in ``workers`` processes
+    (forked when :func:`fork_is_safe`, else spawned) with at most 2 × workers chunks in flight."""
 
     def __init__(self, workers: int, encoder_args: tuple):
         self.workers = max(int(workers), 1)
         self._local = ChunkEncoder(*encoder_args) if self.workers == 1 else None
         self._pool = None
+        self.start_method = None
         if self.workers > 1:
+            self.start_method = "fork" if fork_is_safe() else "spawn"
+            if self.start_method == "fork":
+                # tokenizers would warn that its (unused) thread pool is off in the children.
+                os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
             self._pool = ProcessPoolExecutor(
-                self.workers, mp_context=multiprocessing.get_context("spawn"),
+                self.workers, mp_context=multiprocessing.get_context(self.start_method),
                 initializer=_worker_init, initargs=(encoder_args,))
 
     def map(self, chunks: Iterable[list[Piece]]) -> Iterator[tuple[np.ndarray, int, int]]:
@@ -891,6 +913,7 @@ def prepare(
             "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
                 timespec="seconds"),
             "workers": pool.workers,
+            "start_method": pool.start_method,
             "seconds": {"total": round(time.time() - t_start, 2), "encode": round(encode_s, 2)},
             "tokens_per_second": round(total / max(encode_s, 1e-9)),
             "versions": _versions(),
