@@ -2,7 +2,8 @@
 
 Config files in ``configs/`` call :func:`proxy_config` with their parametrization and accept an
 argument string ``--config=configs/umup_proxy.py:ARG`` made of comma-separated variant names
-(``cpu``, ``smoke``) and ``key=value`` overrides, e.g. ``:cpu,train.steps=200,model.width=64``.
+(``cpu``, ``smoke``, ``wikitext103``) and ``key=value`` overrides, e.g.
+``:cpu,train.steps=200,model.width=64``.
 
 The defaults are the u-μP paper's Table 5 proxy (spec §0.1): width 256, depth 4, 4 heads of 64,
 batch 64, sequence 256, 8192 steps, 2000 warm-up steps then cosine to 10%, AdamW (0.9, 0.999,
@@ -61,6 +62,12 @@ def base_config(parametrization: str = "umup") -> ml_collections.ConfigDict:
         train_bin="", valid_bin="", bin_dtype="uint16",
         hf_name="", hf_config="", hf_text_field="text",
         tokenizer="bpe", vocab_size=32000, cache_dir="", shuffle_seed=0, prefetch=2,
+        # source="prepared": a directory written by `python -m umup_jax.prepare_data`, and the
+        # prepare_data arguments that make it (shown when it is missing).
+        prepared_dir="", prepare_args="",
+        # source="hf": split names (WikiText: train/validation/test) and what a document is
+        # ("rows": each row; "wikitext": rows grouped into articles at " = Title = " headings).
+        hf_train_split="train", hf_valid_split="validation", hf_documents="rows",
     ))
     # Device mesh (sizes, one may be -1 = the rest) and multi-host settings (empty: single
     # process, or taken from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID).
@@ -90,6 +97,16 @@ VARIANTS = {
         "train.steps": 600, "train.batch_size": 16, "train.eval_every": 200,
         "train.eval_batches": 8, "train.eval_batch_size": 16, "train.metrics_every": 100,
         "train.checkpoint_every": 200, "optimizer.warmup_steps": 100,
+    },
+    # The paper's proxy data (Table 5): WikiText-103 raw, 32k byte-level BPE, prepared once
+    # with the command in data.prepare_args (a GPU path: ~120 M train tokens).
+    "wikitext103": {
+        "data.source": "prepared",
+        "data.prepared_dir": "~/.cache/umup_jax/prepared/wikitext103-bpe32k",
+        "data.prepare_args": ("--source=hf --hf_name=Salesforce/wikitext "
+                              "--hf_config=wikitext-103-raw-v1 --hf_documents=wikitext "
+                              "--nohf_streaming --tokenizer=bpe:32000"),
+        "data.vocab_size": 32000,
     },
     # Seconds, for tests.
     "smoke": {

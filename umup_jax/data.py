@@ -13,14 +13,22 @@ Sources (``config.data.source``):
   ``data/PROVENANCE.md``) with its fixed train/validation split.
 * ``text``: UTF-8 text files or globs (``train_files``, ``valid_files``).
 * ``memmap``: pre-tokenized ``.bin`` files of ``uint16``/``uint32`` (``train_bin``,
-  ``valid_bin``, ``bin_dtype``); ``vocab_size`` must be given.
-* ``hf``: a Hugging Face ``datasets`` dataset already in the local cache (``hf_name``,
-  ``hf_config``, ``hf_text_field``), e.g. ``wikitext``/``wikitext-103-raw-v1``; loaded with
-  ``HF_DATASETS_OFFLINE=1``, never downloaded.
+  ``valid_bin``, ``bin_dtype``), nanoGPT style; ``vocab_size`` must be given.
+* ``prepared``: a directory written by ``python -m umup_jax.prepare_data`` (``prepared_dir``):
+  ``{train,valid}.bin`` memory-mapped, the vocabulary from its ``meta.json``, checked against
+  the bins' sizes and the sha256 of its ``tokenizer.json``.
+* ``hf``: a Hugging Face ``datasets`` dataset (``hf_name``, ``hf_config``, ``hf_train_split``,
+  ``hf_valid_split``, ``hf_text_field``, ``hf_documents``), or a directory written by
+  ``save_to_disk``; downloaded on first use (offline only when the user sets
+  ``HF_DATASETS_OFFLINE=1``), then tokenized document by document with
+  :func:`umup_jax.prepare_data.prepare` into a prepared directory in the cache and read like
+  ``prepared``.
 
 Tokenizers (``config.data.tokenizer``): ``bytes`` (V = 256), ``bpe`` (byte-level BPE trained
 with Hugging Face ``tokenizers`` on the train split to ``vocab_size``, cached by content hash),
-or a path to a ``tokenizer.json``.
+or a path to a ``tokenizer.json``.  Prepared data (``prepared``, ``hf``) has a document
+separator ``<|endoftext|>`` after every document: for bytes it is id 256 (V = 257), for a BPE
+trained by ``prepare_data`` it is the trainer's special token 0.
 
 The cache (``data.cache_dir``, else ``$UMUP_JAX_CACHE``, else ``~/.cache/umup_jax``) is flat:
 
@@ -44,19 +52,20 @@ import contextlib
 import dataclasses
 import glob
 import hashlib
+import json
 import logging
 import lzma
 import os
 import pathlib
 import tempfile
-from typing import Any, Optional
+from typing import Any, Iterable, Optional, Union
 
 import grain
 import numpy as np
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("bundled", "text", "memmap", "hf")
+SOURCES = ("bundled", "text", "memmap", "prepared", "hf")
 BUNDLED_DIR = pathlib.Path(__file__).resolve().parent.parent / "data"
 BUNDLED_FILES = {"train": "corpus_train.txt.xz", "valid": "corpus_valid.txt.xz"}
 
@@ -147,37 +156,30 @@ def load_texts(cfg) -> dict[str, str]:
             "train": "\n\n".join(_read_text(p) for p in train),
             "valid": "\n\n".join(_read_text(p) for p in valid),
         }
-    if cfg.source == "hf":
-        return _load_hf(cfg)
     raise DataConfigError(f"data.source={cfg.source!r} has no text (allowed: {SOURCES})")
-
-
-def _load_hf(cfg) -> dict[str, str]:
-    try:
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-        import datasets  # optional extra
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise DataConfigError(
-            "data.source='hf' needs the optional `datasets` package (pip install datasets)"
-        ) from e
-    try:
-        ds = datasets.load_dataset(cfg.hf_name, cfg.hf_config or None)
-    except Exception as e:  # pragma: no cover - depends on the local cache
-        raise DataConfigError(
-            f"data.hf_name={cfg.hf_name!r}: not loadable from the local cache "
-            f"(no network at run time): {e}"
-        ) from e
-    out = {}
-    for split, name in (("train", "train"), ("valid", "validation")):
-        if name not in ds:
-            raise DataConfigError(f"data.hf_name={cfg.hf_name!r} has no {name!r} split")
-        out[split] = "\n".join(ds[name][cfg.hf_text_field])
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
 # Tokenizers
 # ---------------------------------------------------------------------------------------------
+
+
+EOS_TOKEN = "<|endoftext|>"  # the document separator of prepared data
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: byte b → a printable character (the map ``tokenizers``'
+    ``ByteLevel`` pre-tokenizer applies before its model sees a word)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
 
 
 class ByteTokenizer:
@@ -193,6 +195,21 @@ class ByteTokenizer:
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
+    @staticmethod
+    def as_hf(eos_token: str = EOS_TOKEN) -> "HFTokenizer":
+        """The same tokenizer as a ``tokenizers`` BPE without merges (id b = byte b), plus
+        ``eos_token`` as special token 256: V = 257.  What ``prepare_data --tokenizer=bytes``
+        writes as ``tokenizer.json``, so that any ``tokenizers`` user can read the ids."""
+        import tokenizers
+        from tokenizers import decoders, models, pre_tokenizers
+
+        vocab = {ch: b for b, ch in bytes_to_unicode().items()}
+        tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([eos_token])
+        return HFTokenizer(tok, "bytes")
+
 
 class HFTokenizer:
     """A Hugging Face ``tokenizers`` tokenizer (byte-level BPE or a given tokenizer.json)."""
@@ -207,6 +224,20 @@ class HFTokenizer:
     def to_json(self) -> str:
         """The serialized tokenizer (Hugging Face ``tokenizer.json`` format)."""
         return self._tok.to_str()
+
+    @classmethod
+    def from_file(cls, path: Union[str, pathlib.Path], name: Optional[str] = None) -> "HFTokenizer":
+        import tokenizers
+
+        return cls(tokenizers.Tokenizer.from_file(str(path)), name or pathlib.Path(path).name)
+
+    @property
+    def hf(self):
+        """The underlying ``tokenizers.Tokenizer``."""
+        return self._tok
+
+    def token_id(self, token: str) -> Optional[int]:
+        return self._tok.token_to_id(token)
 
     def encode(self, text: str) -> np.ndarray:
         # Encode in chunks of lines: one huge string is slow and memory hungry.
@@ -250,8 +281,18 @@ def _sha(*parts: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def train_bpe(text: str, vocab_size: int, cache_dir: pathlib.Path) -> HFTokenizer:
-    """Byte-level BPE trained on ``text`` to ``vocab_size``; cached by (text, size) hash.
+def train_bpe(
+    texts: Union[str, Iterable[str]],
+    vocab_size: int,
+    cache_dir: Optional[pathlib.Path] = None,
+    special_tokens: tuple[str, ...] = (),
+) -> HFTokenizer:
+    """Byte-level BPE (GPT-2 pre-tokenization, no prefix space) trained to ``vocab_size``.
+
+    ``texts`` is one string (fed to the trainer in pieces of 512 lines) or an iterable of
+    strings (documents, fed as they come).  ``special_tokens`` take the first ids (0, 1, ...)
+    and count towards ``vocab_size``.  With ``cache_dir`` and a string, the result is cached by
+    the hash of (text, size, special tokens).
 
     Training is single-threaded (``RAYON_NUM_THREADS=1``) so that the merges, and hence every
     token id, are the same on every machine.
@@ -259,10 +300,14 @@ def train_bpe(text: str, vocab_size: int, cache_dir: pathlib.Path) -> HFTokenize
     import tokenizers
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    key = _sha("bpe-v1", tokenizers.__version__, str(vocab_size), text)
-    path = cache_dir / f"bpe-{vocab_size}-{key}.json"
-    if path.exists():
-        return HFTokenizer(tokenizers.Tokenizer.from_file(str(path)), f"bpe{vocab_size}")
+    name = f"bpe{vocab_size}"
+    path = None
+    if cache_dir is not None and isinstance(texts, str):
+        key = _sha("bpe-v1", tokenizers.__version__, str(vocab_size), texts,
+                   *(("special",) + tuple(special_tokens) if special_tokens else ()))
+        path = cache_dir / f"bpe-{vocab_size}-{key}.json"
+        if path.exists():
+            return HFTokenizer(tokenizers.Tokenizer.from_file(str(path)), name)
     os.environ["RAYON_NUM_THREADS"] = "1"
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -270,15 +315,16 @@ def train_bpe(text: str, vocab_size: int, cache_dir: pathlib.Path) -> HFTokenize
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=[],
+        special_tokens=list(special_tokens),
         show_progress=False,
     )
-    lines = text.splitlines(keepends=True)
-    tok.train_from_iterator(
-        ("".join(lines[i : i + 512]) for i in range(0, len(lines), 512)), trainer=trainer
-    )
-    _atomic_write(path, lambda tmp: tok.save(str(tmp)))
-    return HFTokenizer(tok, f"bpe{vocab_size}")
+    if isinstance(texts, str):
+        lines = texts.splitlines(keepends=True)
+        texts = ("".join(lines[i : i + 512]) for i in range(0, len(lines), 512))
+    tok.train_from_iterator(texts, trainer=trainer)
+    if path is not None:
+        _atomic_write(path, lambda tmp: tok.save(str(tmp)))
+    return HFTokenizer(tok, name)
 
 
 def make_tokenizer(cfg, train_text: str, cache_dir: pathlib.Path):
@@ -333,6 +379,120 @@ def default_cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("UMUP_JAX_CACHE", "~/.cache/umup_jax")).expanduser()
 
 
+# ---------------------------------------------------------------------------------------------
+# Prepared directories (written by ``python -m umup_jax.prepare_data``)
+# ---------------------------------------------------------------------------------------------
+
+PREPARED_FORMAT = "umup_jax.prepared/1"
+PREPARED_SPLITS = ("train", "valid")
+PREPARED_DTYPES = ("uint16", "uint32")
+
+
+def sha256_file(path: Union[str, pathlib.Path]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def bin_dtype_for(vocab_size: int) -> str:
+    """``uint16`` when every id < ``vocab_size`` fits (V ≤ 2¹⁶), else ``uint32``."""
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+def prepare_hint(directory: str, prepare_args: str = "") -> str:
+    """The command that makes ``directory``: ``prepare_args`` (e.g. a config variant's) or a
+    template."""
+    args = prepare_args or ("--source=text --train_files='train/*.txt' "
+                            "--valid_files='valid/*.txt' --tokenizer=bpe:32000")
+    return f"python -m umup_jax.prepare_data {args} --out={directory}"
+
+
+def read_prepared_meta(directory: Union[str, pathlib.Path], field: str = "data.prepared_dir",
+                       hint: str = "") -> dict:
+    """``directory/meta.json``, checked for the fields the loader needs."""
+    root = pathlib.Path(os.path.expandvars(os.path.expanduser(str(directory))))
+    meta_path = root / "meta.json"
+    if not meta_path.is_file():
+        what = "does not exist" if not root.exists() else "has no meta.json"
+        raise DataConfigError(
+            f"{field}={str(directory)!r}: {root} {what}, so it is not prepared data; make it "
+            f"with `{hint or prepare_hint(str(directory))}`"
+        )
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataConfigError(f"{meta_path}: not readable JSON ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != PREPARED_FORMAT:
+        raise DataConfigError(
+            f"{meta_path}: format {meta.get('format') if isinstance(meta, dict) else None!r} "
+            f"is not {PREPARED_FORMAT!r} (written by another version? re-run prepare_data)"
+        )
+    try:
+        vocab, dtype = int(meta["vocab_size"]), str(meta["dtype"])
+        for split in PREPARED_SPLITS:
+            int(meta["splits"][split]["tokens"]), str(meta["splits"][split]["file"])
+        str(meta["tokenizer"]["file"]), str(meta["tokenizer"]["sha256"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataConfigError(f"{meta_path}: missing or malformed field {e}") from e
+    if dtype not in PREPARED_DTYPES:
+        raise DataConfigError(f"{meta_path}: dtype {dtype!r} is not one of {PREPARED_DTYPES}")
+    if vocab < 2 or (dtype == "uint16" and vocab > 2**16):
+        raise DataConfigError(
+            f"{meta_path}: vocab_size {vocab} does not fit dtype {dtype} (uint16 holds ids "
+            "< 65536; larger vocabularies need uint32)"
+        )
+    return meta
+
+
+def load_prepared(directory: Union[str, pathlib.Path], field: str = "data.prepared_dir",
+                  hint: str = "") -> TokenData:
+    """Memory-maps a prepared directory's bins after checking them against its meta.json: each
+    bin's size is ``tokens × itemsize`` of the recorded dtype, and ``tokenizer.json``'s sha256
+    and vocabulary size are the recorded ones.  Fails naming the file that disagrees."""
+    meta = read_prepared_meta(directory, field, hint)
+    root = pathlib.Path(os.path.expandvars(os.path.expanduser(str(directory))))
+    dtype = np.dtype(meta["dtype"])
+    redo = "the directory is damaged or was changed after prepare_data wrote it; re-run it"
+    tok_path = root / meta["tokenizer"]["file"]
+    if not tok_path.is_file():
+        raise DataConfigError(f"{tok_path} is missing ({field}={str(directory)!r}); {redo}")
+    digest = sha256_file(tok_path)
+    if digest != meta["tokenizer"]["sha256"]:
+        raise DataConfigError(
+            f"{tok_path}: sha256 {digest[:16]}… does not match meta.json's "
+            f"{meta['tokenizer']['sha256'][:16]}…: this is not the tokenizer that made the "
+            f"bins; {redo}"
+        )
+    tokenizer = HFTokenizer.from_file(tok_path, str(meta["tokenizer"].get("spec", "prepared")))
+    if tokenizer.vocab_size != meta["vocab_size"]:
+        raise DataConfigError(
+            f"{tok_path}: {tokenizer.vocab_size} tokens, but meta.json says vocab_size "
+            f"{meta['vocab_size']}; {redo}"
+        )
+    arrays = {}
+    for split in PREPARED_SPLITS:
+        info = meta["splits"][split]
+        path = root / info["file"]
+        expected = int(info["tokens"]) * dtype.itemsize
+        if not path.is_file():
+            raise DataConfigError(f"{path} is missing ({field}={str(directory)!r}); {redo}")
+        size = path.stat().st_size
+        if size != expected:
+            raise DataConfigError(
+                f"{path}: {size:,} bytes, but meta.json says {int(info['tokens']):,} {dtype.name} "
+                f"tokens = {expected:,} bytes (a truncated file, or one of another dtype); {redo}"
+            )
+        if size == 0:
+            raise DataConfigError(f"{path}: the {split} split has no tokens")
+        arrays[split] = np.memmap(path, dtype=dtype, mode="r")
+    source = meta.get("source", {})
+    what = source.get("name") or source.get("kind", "?")
+    return TokenData(arrays["train"], arrays["valid"], int(meta["vocab_size"]), tokenizer,
+                     f"prepared {root} ({what}, {meta['tokenizer'].get('spec', '?')})")
+
+
 def load_tokens(cfg, cache_dir: Optional[str] = None) -> TokenData:
     """Loads (and caches) the tokenized train and validation splits of ``config.data``."""
     cache = pathlib.Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
@@ -355,6 +515,16 @@ def load_tokens(cfg, cache_dir: Optional[str] = None) -> TokenData:
             )
         return TokenData(arrays["train"], arrays["valid"], cfg.vocab_size, None,
                          f"memmap {cfg.train_bin}")
+    if cfg.source == "prepared":
+        if not cfg.prepared_dir:
+            raise DataConfigError("data.prepared_dir is empty: give the directory that "
+                                  "`python -m umup_jax.prepare_data --out=DIR` wrote")
+        return load_prepared(cfg.prepared_dir, "data.prepared_dir",
+                             prepare_hint(cfg.prepared_dir, cfg.prepare_args))
+    if cfg.source == "hf":
+        from umup_jax import prepare_data  # imports this module; deferred to avoid a cycle
+
+        return load_prepared(prepare_data.prepare_hf_cached(cfg, cache), "data.hf_name")
     texts = load_texts(cfg)
     tokenizer = make_tokenizer(cfg, texts["train"], cache)
     arrays = {s: _cached_encode(tokenizer, t, cache, s) for s, t in texts.items()}
