@@ -144,3 +144,31 @@ def test_every_entry_point_rejects_bad_input_the_same_way(tmp_path):
         assert stdout == "", (name, case, stdout)
         assert stderr == f"python -m umup_jax.{name}: error: {BAD[case][1]}\n", (name, case)
     assert not list(tmp_path.iterdir())  # nothing was written
+
+
+TOOLS = {"prepare_data": ["--out=o"], "export": ["--workdir=w", "--out=o"],
+         "sample": ["--workdir=w", "--prompt=p"]}
+
+
+def test_tools_without_a_config_share_the_error_format(tmp_path):
+    """prepare_data, export and sample take no --config but report bad flags and bad input
+    the same way: one line, ``python -m umup_jax.X: error: …``, exit status 2."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    procs = {}
+    for name, required in TOOLS.items():
+        for case, args in {"flag": ["--bogus=1"], "positional": ["extra"]}.items():
+            cmd = [sys.executable, "-m", f"umup_jax.{name}", *required, *args]
+            procs[name, case] = subprocess.Popen(cmd, cwd=tmp_path, env=env, text=True,
+                                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    missing = subprocess.Popen([sys.executable, "-m", "umup_jax.export", "--workdir=nowhere",
+                                "--out=o"], cwd=tmp_path, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for (name, case), proc in procs.items():
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == cli.USAGE_EXIT, (name, case, stderr[-2000:])
+        assert stderr.startswith(f"python -m umup_jax.{name}: error: ") and \
+            stderr.count("\n") == 1, (name, case, stderr)
+    _, stderr = missing.communicate(timeout=120)
+    assert missing.returncode == cli.USAGE_EXIT
+    assert stderr == f"python -m umup_jax.export: error: --workdir {tmp_path / 'nowhere'} does not exist\n"
+    assert not list(tmp_path.iterdir())

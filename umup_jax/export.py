@@ -380,23 +380,21 @@ def _define_flags() -> None:
     flags.mark_flags_as_required(["workdir", "out"])
 
 
-def main(argv) -> None:
-    from absl import app, flags, logging
+def main() -> None:
+    from absl import flags
+
+    from umup_jax import cli, failures
 
     FLAGS = flags.FLAGS
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    try:
+    with failures.exit_on_failure(None), cli.usage_errors():
         export(FLAGS.workdir, FLAGS.out, step=FLAGS.step, fmt=FLAGS.format,
                overwrite=FLAGS.overwrite, check=FLAGS.verify)
-    except (trained_run.RunReadError, ExportError) as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":
-    from absl import app
+    from absl import flags
+
+    from umup_jax import cli
 
     _define_flags()
-    app.run(main)
+    cli.run(main, flags.FLAGS)

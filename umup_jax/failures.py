@@ -76,11 +76,14 @@ def write_traceback(exc: BaseException, workdir: Optional[pathlib.Path | str]) -
 
 @contextlib.contextmanager
 def exit_on_failure(workdir: Optional[pathlib.Path | str]) -> Iterator[None]:
-    """Runs the body; any exception becomes one ``error: …`` line on stderr (plus where the
-    traceback went) and exit status 1.  ``SystemExit`` and Ctrl-C pass through."""
+    """Runs the body; any exception becomes one ``<program>: error: …`` line on stderr (plus
+    where the traceback went, if ``workdir`` is given) and exit status 1.  ``SystemExit``,
+    Ctrl-C and :class:`umup_jax.cli.UsageError` (bad input, exit status 2) pass through."""
+    from umup_jax.cli import UsageError
+
     try:
         yield
-    except (SystemExit, KeyboardInterrupt):
+    except (SystemExit, KeyboardInterrupt, UsageError):  # UsageError: cli.run reports it
         raise
     except BaseException as exc:  # the one place a run's failure is reported
         where = write_traceback(exc, workdir)

@@ -1053,27 +1053,20 @@ def check_disjoint_files(train, valid) -> None:
                 f"{sorted(both)[0]}: the validation split must be held out")
 
 
-def main(argv) -> None:
-    from absl import app, flags
+def main() -> None:
+    from absl import flags
 
-    from absl import logging as absl_logging
+    from umup_jax import cli, failures
 
     FLAGS = flags.FLAGS
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not FLAGS["verbosity"].present:
-        absl_logging.set_verbosity(absl_logging.WARNING)  # datasets logs every step at INFO
     command = "python -m umup_jax.prepare_data " + shlex.join(sys.argv[1:])
-    try:
+    with failures.exit_on_failure(None), cli.usage_errors():
         train, valid = sources_from_flags(FLAGS)
         check_disjoint_files(train, valid)
         meta = prepare(train, valid, FLAGS.tokenizer, FLAGS.out, workers=FLAGS.workers,
                        overwrite=FLAGS.overwrite, eos_token=FLAGS.eos_token,
                        bpe_sample_mb=FLAGS.bpe_sample_mb, bpe_sample_mode=FLAGS.bpe_sample,
                        progress=FLAGS.progress, command=command)
-    except DataConfigError as e:
-        print(f"prepare_data: error: {e}", file=sys.stderr)
-        raise SystemExit(2)
     s = meta["splits"]
     print(f"prepared {_resolve(FLAGS.out)}: vocab {meta['vocab_size']} ({meta['dtype']}), "
           f"train {s['train']['tokens']:,} tokens / {s['train']['documents']:,} documents, "
@@ -1083,7 +1076,9 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
+    from absl import flags
+
+    from umup_jax import cli
 
     define_flags()
-    app.run(main)
+    cli.run(main, flags.FLAGS)

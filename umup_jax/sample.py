@@ -131,19 +131,15 @@ def _define_flags() -> None:
     flags.mark_flags_as_required(["workdir", "prompt"])
 
 
-def main(argv) -> None:
-    from absl import app, flags, logging
+def main() -> None:
+    from absl import flags
+
+    from umup_jax import cli, failures
 
     FLAGS = flags.FLAGS
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    try:
+    with failures.exit_on_failure(None), cli.usage_errors():
         text, info = sample_text(FLAGS.workdir, FLAGS.prompt, FLAGS.max_new_tokens,
                                  FLAGS.temperature, FLAGS.top_k, FLAGS.seed, FLAGS.step)
-    except (trained_run.RunReadError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
     print(f"[step {info['step']} of {info['workdir']}, {info['tokenizer']} tokenizer, "
           f"{info['prompt_tokens']} prompt + {len(info['new_tokens'])} new tokens, window "
           f"{info['seq_len']}, temperature {FLAGS.temperature}, top_k {FLAGS.top_k}, "
@@ -152,7 +148,9 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
+    from absl import flags
+
+    from umup_jax import cli
 
     _define_flags()
-    app.run(main)
+    cli.run(main, flags.FLAGS)
