@@ -20,6 +20,7 @@ import dataclasses
 import os
 import pathlib
 import socket
+import warnings
 from typing import Any, Callable, Iterator, Optional
 
 BACKENDS = ("local", "ray")
@@ -99,8 +100,13 @@ class RayBackend:
             package_root = str(pathlib.Path(__file__).resolve().parent.parent)
             env = {"PYTHONPATH": os.pathsep.join(
                 p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
-            ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                     runtime_env=None if address else {"env_vars": env})
+            with warnings.catch_warnings():
+                # Ray starts its processes with fork+exec; JAX's at-fork warning is about a
+                # fork that keeps running Python, which this is not.
+                warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called",
+                                        category=RuntimeWarning)
+                ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                         runtime_env=None if address else {"env_vars": env})
             self._started = True
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         most_gpus = max((n["Resources"].get("GPU", 0) for n in nodes), default=0)
