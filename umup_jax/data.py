@@ -196,10 +196,11 @@ class ByteTokenizer:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
     @staticmethod
-    def as_hf(eos_token: str = EOS_TOKEN) -> "HFTokenizer":
+    def as_hf(eos_token: Optional[str] = EOS_TOKEN) -> "HFTokenizer":
         """The same tokenizer as a ``tokenizers`` BPE without merges (id b = byte b), plus
-        ``eos_token`` as special token 256: V = 257.  What ``prepare_data --tokenizer=bytes``
-        writes as ``tokenizer.json``, so that any ``tokenizers`` user can read the ids."""
+        ``eos_token`` as special token 256: V = 257 (``None``: no special token, V = 256).
+        What ``prepare_data --tokenizer=bytes`` and ``export`` of a bytes run write as
+        ``tokenizer.json``, so that any ``tokenizers`` user can read the ids."""
         import tokenizers
         from tokenizers import decoders, models, pre_tokenizers
 
@@ -207,7 +208,8 @@ class ByteTokenizer:
         tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tok.decoder = decoders.ByteLevel()
-        tok.add_special_tokens([eos_token])
+        if eos_token is not None:
+            tok.add_special_tokens([eos_token])
         return HFTokenizer(tok, "bytes")
 
 
@@ -252,10 +254,7 @@ class HFTokenizer:
 
     def save(self, path) -> None:
         """Writes the tokenizer as a Hugging Face ``tokenizer.json`` (atomically)."""
-        path = pathlib.Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        self._tok.save(str(tmp))
-        os.replace(tmp, path)
+        _atomic_write(pathlib.Path(path), lambda tmp: self._tok.save(str(tmp)))
 
 
 def _atomic_write(path: pathlib.Path, write) -> None:

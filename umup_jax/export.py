@@ -58,6 +58,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from umup_jax import data as data_lib
 from umup_jax import parametrization as P
 from umup_jax import trained_run
 from umup_jax.model import Decoder, ModelConfig, abstract_params
@@ -191,32 +192,6 @@ def hf_config(model_cfg: ModelConfig, provenance: Optional[dict] = None) -> dict
 # ---------------------------------------------------------------------------------------------
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte → printable character map (what the byte-level pre-tokenizer emits)."""
-    keep = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-            + list(range(ord("®"), ord("ÿ") + 1)))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-def byte_tokenizer():
-    """A ``tokenizers.Tokenizer`` whose ids are the UTF-8 bytes (our ``bytes`` tokenizer):
-    byte-level pre-tokenizer and decoder around a merge-free BPE over the 256 byte symbols."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return tok
-
-
 def write_tokenizer(workdir: pathlib.Path, config, out: pathlib.Path, seq_len: int) -> str:
     """Writes ``tokenizer.json`` and ``tokenizer_config.json`` (so ``AutoTokenizer`` loads
     them) for the run's tokenizer; returns a line for the report."""
@@ -225,7 +200,7 @@ def write_tokenizer(workdir: pathlib.Path, config, out: pathlib.Path, seq_len: i
         shutil.copyfile(source, out / "tokenizer.json")
         what = f"tokenizer.json (from {source})"
     elif config.data.tokenizer == "bytes":
-        byte_tokenizer().save(str(out / "tokenizer.json"))
+        data_lib.ByteTokenizer.as_hf(eos_token=None).save(out / "tokenizer.json")
         what = "tokenizer.json (UTF-8 bytes: token id = byte value)"
     else:
         return (f"no tokenizer written: the run has no {source.name} and data.tokenizer="
