@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 from flax.core import meta as flax_meta
 
 from umup_jax import config as config_lib
+from umup_jax import checkpoint as ckpt
 from umup_jax import data as data_lib
 from umup_jax import parametrization as P
 from umup_jax import train as train_lib
@@ -183,6 +184,10 @@ def load(workdir: pathlib.Path | str, step: Optional[int] = None) -> TrainedRun:
     workdir = pathlib.Path(workdir).expanduser().resolve()
     step = _choose_step(workdir, step)
     step_dir = workdir / "checkpoints" / str(step)
+    damage = ckpt.verify(step_dir)  # the manifest written with the checkpoint, if any
+    if damage is not None:
+        raise RunReadError(f"checkpoint step {step} of {workdir} is damaged: {damage}; the run "
+                           "directory was left as it is (pick another --step)")
     config = read_config(step_dir)
     try:
         vocab = _stored_param_shapes(step_dir / "state")["params"]["embedding"][0][0]
