@@ -360,6 +360,7 @@ def test_conformance_with_scanned_layers():
     t_logits = tmodel(ids_t)
     t_loss = _torch_loss(t_logits, targets_t)
     t_loss.backward()
+    t_loss = float(t_loss.detach())
 
     cfg = ModelConfig(
         vocab_size=VOCAB, width=WIDTH, depth=LAYERS, num_heads=HEADS, ffn_expansion=4,
@@ -381,12 +382,12 @@ def test_conformance_with_scanned_layers():
     logits = jax.jit(model.apply)(params, ids)
     grads = layer_stack.unstack_layers(grads)
 
-    assert abs(float(loss) - float(t_loss)) <= LOSS_RTOL * abs(float(t_loss))
+    assert abs(float(loss) - t_loss) <= LOSS_RTOL * abs(t_loss)
     assert _max_rel(logits, t_logits.detach().numpy()) <= LOGITS_RTOL
     errs = {path: _rms_rel(np.asarray(_get(grads["params"], path)),
                            _to_ours(path, p.grad.detach().numpy()))
             for path, p in named.items()}
-    print(f"\n[scan] loss rel {abs(float(loss) - float(t_loss)) / abs(float(t_loss)):.2e}, "
+    print(f"\n[scan] loss rel {abs(float(loss) - t_loss) / abs(t_loss):.2e}, "
           f"grad rms-rel max {max(errs.values()):.2e}")
     bad = {"/".join(p): e for p, e in errs.items() if not e <= GRAD_RTOL}
     assert not bad, f"gradients differ from the library's (rms-rel error): {bad}"
