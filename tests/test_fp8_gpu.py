@@ -4,7 +4,10 @@ GEMMs where it says BF16, and cuDNN's fused attention when ``attention_impl='cud
 A cast to f8 and a ``cublas`` call in the HLO prove nothing (a saturating cast followed by an
 upcast BF16 GEMM has both); these tests read each GEMM's custom-call target and operand types
 and map it to its matmul group through the ``fp8_<group>`` op_name scopes
-(:mod:`umup_jax.hlo_check`, unit-tested on CPU in ``tests/test_hlo_check.py``)."""
+(:mod:`umup_jax.hlo_check`, unit-tested on CPU in ``tests/test_hlo_check.py``).
+
+Run on a GPU host with ``JAX_PLATFORMS=cuda python -m pytest -q -m gpu``: ``tests/conftest.py``
+makes the platform default to the CPU."""
 
 import jax
 import jax.numpy as jnp
