@@ -107,7 +107,8 @@ def run_row(row: dict, steps: int, warmup: int) -> dict:
     tokens, targets = jnp.asarray(data[:, :-1]), jnp.asarray(data[:, 1:])
     if row["model"] == "umup":
         model = Decoder(cfg)
-        boxed = jax.jit(lambda k: init_params(model, k))(jax.random.key(0))
+        # bench_overhead's Runner applies {"params": params}: the inner tree, as there.
+        boxed = jax.jit(lambda k: init_params(model, k))(jax.random.key(0))["params"]
         opt = make_optimizer(OptimizerConfig(warmup_steps=100, total_steps=1000),
                              boxed, cfg.rule)
         params = flax_meta.unbox(boxed)
