@@ -333,11 +333,13 @@ def attention_core(q, k, v, logit_scale: float, causal: bool = True, impl: str =
 
     ``impl`` is resolved by :func:`resolve_attention_impl` (``xla``, ``cudnn`` or ``auto``).
     ``logit_scale`` is a Python float that the kernel applies in both passes.  Numerics of the
-    ``xla`` implementation (jax ≥ 0.4.31): the logits q·kᵀ are computed with fp32 output
-    (bf16 inputs use the ``BF16_BF16_F32`` dot algorithm: bf16 products, fp32 accumulation),
-    scaled and masked in fp32, the softmax is fp32, and the probabilities are cast to v's dtype
-    for the probabilities·v product, whose output has v's dtype.  cuDNN's flash kernel also
-    accumulates in fp32 and never materialises the S×S matrix.
+    ``xla`` implementation (read in jax 0.10's ``jax/_src/nn/functions.py``): the logits q·kᵀ
+    are computed with fp32 output (bf16 inputs use the ``BF16_BF16_F32`` dot algorithm: bf16
+    products, fp32 accumulation), scaled and masked in fp32, the softmax is fp32, and the
+    probabilities are cast to v's dtype for the probabilities·v product, whose output has v's
+    dtype: the same numerics as the einsum attention this replaced (tests/test_attention_impl.py:
+    equal to ≤ 2e-7 in fp32, bit-identical in bf16).  cuDNN's flash kernel also accumulates in
+    fp32 and never materialises the S×S matrix.
     """
     if q.ndim != 4:
         raise ValueError(f"attention inputs must be (batch, seq, heads, head_dim), got {q.shape}")
