@@ -86,8 +86,9 @@ def check_variants(parametrization, variants):
 
 
 def test_scanned_and_rematerialised_umup_equals_the_loop():
-    """u-μP with per-layer τ (non-default α_res, α_ratio): scanned, and each remat policy."""
-    check_variants("umup", [(True, "none"), (False, "full"), (True, "dots_saveable")])
+    """u-μP with per-layer τ (non-default α_res, α_ratio): scanned, and rematerialised
+    (scanned with ``full`` in tests/test_conformance.py; every combination with ``-m slow``)."""
+    check_variants("umup", [(True, "none"), (False, "dots_saveable")])
 
 
 @pytest.mark.slow
