@@ -137,6 +137,9 @@ class PlainBlock(nn.Module):
 
 
 class PlainLlama(nn.Module):
+    """``remat=True`` wraps each block in ``nn.remat`` (keeps only its input; the GPU
+    benchmark's ~1B model, compared against ours with ``model.remat='full'``)."""
+
     vocab_size: int
     width: int
     depth: int
@@ -144,6 +147,7 @@ class PlainLlama(nn.Module):
     ffn_hidden: int
     dtype: jnp.dtype
     flat: bool = False
+    remat: bool = False
 
     @nn.compact
     def __call__(self, tokens):
@@ -151,8 +155,9 @@ class PlainLlama(nn.Module):
             self.vocab_size, self.width, dtype=self.dtype, param_dtype=jnp.float32,
             name="embedding",
         )(tokens)
+        block = nn.remat(PlainBlock) if self.remat else PlainBlock
         for i in range(self.depth):
-            x = PlainBlock(
+            x = block(
                 self.width, self.num_heads, self.ffn_hidden, self.dtype, self.flat,
                 name=f"layer_{i}",
             )(x)

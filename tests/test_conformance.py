@@ -343,3 +343,51 @@ def test_conformance_with_unit_scaling(case):
     assert not bad, f"params after one AdamW step differ from the library's: {bad}"
     bad = {name(p): e for p, e in update_errs.items() if not e <= UPDATE_RTOL}
     assert not bad, f"AdamW updates differ from the library's (rms-rel error): {bad}"
+
+
+def test_conformance_with_scanned_layers():
+    """The ``residual`` case (per-layer τ) with ``scan_layers=True`` and ``remat='full'``:
+    loss, logits and every gradient against the library, as above (the stacked params are
+    the loop's, through :func:`umup_jax.layer_stack.stack_layers`)."""
+    from umup_jax import layer_stack
+
+    hparams = CASES["residual"]
+    tmodel = _torch_model(hparams)
+    seq_t = torch.randint(0, VOCAB, (BATCH, SEQ + 1),
+                          generator=torch.Generator().manual_seed(SEED))
+    ids_t, targets_t = seq_t[:, :-1], seq_t[:, 1:]
+    named = _torch_named_params(tmodel)
+    t_logits = tmodel(ids_t)
+    t_loss = _torch_loss(t_logits, targets_t)
+    t_loss.backward()
+    t_loss = float(t_loss.detach())
+
+    cfg = ModelConfig(
+        vocab_size=VOCAB, width=WIDTH, depth=LAYERS, num_heads=HEADS, ffn_expansion=4,
+        seq_len=SEQ, position="none", parametrization="umup", hparams=hparams,
+        dtype="float32", scan_layers=True, remat="full",
+    )
+    ids = jnp.asarray(ids_t.numpy(), jnp.int32)
+    targets = jnp.asarray(targets_t.numpy(), jnp.int32)
+    loop_shapes = jax.tree.map(lambda x: tuple(x.shape), nn.meta.unbox(jax.eval_shape(
+        Decoder(cfg.replace(scan_layers=False)).init, jax.random.key(0), ids)))
+    loop_params = jax.tree_util.tree_map_with_path(
+        lambda path, _: jnp.asarray(_to_ours(_keys(path),
+                                             named[_keys(path)].detach().numpy())),
+        loop_shapes, is_leaf=lambda x: isinstance(x, tuple))
+    params = layer_stack.stack_layers(loop_params)
+    model = Decoder(cfg)
+    loss, grads = jax.jit(jax.value_and_grad(
+        lambda p: model.apply(p, ids, targets, method=Decoder.loss)))(params)
+    logits = jax.jit(model.apply)(params, ids)
+    grads = layer_stack.unstack_layers(grads)
+
+    assert abs(float(loss) - t_loss) <= LOSS_RTOL * abs(t_loss)
+    assert _max_rel(logits, t_logits.detach().numpy()) <= LOGITS_RTOL
+    errs = {path: _rms_rel(np.asarray(_get(grads["params"], path)),
+                           _to_ours(path, p.grad.detach().numpy()))
+            for path, p in named.items()}
+    print(f"\n[scan] loss rel {abs(float(loss) - t_loss) / abs(t_loss):.2e}, "
+          f"grad rms-rel max {max(errs.values()):.2e}")
+    bad = {"/".join(p): e for p, e in errs.items() if not e <= GRAD_RTOL}
+    assert not bad, f"gradients differ from the library's (rms-rel error): {bad}"

@@ -1,21 +1,94 @@
-"""GPU-only: the compiled HLO holds a real FP8 GEMM (fp8 operands in the cuBLASLt call)."""
+"""GPU-only: the compiled train step really runs FP8 GEMMs where the policy says FP8 and BF16
+GEMMs where it says BF16, and cuDNN's fused attention when ``attention_impl='cudnn'``.
+
+A cast to f8 and a ``cublas`` call in the HLO prove nothing (a saturating cast followed by an
+upcast BF16 GEMM has both); these tests read each GEMM's custom-call target and operand types
+and map it to its matmul group through the ``fp8_<group>`` op_name scopes
+(:mod:`umup_jax.hlo_check`, unit-tested on CPU in ``tests/test_hlo_check.py``).
+
+Run on a GPU host with ``JAX_PLATFORMS=cuda python -m pytest -q -m gpu``: ``tests/conftest.py``
+makes the platform default to the CPU."""
 
 import jax
 import jax.numpy as jnp
 import pytest
+from flax.core import meta as flax_meta
 
-from umup_jax import fp8
+from umup_jax import fp8, hlo_check
+from umup_jax.model import Decoder, ModelConfig, abstract_params
 
-pytestmark = pytest.mark.gpu
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(jax.default_backend() != "gpu",
+                       reason="needs a CUDA GPU (FP8 GEMMs and cuDNN attention are lowered to "
+                              "cuBLASLt/cuDNN custom calls only there)"),
+]
+
+# Shapes the FP8 GEMM needs (every dimension a multiple of 16), heads of 64 for cuDNN.
+SHAPES = dict(vocab_size=512, width=256, depth=2, num_heads=4, seq_len=128, dtype="bfloat16")
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu",
-                    reason="needs a CUDA GPU (FP8 GEMMs are lowered to cuBLASLt only there)")
-def test_compiled_hlo_has_fp8_gemm():
+def compiled_step_hlo(cfg: ModelConfig, batch: int = 8) -> str:
+    """The optimised HLO of the loss gradient (forward and backward) of ``cfg``'s model."""
+    model = Decoder(cfg)
+    params = flax_meta.unbox(abstract_params(model))
+    tokens = jax.ShapeDtypeStruct((batch, cfg.seq_len), jnp.int32)
+    grad = jax.jit(jax.grad(lambda p, t: model.apply(p, t, t, method=Decoder.loss)))
+    return grad.lower(params, tokens).compile().as_text()
+
+
+POLICIES = {
+    "paper_simple": "paper_simple",
+    "paper_large": "paper_large",
+    "mixed": {"qkv": "fp8", "attn_out": "fp8_e5m2_input", "ffn_in": "fp8",
+              "ffn_down": "fp8_dynamic", "readout": "bf16"},
+    "none": "none",
+}
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+@pytest.mark.parametrize("scan", [False, True])
+def test_fp8_groups_run_fp8_gemms_and_bf16_groups_do_not(name, scan):
+    cfg = ModelConfig(**SHAPES, fp8=POLICIES[name], scan_layers=scan, attention_impl="xla")
+    hlo = compiled_step_hlo(cfg)
+    found = hlo_check.gemms_by_group(hlo)
+    problems = hlo_check.fp8_policy_problems(hlo, cfg.fp8_policy)
+    assert not problems, f"{problems}; GEMMs found: {hlo_check.describe(found)}"
+
+
+def test_fp8_dot_alone_is_an_fp8_gemm_forward_and_backward():
     x = jnp.ones((256, 512), jnp.bfloat16)
     w = jnp.ones((512, 256), jnp.bfloat16)
-    fwd = jax.jit(lambda x, w: fp8.fp8_dot(x, w)).lower(x, w).compile().as_text()
-    assert "f8e4m3fn" in fwd.lower() and "cublas" in fwd.lower()
-    grad = jax.jit(jax.grad(lambda x, w: fp8.fp8_dot(x, w).astype(jnp.float32).sum(),
-                            argnums=(0, 1))).lower(x, w).compile().as_text().lower()
-    assert "f8e5m2" in grad and "cublas" in grad
+    loss = lambda x, w: fp8.fp8_dot(x, w).astype(jnp.float32).sum()  # noqa: E731
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
+    gemms = hlo_check.custom_calls(hlo, "__cublas$")
+    assert gemms and all(hlo_check.is_fp8_gemm(g) for g in gemms), gemms
+    # dx = g8·w8ᵀ (E5M2 × E4M3) and dw = x8ᵀ·g8 (E4M3 × E5M2): both take an E5M2 operand.
+    assert sum("f8e5m2" in g.operand_types for g in gemms) >= 2, gemms
+
+
+@pytest.mark.parametrize("parametrization", ["umup", "sp"])
+def test_cudnn_attention_is_the_fused_kernel(parametrization):
+    cfg = ModelConfig(**SHAPES, parametrization=parametrization, attention_impl="cudnn")
+    calls = hlo_check.cudnn_attention_calls(compiled_step_hlo(cfg))
+    assert calls["forward"] >= 1 and calls["backward"] >= 1, calls
+    auto = hlo_check.cudnn_attention_calls(compiled_step_hlo(cfg.replace(attention_impl="auto")))
+    assert auto == calls  # bf16, heads of 64: auto picks cuDNN
+    xla = hlo_check.cudnn_attention_calls(compiled_step_hlo(cfg.replace(attention_impl="xla")))
+    assert xla == {"forward": 0, "backward": 0}
+
+
+def test_cudnn_attention_matches_xla():
+    """Same loss and gradients as the XLA kernel, to bf16 precision."""
+    cfg = ModelConfig(**SHAPES, attention_impl="cudnn")
+    tokens = jax.random.randint(jax.random.key(0), (4, cfg.seq_len), 0, cfg.vocab_size)
+    params = Decoder(cfg).init(jax.random.key(1), tokens)
+    out = {}
+    for impl in ("cudnn", "xla"):
+        model = Decoder(cfg.replace(attention_impl=impl))
+        out[impl] = jax.jit(jax.value_and_grad(
+            lambda p: model.apply(p, tokens, tokens, method=Decoder.loss)))(params)
+    assert float(out["cudnn"][0]) == pytest.approx(float(out["xla"][0]), rel=2e-2)
+    for a, b in zip(jax.tree.leaves(out["cudnn"][1]), jax.tree.leaves(out["xla"][1])):
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+        assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 5e-2

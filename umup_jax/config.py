@@ -52,6 +52,10 @@ def base_config(parametrization: str = "umup") -> ml_collections.ConfigDict:
         # (qkv, attn_out, ffn_in, ffn_down, readout → bf16 | fp8 | fp8_e5m2_input | fp8_dynamic).
         fp8="none", fp8_groups={"qkv": "", "attn_out": "", "ffn_in": "", "ffn_down": "",
                                 "readout": ""},
+        # GPU scale: blocks under nn.scan (params stacked on a leading `layers` axis; changes
+        # the checkpoint layout), rematerialisation (none | full | dots_saveable) and the
+        # attention kernel (xla | cudnn | auto: cudnn on a GPU for bf16 where it can run).
+        scan_layers=False, remat="none", attention_impl="auto",
     ))
     c.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=DEFAULT_LR[parametrization], b1=0.9, b2=0.999, eps=1e-8,
@@ -76,6 +80,9 @@ def base_config(parametrization: str = "umup") -> ml_collections.ConfigDict:
         coordinator_address="", num_processes=0, process_id=-1))
     c.train = ml_collections.ConfigDict(dict(
         steps=8192, batch_size=64,
+        # Split each step's batch into this many micro-batches (a lax.scan inside the jitted
+        # step): the same update with less activation memory.  Must divide the per-device batch.
+        grad_accum_steps=1,
         eval_every=512, eval_batches=16, eval_batch_size=64,
         log_every=10, metrics_every=256,
         checkpoint_every=1024, keep_checkpoints=3,

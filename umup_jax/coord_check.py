@@ -56,6 +56,7 @@ from flax.core import meta as flax_meta
 
 from umup_jax import cli
 from umup_jax import data as data_lib
+from umup_jax import layer_stack
 from umup_jax import metrics as metrics_lib
 from umup_jax import train as train_lib
 from umup_jax.model import Decoder, ModelConfig, init_params
@@ -121,10 +122,11 @@ def _make_step(model: Decoder, tx: optax.GradientTransformation):
         new_params = optax.apply_updates(params, updates)
         delta = jax.tree.map(lambda a, b: a.astype(jnp.float32) - b.astype(jnp.float32),
                              new_params, params)
+        per_layer = layer_stack.unstack_layers  # scanned layers: named layer_<i> as a loop's
         stats = {
-            "activation": metrics_lib.tree_rms(acts, "x"),
-            "gradient": metrics_lib.tree_rms(grads["params"], "x"),
-            "update": metrics_lib.tree_rms(delta["params"], "x"),
+            "activation": metrics_lib.tree_rms(per_layer(acts), "x"),
+            "gradient": metrics_lib.tree_rms(per_layer(grads["params"]), "x"),
+            "update": metrics_lib.tree_rms(per_layer(delta["params"]), "x"),
         }
         return new_params, opt_state, loss, stats
 

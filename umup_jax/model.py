@@ -13,6 +13,22 @@ Every parameter is declared with a :class:`~umup_jax.parametrization.ParamMeta` 
 fan-in, fan-out, depth, logical axis names); the parametrization rule supplies the init and the
 ops.  Activations are recorded with ``sow`` in the ``intermediates`` collection when it is
 mutable (coordinate checks, tests, metrics).
+
+Scale options (they compute the same function):
+
+* ``scan_layers``: the L blocks are one ``nn.scan`` over a single :class:`Block` whose params
+  are stacked on a leading ``layers`` axis (``params/layers/<name>`` of shape (L, …)), so the
+  compile time does not grow with L.  ``nn.scan`` adds the logical axis name ``layers`` to each
+  :class:`~umup_jax.parametrization.ParamMeta` box and keeps its role, fan-in, fan-out and
+  depth, so the rule, the optimizer's learning rates and the shardings read the same metadata.
+  u-μP's per-layer τ becomes a scanned array of residual weights
+  (:func:`residual_weight_table`; :func:`umup_jax.ops.residual_split_weighted`).  Sown
+  activations and FP8 probes are stacked the same way; :mod:`umup_jax.layer_stack` converts
+  any such tree (params, optimizer state, activations) between the two layouts.
+* ``remat``: ``none`` (default), ``full`` (each block keeps only its input and recomputes the
+  rest in the backward pass) or ``dots_saveable`` (keeps the matmul outputs, recomputes the
+  elementwise ops): ``nn.remat`` with ``jax.checkpoint_policies``.
+* ``attention_impl``: ``xla | cudnn | auto``, the kernel of :func:`umup_jax.ops.attention_core`.
 """
 
 from __future__ import annotations
@@ -32,6 +48,8 @@ from umup_jax import parametrization as P
 
 POSITIONS = ("rope", "none")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+REMAT_POLICIES = ("none", "full", "dots_saveable")
+LAYERS_AXIS = "layers"
 
 
 def _positive_int(field: str, value: Any) -> None:
@@ -56,6 +74,11 @@ class ModelConfig:
       fp8: FP8 policy: a preset (``none | paper_simple | paper_large``) or a mapping from
         matmul groups (``qkv, attn_out, ffn_in, ffn_down, readout``) to modes
         (``bf16 | fp8 | fp8_e5m2_input | fp8_dynamic``); see :mod:`umup_jax.fp8`.
+      scan_layers: stack the blocks under ``nn.scan`` (params under ``layers`` with a leading
+        L axis) instead of a Python loop (``layer_0`` … ``layer_{L-1}``).
+      remat: ``none | full | dots_saveable``, the rematerialisation policy of each block.
+      attention_impl: ``xla | cudnn | auto``, the attention kernel
+        (:func:`umup_jax.ops.resolve_attention_impl`).
     """
 
     vocab_size: int = 256
@@ -72,6 +95,9 @@ class ModelConfig:
     dtype: str = "float32"
     norm_eps: float = 1e-5
     fp8: Any = "none"
+    scan_layers: bool = False
+    remat: str = "none"
+    attention_impl: str = "auto"
 
     def __post_init__(self) -> None:
         policy = self.fp8 if isinstance(self.fp8, str) else tuple(sorted(dict(self.fp8).items()))
@@ -111,6 +137,14 @@ class ModelConfig:
             raise ValueError(f"dtype={self.dtype!r} is invalid: allowed are {tuple(DTYPES)}")
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps={self.norm_eps!r} is invalid: it must be > 0")
+        if not isinstance(self.scan_layers, bool):
+            raise ValueError(f"scan_layers={self.scan_layers!r} is invalid: it must be True or "
+                             "False")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r} is invalid: allowed are {REMAT_POLICIES}")
+        if self.attention_impl not in ops.ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={self.attention_impl!r} is invalid: allowed are "
+                             f"{ops.ATTENTION_IMPLS}")
         self.rule  # validates parametrization and hparams
 
     @functools.cached_property
@@ -184,15 +218,18 @@ def linear_for(module: nn.Module, cfg: "ModelConfig", name: str, linear, *args, 
 
 def fp8_probes(cfg: "ModelConfig") -> dict:
     """zeros(6) for every linear under an FP8 mode, in the ``fp8_probe`` collection layout;
-    the gradient of the loss w.r.t. them is their cast statistics (:data:`fp8.STAT_NAMES`)."""
+    the gradient of the loss w.r.t. them is their cast statistics (:data:`fp8.STAT_NAMES`).
+    With ``scan_layers`` the blocks' probes are stacked: ``layers/<name>`` of shape (L, 6)."""
     policy = cfg.fp8_policy
-    zeros = lambda: jnp.zeros((len(fp8_lib.STAT_NAMES),), jnp.float32)
+    zeros = lambda *lead: jnp.zeros((*lead, len(fp8_lib.STAT_NAMES)), jnp.float32)
+    names = [n for n in ("attn_qkv", "attn_out", "ffn_up", "ffn_gate", "ffn_down")
+             if policy[PARAM_GROUPS[n]] != "bf16"]
     out: dict = {}
-    for i in range(cfg.depth):
-        layer = {n: zeros() for n in ("attn_qkv", "attn_out", "ffn_up", "ffn_gate", "ffn_down")
-                 if policy[PARAM_GROUPS[n]] != "bf16"}
-        if layer:
-            out[f"layer_{i}"] = layer
+    if names and cfg.scan_layers:
+        out[LAYERS_AXIS] = {n: zeros(cfg.depth) for n in names}
+    elif names:
+        for i in range(cfg.depth):
+            out[f"layer_{i}"] = {n: zeros() for n in names}
     if policy["readout"] != "bf16":
         out["readout"] = zeros()
     return out
@@ -217,26 +254,54 @@ def apply_rope(x, theta: float):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def residual(x, branch, tau: Optional[float]):
-    """x + f(x) (``tau is None``) or u-μP's split → f → add with weight τ (spec §4.1)."""
+def residual(x, branch, tau: Optional[float] = None, weights=None):
+    """x + f(x) (no τ, no weights), or u-μP's split → f → add (spec §4.1) with branch weight
+    τ as a Python float, or with ``weights``, the traced row (a, b, b − 1) of a scanned layer
+    (the same arithmetic, :func:`umup_jax.ops.residual_split_weighted`)."""
+    if weights is not None:
+        r, s = ops.residual_split_weighted(x, weights)
+        return ops.residual_add_weighted(branch(r), s, weights)
     if tau is None:
         return x + branch(x)
     r, s = ops.residual_split(x, tau)
     return ops.residual_add(branch(r), s, tau)
 
 
+def residual_weight_table(cfg: "ModelConfig") -> Optional[np.ndarray]:
+    """u-μP's residual weights per layer for a scanned stack: an (L, 2, 3) array in the
+    compute dtype holding (a, b, b − 1) of the attention (``[:, 0]``) and FFN (``[:, 1]``)
+    branch of each layer (:func:`umup_jax.ops.residual_weight_row` of τ_2i, τ_2i+1); ``None``
+    for the plain ``x + f(x)`` residual of SP and μP."""
+    taus = cfg.rule.residual_taus(cfg.depth)
+    if taus is None:
+        return None
+    rows = np.asarray([ops.residual_weight_row(t) for t in taus], np.float64)
+    return rows.reshape(cfg.depth, 2, 3).astype(cfg.compute_dtype)
+
+
 class Block(nn.Module):
-    """One pre-norm transformer layer: attention then SwiGLU FFN."""
+    """One pre-norm transformer layer: attention then SwiGLU FFN.
+
+    Attributes:
+      config: the model.
+      index: the layer's index i (its τ_2i, τ_2i+1 come from the rule), or ``None`` in a
+        scanned stack, where the residual weights come in as the scanned input.
+      scanned: the call returns ``(x, None)`` (the carry and output of ``nn.scan``).
+      grad_tokens: the token count of u-μP's weight-gradient scales (``None``: each call's).
+    """
 
     config: ModelConfig
-    index: int
+    index: Optional[int] = None
+    scanned: bool = False
+    grad_tokens: Optional[int] = None
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, residual_weights=None):
         cfg = self.config
         rule = cfg.rule
         dt = cfg.compute_dtype
         d, h, hd, f, L = cfg.width, cfg.num_heads, cfg.head_dim, cfg.ffn_hidden, cfg.depth
+        tokens = self.grad_tokens
         hidden = functools.partial(declare, self, role=P.HIDDEN, depth=L, rule=rule)
         w_qkv, m_qkv = hidden(
             "attn_qkv", (d, 3, h, hd), fan_in=d, fan_out=3 * h * hd,
@@ -250,20 +315,28 @@ class Block(nn.Module):
         w_gate, m_gate = hidden("ffn_gate", (d, f), fan_in=d, fan_out=f, names=("embed", "mlp"))
         w_down, m_down = hidden("ffn_down", (f, d), fan_in=f, fan_out=d, names=("mlp", "embed"))
         taus = rule.residual_taus(L)
-        tau_attn, tau_ffn = (None, None) if taus is None else taus[2 * self.index : 2 * self.index + 2]
+        tau_attn = tau_ffn = w_attn = w_ffn = None
+        if residual_weights is not None:
+            w_attn, w_ffn = residual_weights[0], residual_weights[1]
+        elif taus is not None:
+            if self.index is None:
+                raise ValueError("a u-μP Block needs its layer index or its residual weights")
+            tau_attn, tau_ffn = taus[2 * self.index : 2 * self.index + 2]
 
         def attention(r):
             b, s, _ = r.shape
             r = ops.rms_norm(r, cfg.norm_eps)
             qkv = linear_for(self, cfg, "attn_qkv", rule.linear,
-                             r, w_qkv.astype(dt).reshape(d, 3 * h * hd), m_qkv)
+                             r, w_qkv.astype(dt).reshape(d, 3 * h * hd), m_qkv, tokens=tokens)
             qkv = qkv.reshape(b, s, 3, h, hd)
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
             if cfg.position == "rope":
                 q, k = apply_rope(q, cfg.rope_theta), apply_rope(k, cfg.rope_theta)
-            o = rule.attention(q, k, v, causal=True, seq_len=cfg.seq_len)
+            o = rule.attention(q, k, v, causal=True, seq_len=cfg.seq_len,
+                               impl=cfg.attention_impl)
             o = linear_for(self, cfg, "attn_out", rule.linear,
-                           o.reshape(b, s, h * hd), w_o.astype(dt).reshape(h * hd, d), m_o)
+                           o.reshape(b, s, h * hd), w_o.astype(dt).reshape(h * hd, d), m_o,
+                           tokens=tokens)
             self.sow("intermediates", "attn_branch", o)
             return o
 
@@ -272,25 +345,69 @@ class Block(nn.Module):
             self.sow("intermediates", "ffn_norm", r)
             # Unconstrained, as uu.MLP: the up/gate and down mismatches cancel (spec §1.2).
             up = linear_for(self, cfg, "ffn_up", rule.linear,
-                            r, w_up.astype(dt), m_up, constrained=False)
+                            r, w_up.astype(dt), m_up, constrained=False, tokens=tokens)
             gate = linear_for(self, cfg, "ffn_gate", rule.linear,
-                              r, w_gate.astype(dt), m_gate, constrained=False)
+                              r, w_gate.astype(dt), m_gate, constrained=False, tokens=tokens)
             a = rule.ffn_activation(up, gate)
             o = linear_for(self, cfg, "ffn_down", rule.linear,
-                           a, w_down.astype(dt), m_down, constrained=False)
+                           a, w_down.astype(dt), m_down, constrained=False, tokens=tokens)
             self.sow("intermediates", "ffn_branch", o)
             return o
 
-        x = residual(x, attention, tau_attn)
-        x = residual(x, ffn, tau_ffn)
+        x = residual(x, attention, tau_attn, w_attn)
+        x = residual(x, ffn, tau_ffn, w_ffn)
         self.sow("intermediates", "output", x)
+        return (x, None) if self.scanned else x
+
+
+def _remat_policy(name: str):
+    return {"full": None, "dots_saveable": jax.checkpoint_policies.dots_saveable}[name]
+
+
+def block_stack(cfg: ModelConfig, grad_tokens: Optional[int] = None):
+    """``fn(x) → x`` applying the L blocks as ``cfg`` says (loop or scan, remat policy); call
+    it inside a compact module (the blocks become its children ``layer_i`` or ``layers``)."""
+    block = Block
+    if cfg.remat != "none":
+        # Under scan, CSE across iterations is impossible anyway; outside it must be prevented.
+        block = nn.remat(block, policy=_remat_policy(cfg.remat),
+                         prevent_cse=not cfg.scan_layers)
+    if not cfg.scan_layers:
+        def loop(x):
+            for i in range(cfg.depth):
+                x = block(cfg, i, grad_tokens=grad_tokens, name=f"layer_{i}")(x)
+            return x
+
+        return loop
+    stack = nn.scan(
+        block,
+        # Params, sown activations and FP8 probes: one slice per layer on a leading axis.
+        variable_axes={"params": 0, "intermediates": 0, PROBES: 0},
+        split_rngs={"params": True},
+        in_axes=0,
+        length=cfg.depth,
+        metadata_params={nn.PARTITION_NAME: LAYERS_AXIS},
+    )
+    table = residual_weight_table(cfg)
+
+    def scanned(x):
+        weights = None if table is None else jnp.asarray(table)
+        x, _ = stack(cfg, None, True, grad_tokens, name=LAYERS_AXIS)(x, weights)
         return x
+
+    return scanned
 
 
 class Decoder(nn.Module):
-    """The decoder: tokens (B, S) int → logits (B, S, V) fp32."""
+    """The decoder: tokens (B, S) int → logits (B, S, V) fp32.
+
+    ``grad_tokens``: the token count u-μP's weight-gradient scales use (``None``: the tokens of
+    the call).  A train step with gradient accumulation sets it to the tokens of the whole
+    optimizer step, so that its micro-batch gradients add up to the full batch's.
+    """
 
     config: ModelConfig
+    grad_tokens: Optional[int] = None
 
     @nn.compact
     def __call__(self, tokens):
@@ -309,14 +426,14 @@ class Decoder(nn.Module):
             self, "readout", (d, v), role=P.OUTPUT, fan_in=d, fan_out=v,
             names=("embed", "vocab"), depth=None, rule=rule,
         )
-        x = rule.embed(table.astype(cfg.compute_dtype), tokens, m_emb)
+        x = rule.embed(table.astype(cfg.compute_dtype), tokens, m_emb, tokens=self.grad_tokens)
         self.sow("intermediates", "embedding", x)
-        for i in range(cfg.depth):
-            x = Block(cfg, i, name=f"layer_{i}")(x)
+        x = block_stack(cfg, self.grad_tokens)(x)
         x = ops.rms_norm(x, cfg.norm_eps)
         self.sow("intermediates", "final_norm", x)
         logits = linear_for(self, cfg, "readout", rule.readout,
-                            x, w_out.astype(cfg.compute_dtype), m_out).astype(jnp.float32)
+                            x, w_out.astype(cfg.compute_dtype), m_out,
+                            tokens=self.grad_tokens).astype(jnp.float32)
         self.sow("intermediates", "logits", logits)
         return logits
 

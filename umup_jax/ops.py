@@ -123,11 +123,15 @@ def linear(
     constraint: Optional[str] = "to_output_scale",
     scale_power: tuple[float, float, float] = (0.5, 0.5, 0.5),
     dot=None,
+    tokens: Optional[int] = None,
 ):
     """Unit-scaled ``y = (x·w + b)·fan_in^-p0`` with w of shape (fan_in, fan_out).
 
     Ideal scales: output ``fan_in^-p0``, input gradient ``fan_out^-p1``, weight and bias
-    gradient ``B_tok^-p2`` with ``B_tok = x.size / fan_in`` (local tokens).  The default
+    gradient ``B_tok^-p2`` with ``B_tok = x.size / fan_in`` (the tokens of this call), or
+    ``B_tok = tokens`` when given: with gradient accumulation the train step passes the
+    tokens of the whole optimizer step, so that the micro-batches' weight gradients sum to the
+    full batch's (spec §11.3, Aleph Alpha's convention of global tokens per step).  The default
     ``to_output_scale`` constraint makes the input-gradient scale ``fan_in^-1/2`` too, which a
     residual branch needs (spec §1.2).  The bias sits inside the scaled product as in the
     authors' library.  ``dot(x, w)`` replaces the matmul (e.g. :func:`umup_jax.fp8.fp8_dot`);
@@ -139,7 +143,7 @@ def linear(
     fan_in, fan_out = w.shape
     if x.shape[-1] != fan_in:
         raise ValueError(f"linear input last dim {x.shape[-1]} != weight fan_in {fan_in}")
-    batch = x.size // fan_in
+    batch = x.size // fan_in if tokens is None else _token_count(tokens)
     out_scale = fan_in ** -scale_power[0]
     grad_in_scale = fan_out ** -scale_power[1]
     grad_w_scale = batch ** -scale_power[2]
@@ -194,11 +198,19 @@ def _scaled_matmul_bwd(out_scale, grad_in_scale, grad_w_scale, res, g):
 _scaled_matmul.defvjp(_scaled_matmul_fwd, _scaled_matmul_bwd)
 
 
-def linear_readout(x, w, bias=None, constraint: Optional[str] = None, dot=None):
+def linear_readout(x, w, bias=None, constraint: Optional[str] = None, dot=None,
+                   tokens: Optional[int] = None):
     """The u-μP readout: forward ``1/fan_in`` (μP's output multiplier), input gradient
     ``1/√fan_out`` (unit scaling), weight gradient ``1/√B_tok``; unconstrained, which is legal
-    after the last residual add (spec §5.2)."""
-    return linear(x, w, bias, constraint=constraint, scale_power=(1.0, 0.5, 0.5), dot=dot)
+    after the last residual add (spec §5.2).  ``tokens`` as in :func:`linear`."""
+    return linear(x, w, bias, constraint=constraint, scale_power=(1.0, 0.5, 0.5), dot=dot,
+                  tokens=tokens)
+
+
+def _token_count(tokens) -> int:
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
+        raise TypeError(f"tokens must be a static Python int > 0, got {tokens!r}")
+    return tokens
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,10 +218,11 @@ def linear_readout(x, w, bias=None, constraint: Optional[str] = None, dot=None):
 # ---------------------------------------------------------------------------------------------
 
 
-def embedding(table, ids):
-    """Gather rows of a (V, d) table; the table gradient is scaled by √(V/B_tok) (spec §5.3)."""
+def embedding(table, ids, tokens: Optional[int] = None):
+    """Gather rows of a (V, d) table; the table gradient is scaled by √(V/B_tok) (spec §5.3),
+    with ``B_tok = ids.size`` or ``tokens`` when given (as in :func:`linear`)."""
     vocab = table.shape[0]
-    batch = ids.size
+    batch = ids.size if tokens is None else _token_count(tokens)
     table = scale_bwd(table, (vocab / batch) ** 0.5)
     return jnp.take(table, ids, axis=0)
 
@@ -246,19 +259,98 @@ def silu_glu(x_in, x_gate, mult: float = 1.0):
 # ---------------------------------------------------------------------------------------------
 
 
-def dot_product_attention(q, k, v, logit_scale: float, causal: bool = True):
-    """softmax(logit_scale·q·kᵀ [causal mask])·v on (B, S, H, D) tensors.
+ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+CUDNN_DTYPES = ("bfloat16", "float16")
 
-    Logits and the softmax are computed in fp32; the probabilities are cast back to v's dtype.
+
+def cudnn_attention_unsupported(dtype, head_dim: int, platform: str,
+                                compute_capability: Optional[str] = None) -> Optional[str]:
+    """Why cuDNN's fused (flash) attention cannot run here, or ``None`` if it can.
+
+    The conditions are those ``jax.nn.dot_product_attention(implementation='cudnn')`` checks
+    (jax/_src/cudnn/fused_attention_stablehlo.py): a CUDA GPU of compute capability ≥ 8.0
+    (Ampere), q/k/v in bf16 or fp16, and a head dim that is a multiple of 8 and at most 128
+    (256 from Hopper, compute capability 9.0, on).  ``platform`` is the JAX platform of the
+    devices (``cpu``, ``gpu``, ``tpu``); ``compute_capability`` is the CUDA device's
+    (``"9.0"``), ``None`` where the device has none (not a CUDA GPU).
     """
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    logits = logits * logit_scale
-    if causal:
-        s_q, s_k = q.shape[1], k.shape[1]
-        mask = jnp.tril(jnp.ones((s_q, s_k), dtype=bool))
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    name = jnp.dtype(dtype).name
+    if platform != "gpu" or compute_capability is None:
+        return (f"cuDNN attention needs a CUDA GPU, but the JAX devices are {platform!r}"
+                + ("" if platform != "gpu" else " without a CUDA compute capability"))
+    major_minor = tuple(int(p) for p in str(compute_capability).split(".")[:2])
+    if major_minor < (8, 0):
+        return (f"cuDNN flash attention needs compute capability >= 8.0 (Ampere), the GPU has "
+                f"{compute_capability}")
+    if name not in CUDNN_DTYPES:
+        return (f"cuDNN attention runs on bf16/fp16 inputs, but the attention inputs are {name} "
+                "(model.dtype='bfloat16' makes them bf16)")
+    head_max = 256 if major_minor >= (9, 0) else 128
+    if head_dim % 8 or head_dim > head_max:
+        return (f"cuDNN attention needs a head dim that is a multiple of 8 and <= {head_max} on "
+                f"compute capability {compute_capability}, got head_dim={head_dim}")
+    return None
+
+
+def device_platform(devices=None) -> tuple[str, Optional[str]]:
+    """(platform, CUDA compute capability or ``None``) of the first of ``devices`` (default:
+    ``jax.devices()``)."""
+    device = (list(devices) if devices is not None else jax.devices())[0]
+    capability = getattr(device, "compute_capability", None) if device.platform == "gpu" else None
+    return device.platform, (str(capability) if capability else None)
+
+
+def resolve_attention_impl(impl: str, dtype, head_dim: int, platform: Optional[str] = None,
+                           compute_capability: Optional[str] = None) -> str:
+    """The attention kernel ``xla`` or ``cudnn`` for the requested ``impl``:
+
+    * ``xla``: always XLA's einsum-softmax-einsum (:func:`attention_core`);
+    * ``cudnn``: cuDNN's fused kernel, or ``ValueError`` saying why it cannot run here
+      (:func:`cudnn_attention_unsupported`: not a CUDA GPU, fp32 inputs, a head dim it lacks);
+    * ``auto``: ``cudnn`` where it can run, else ``xla``.
+
+    ``platform``/``compute_capability`` default to those of ``jax.devices()[0]``.
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl={impl!r} is invalid: allowed are {ATTENTION_IMPLS}")
+    if impl == "xla":
+        return "xla"
+    if platform is None:
+        platform, compute_capability = device_platform()
+    why = cudnn_attention_unsupported(dtype, head_dim, platform, compute_capability)
+    if why is None:
+        return "cudnn"
+    if impl == "cudnn":
+        raise ValueError(f"attention_impl='cudnn' cannot run here: {why}; use "
+                         "attention_impl='xla' or 'auto'")
+    return "xla"
+
+
+def attention_core(q, k, v, logit_scale: float, causal: bool = True, impl: str = "xla"):
+    """softmax(logit_scale·q·kᵀ [+ causal mask])·v on (B, S, H, D) tensors: the one kernel
+    behind every attention op, ``jax.nn.dot_product_attention(q, k, v, scale=logit_scale,
+    is_causal=causal, implementation=…)``.
+
+    ``impl`` is resolved by :func:`resolve_attention_impl` (``xla``, ``cudnn`` or ``auto``).
+    ``logit_scale`` is a Python float that the kernel applies in both passes.  Numerics of the
+    ``xla`` implementation (read in jax 0.10's ``jax/_src/nn/functions.py``): the logits q·kᵀ
+    are computed with fp32 output (bf16 inputs use the ``BF16_BF16_F32`` dot algorithm: bf16
+    products, fp32 accumulation), scaled and masked in fp32, the softmax is fp32, and the
+    probabilities are cast to v's dtype for the probabilities·v product, whose output has v's
+    dtype: the same numerics as the einsum attention this replaced (tests/test_attention_impl.py:
+    equal to ≤ 2e-7 in fp32, bit-identical in bf16).  cuDNN's flash kernel also accumulates in
+    fp32 and never materialises the S×S matrix.
+    """
+    if q.ndim != 4:
+        raise ValueError(f"attention inputs must be (batch, seq, heads, head_dim), got {q.shape}")
+    impl = resolve_attention_impl(impl, q.dtype, q.shape[-1])
+    return jax.nn.dot_product_attention(q, k, v, scale=_static_scale(logit_scale),
+                                        is_causal=causal, implementation=impl)
+
+
+def dot_product_attention(q, k, v, logit_scale: float, causal: bool = True, impl: str = "xla"):
+    """Plain attention (SP, μP): :func:`attention_core` with the rule's logit scale."""
+    return attention_core(q, k, v, logit_scale, causal=causal, impl=impl)
 
 
 def attention_scale(seq_len: int, head_dim: int, mult: float = 1.0, causal: bool = True) -> float:
@@ -274,10 +366,13 @@ def attention_scale(seq_len: int, head_dim: int, mult: float = 1.0, causal: bool
 
 
 def scaled_dot_product_attention(q, k, v, mult: float = 1.0, causal: bool = True,
-                                 seq_len: Optional[int] = None):
+                                 seq_len: Optional[int] = None, impl: str = "xla"):
     """Unit-scaled attention with logits (α_attn/d_head)·q·kᵀ; the scale s of
     :func:`attention_scale` is applied to the output (forward) and to the q, k, v gradients.
 
+    The scales are Python floats applied outside the kernel (``scale_bwd`` on q, k, v,
+    ``scale_fwd`` on the output; spec §11.5); the kernel is :func:`attention_core` with
+    ``scale = α_attn/d_head`` and implementation ``impl`` (``xla | cudnn | auto``).
     ``seq_len`` is the S of that scale, a static int.  A model passes its *training* length
     (spec §5.9: "use the training S for the constant"), so that a shorter call (evaluation,
     sampling, a prefix) computes the same function; ``None`` takes the call's own length.
@@ -285,7 +380,7 @@ def scaled_dot_product_attention(q, k, v, mult: float = 1.0, causal: bool = True
     head_dim = v.shape[-1]
     s = attention_scale(v.shape[-3] if seq_len is None else seq_len, head_dim, mult, causal)
     q, k, v = (scale_bwd(t, s) for t in (q, k, v))
-    out = dot_product_attention(q, k, v, logit_scale=mult / head_dim, causal=causal)
+    out = attention_core(q, k, v, logit_scale=mult / head_dim, causal=causal, impl=impl)
     return scale_fwd(out, s)
 
 
@@ -325,6 +420,66 @@ def residual_add(branch, skip, tau: float):
     """scale_fwd(branch, a) + scale_fwd(skip, b); gradients pass into both unscaled."""
     denom = math.sqrt(1.0 + tau * tau)
     return scale_fwd(branch, tau / denom) + scale_fwd(skip, 1.0 / denom)
+
+
+# Traced-weight variants, for layers stacked under ``lax.scan`` (``model.scan_layers``): each
+# layer's τ differs, so its weights arrive as a scanned array row instead of Python floats.
+
+
+def residual_weight_row(tau: float) -> tuple[float, float, float]:
+    """(a, b, b − 1) of :func:`residual_split`/:func:`residual_add` for τ, in float64: the
+    row that :func:`residual_split_weighted`/:func:`residual_add_weighted` take as an array."""
+    denom = math.sqrt(1.0 + tau * tau)
+    b = 1.0 / denom
+    return tau / denom, b, b - 1.0
+
+
+@jax.custom_vjp
+def _residual_split_weighted(x, w):
+    return x, x
+
+
+def _residual_split_weighted_fwd(x, w):
+    return (x, x), w
+
+
+def _residual_split_weighted_bwd(w, g):
+    g_branch, g_skip = g
+    w = w.astype(g_skip.dtype)
+    # The same expression as _residual_split_bwd, with (a, b − 1) read from the row.
+    return g_skip + (g_branch * w[0] + g_skip * w[2]), jnp.zeros_like(w)
+
+
+_residual_split_weighted.defvjp(_residual_split_weighted_fwd, _residual_split_weighted_bwd)
+
+
+def residual_split_weighted(x, w):
+    """:func:`residual_split` with the weights as a traced row ``w = (a, b, b − 1)`` in x's
+    dtype (from :func:`residual_weight_row`); the same arithmetic, so the same values."""
+    return _residual_split_weighted(x, w)
+
+
+@jax.custom_vjp
+def _residual_add_weighted(branch, skip, w):
+    w = w.astype(branch.dtype)
+    return branch * w[0] + skip * w[1]
+
+
+def _residual_add_weighted_fwd(branch, skip, w):
+    return _residual_add_weighted(branch, skip, w), w
+
+
+def _residual_add_weighted_bwd(w, g):
+    return g, g, jnp.zeros_like(w)
+
+
+_residual_add_weighted.defvjp(_residual_add_weighted_fwd, _residual_add_weighted_bwd)
+
+
+def residual_add_weighted(branch, skip, w):
+    """:func:`residual_add` with the weights as a traced row ``w = (a, b, b − 1)``: forward
+    ``a·branch + b·skip``, gradients pass into both unscaled."""
+    return _residual_add_weighted(branch, skip, w)
 
 
 def add(x, y, constraint: Optional[str] = "to_output_scale"):

@@ -247,19 +247,21 @@ class Parametrization(metaclass=_abc.ABCMeta):
         return self.abc(meta).a
 
     # -- ops used by the model (plain versions; u-μP overrides) ---------------------------
-    def linear(self, x, w, meta: ParamMeta, bias=None, constrained: bool = True, dot=None):
+    def linear(self, x, w, meta: ParamMeta, bias=None, constrained: bool = True, dot=None,
+               tokens: Optional[int] = None):
         """x @ w (w of shape (fan_in, fan_out)) times A, plain autodiff; ``dot`` replaces the
-        matmul (FP8)."""
+        matmul (FP8).  ``tokens`` is the token count of u-μP's weight-gradient scale (the
+        plain rules have none)."""
         y = jnp.matmul(x, w) if dot is None else dot(x, w)
         if bias is not None:
             y = y + bias
         a = self.forward_multiplier(meta)
         return y if a == 1.0 else y * a
 
-    def readout(self, x, w, meta: ParamMeta, dot=None):
+    def readout(self, x, w, meta: ParamMeta, dot=None, tokens: Optional[int] = None):
         return self.linear(x, w, meta, dot=dot)
 
-    def embed(self, table, ids, meta: ParamMeta):
+    def embed(self, table, ids, meta: ParamMeta, tokens: Optional[int] = None):
         y = jnp.take(table, ids, axis=0)
         a = self.forward_multiplier(meta)
         return y if a == 1.0 else y * a
@@ -267,11 +269,14 @@ class Parametrization(metaclass=_abc.ABCMeta):
     def attention_logit_scale(self, head_dim: int) -> float:
         return head_dim**-0.5
 
-    def attention(self, q, k, v, causal: bool = True, seq_len: Optional[int] = None):
+    def attention(self, q, k, v, causal: bool = True, seq_len: Optional[int] = None,
+                  impl: str = "xla"):
         """Attention on (B, S, H, D); ``seq_len`` is the model's training S (u-μP's output
-        scale is computed from it; plain attention has no such scale)."""
+        scale is computed from it; plain attention has no such scale); ``impl`` the kernel
+        (``xla | cudnn | auto``, :func:`umup_jax.ops.attention_core`)."""
         return ops.dot_product_attention(
-            q, k, v, logit_scale=self.attention_logit_scale(q.shape[-1]), causal=causal
+            q, k, v, logit_scale=self.attention_logit_scale(q.shape[-1]), causal=causal,
+            impl=impl,
         )
 
     def ffn_activation(self, up, gate):
@@ -283,6 +288,14 @@ class Parametrization(metaclass=_abc.ABCMeta):
 
     def loss(self, logits, targets):
         return ops.plain_cross_entropy(logits, targets)
+
+    def grad_accumulation_weight(self, num_micro_batches: int) -> float:
+        """w such that w·Σ_j ∇L_j over k equal micro-batches is the full batch's gradient ∇L.
+
+        A plain mean loss divides its backward by the token count N, so each micro-batch's
+        gradient carries 1/(N/k) and w = 1/k.  (u-μP's loss does not: see :class:`UMuP`.)
+        """
+        return 1.0 / num_micro_batches
 
     # -- forward multipliers inside the ops (read by export to fold them into weights) ------
     def attention_output_scale(self, seq_len: int, head_dim: int) -> float:
@@ -400,19 +413,22 @@ class UMuP(Parametrization):
         theta = dict(self.shift).get(meta.role)
         return w if theta is None else w * theta
 
-    def linear(self, x, w, meta: ParamMeta, bias=None, constrained: bool = True, dot=None):
+    def linear(self, x, w, meta: ParamMeta, bias=None, constrained: bool = True, dot=None,
+               tokens: Optional[int] = None):
         constraint = "to_output_scale" if constrained else None
-        return ops.linear(x, self._shifted(w, meta), bias, constraint=constraint, dot=dot)
+        return ops.linear(x, self._shifted(w, meta), bias, constraint=constraint, dot=dot,
+                          tokens=tokens)
 
-    def readout(self, x, w, meta: ParamMeta, dot=None):
-        return ops.linear_readout(x, self._shifted(w, meta), dot=dot)
+    def readout(self, x, w, meta: ParamMeta, dot=None, tokens: Optional[int] = None):
+        return ops.linear_readout(x, self._shifted(w, meta), dot=dot, tokens=tokens)
 
-    def embed(self, table, ids, meta: ParamMeta):
-        return ops.embedding(self._shifted(table, meta), ids)
+    def embed(self, table, ids, meta: ParamMeta, tokens: Optional[int] = None):
+        return ops.embedding(self._shifted(table, meta), ids, tokens=tokens)
 
-    def attention(self, q, k, v, causal: bool = True, seq_len: Optional[int] = None):
+    def attention(self, q, k, v, causal: bool = True, seq_len: Optional[int] = None,
+                  impl: str = "xla"):
         return ops.scaled_dot_product_attention(q, k, v, mult=self.attn_mult, causal=causal,
-                                                seq_len=seq_len)
+                                                seq_len=seq_len, impl=impl)
 
     def ffn_activation(self, up, gate):
         return ops.silu_glu(up, gate, mult=self.ffn_act_mult)
@@ -422,6 +438,13 @@ class UMuP(Parametrization):
 
     def loss(self, logits, targets):
         return ops.cross_entropy(logits, targets, mult=self.loss_softmax_mult)
+
+    def grad_accumulation_weight(self, num_micro_batches: int) -> float:
+        """1: u-μP's mean loss scales only its forward by 1/N (spec §5.14), so its backward,
+        and every gradient, is a sum over tokens; with the full step's token count in the
+        weight-gradient scales (``tokens=`` of the ops) the micro-batch gradients simply add
+        up to the full batch's."""
+        return 1.0
 
     def attention_logit_scale(self, head_dim: int) -> float:
         return self.attn_mult / head_dim

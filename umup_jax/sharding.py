@@ -37,6 +37,7 @@ DEFAULT_RULES: dict[str, Optional[str]] = {
     "vocab": "tensor",    # embedding rows / readout columns: vocab parallel
     "qkv": None,
     "head_dim": None,
+    "layers": None,       # the stacked-layers axis of scanned blocks: never sharded
 }
 
 

@@ -339,7 +339,11 @@ def run_single(cfg, workdir: pathlib.Path) -> Optional[dict]:
 def run_batched(cfg, lrs: list[float], wds: list[float]) -> list[dict]:
     """Trains len(lrs) runs that differ only in (η, λ) as one vmapped computation; returns
     per-run {final_train_loss, final_eval_loss} defined exactly as ``train_and_evaluate``'s:
-    the last step's train loss and the mean loss over the validation batches at the end."""
+    the last step's train loss and the mean loss over the validation batches at the end.
+
+    ``train.grad_accum_steps`` is ignored here: each step takes the whole batch at once, which
+    is the same update (accumulation only trades memory for time, see
+    :func:`umup_jax.train.make_grad_fn`) with k times the activation memory."""
     run = train_lib.build_run(cfg, devices=jax.devices()[:1])  # validates cfg first
     boxed = jax.eval_shape(lambda k: {"params": run.model.init(
         k, jnp.zeros((1, run.model_cfg.seq_len), jnp.int32))["params"]}, jax.random.key(0))

@@ -43,8 +43,11 @@ from umup_jax import config as config_lib
 from umup_jax import data as data_lib
 from umup_jax import fp8 as fp8_lib
 from umup_jax import identity as identity_lib
+from umup_jax import layer_stack
 from umup_jax import metrics as metrics_lib
+from umup_jax import ops
 from umup_jax import sharding as sharding_lib
+from umup_jax import throughput
 from umup_jax.model import PROBES, Decoder, ModelConfig, fp8_probes, init_params
 from umup_jax.optim import OptimizerConfig, make_optimizer, make_schedule
 
@@ -74,7 +77,8 @@ def _is_int(x) -> bool:
 def validate_train(config: ml_collections.ConfigDict) -> None:
     t = config.train
     for field in ("steps", "batch_size", "eval_every", "eval_batches", "eval_batch_size",
-                  "log_every", "metrics_every", "checkpoint_every", "keep_checkpoints"):
+                  "log_every", "metrics_every", "checkpoint_every", "keep_checkpoints",
+                  "grad_accum_steps"):
         value = t[field]
         _require(_is_int(value) and value > 0, f"train.{field}", value, "an integer > 0")
     _require(t.nan_policy in NAN_POLICIES, "train.nan_policy", t.nan_policy, f"one of {NAN_POLICIES}")
@@ -98,7 +102,8 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelCon
         num_heads=m.num_heads, head_dim=m.head_dim or None, ffn_expansion=m.ffn_expansion,
         seq_len=m.seq_len, position=m.position, rope_theta=m.rope_theta,
         parametrization=m.parametrization, hparams=dict(m.hparams), dtype=m.dtype,
-        norm_eps=m.norm_eps, fp8=fp8_policy(m),
+        norm_eps=m.norm_eps, fp8=fp8_policy(m), scan_layers=m.scan_layers, remat=m.remat,
+        attention_impl=m.attention_impl,
     )
 
 
@@ -164,6 +169,21 @@ def build_run(config: ml_collections.ConfigDict, devices=None) -> Run:
                 f"train.{field}={value} is not divisible by data × fsdp = "
                 f"{mesh.shape['data']} × {mesh.shape['fsdp']} = {n_batch} (mesh {dict(mesh.shape)})"
             )
+    accum = config.train.grad_accum_steps
+    per_device = config.train.batch_size // n_batch
+    if per_device % accum:
+        raise ValueError(
+            f"train.grad_accum_steps={accum} does not divide the per-device batch {per_device} "
+            f"(train.batch_size={config.train.batch_size} over data × fsdp = {n_batch} "
+            "devices): every micro-batch must split evenly over the devices"
+        )
+    # The attention kernel: 'cudnn' where it cannot run fails here, before any compilation.
+    platform, capability = ops.device_platform(devices)
+    try:
+        ops.resolve_attention_impl(model_cfg.attention_impl, model_cfg.compute_dtype,
+                                   model_cfg.head_dim, platform, capability)
+    except ValueError as e:
+        raise ValueError(f"model.{e}") from None
     # Data checks that need only shapes: fail before any compilation.
     seq = model_cfg.seq_len
     for split, arr in (("train", tokens.train), ("valid", tokens.valid)):
@@ -206,8 +226,10 @@ def make_init_fn(run: Run):
 
 
 def fp8_stats(probe_grads) -> dict[str, jax.Array]:
-    """{'fp8/<layer>/<param>/<stat>': fraction} from the probes' gradients."""
+    """{'fp8/<layer>/<param>/<stat>': fraction} from the probes' gradients (stacked probes of
+    scanned layers are named per layer, ``layer_<i>``, as a loop's)."""
     out = {}
+    probe_grads = layer_stack.unstack_layers(probe_grads)
     for path, leaf in jax.tree_util.tree_flatten_with_path(probe_grads)[0]:
         name = "/".join(str(getattr(k, "key", k)) for k in path)
         for i, stat in enumerate(fp8_lib.STAT_NAMES):
@@ -227,29 +249,88 @@ def state_is_finite(state) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def make_train_step(run: Run, with_stats: bool):
-    """state, batch → (new state, metrics); with_stats adds per-tensor RMS of params, grads,
-    updates and activations."""
-    model, tx = run.model, run.tx
-    schedule = make_schedule(run.opt_cfg)
-    eta = run.opt_cfg.learning_rate
+def micro_batches(batch: dict, k: int, mesh: Optional[Mesh] = None) -> dict:
+    """(B, …) arrays → (k, B/k, …): micro-batch j holds rows j, j+k, j+2k, …, so that with the
+    batch sharded over the data axes every micro-batch keeps an equal share on every device
+    (each device's B/n rows split into k micro-batches of B/(n·k))."""
+    def split(x):
+        x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+        if mesh is not None:
+            spec = PartitionSpec(None, sharding_lib.BATCH_AXES)
+            x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+        return x
 
+    return jax.tree.map(split, batch)
+
+
+def make_grad_fn(run: Run, with_stats: bool):
+    """``fn(params, batch) → ((loss, activation RMS), (grads, FP8 probe grads))`` of one
+    optimizer step, unjitted; activations and probes only ``with_stats``.
+
+    With ``train.grad_accum_steps = k > 1`` the batch is split into k micro-batches
+    (:func:`micro_batches`) whose gradients a ``lax.scan`` sums in fp32, so that the result is
+    the full batch's: the model is built with ``grad_tokens`` = the step's tokens (u-μP's
+    weight-gradient scales then match the full batch's, spec §11.3) and the sum is weighted by
+    the rule's :meth:`~umup_jax.parametrization.Parametrization.grad_accumulation_weight` (1/k
+    for a plain mean loss, 1 for u-μP's).  The loss is the micro-batches' mean, activation RMS
+    the root of their mean square, FP8 statistics their mean.
+    """
+    k = run.config.train.grad_accum_steps
+    step_tokens = run.config.train.batch_size * run.model_cfg.seq_len
+    model = run.model if k == 1 else Decoder(run.model_cfg, grad_tokens=step_tokens)
+    weight = run.model_cfg.rule.grad_accumulation_weight(k)
     probes = fp8_probes(run.model_cfg) if with_stats else {}
 
-    def step_fn(state, batch):
-        def loss_fn(params, probe_vars):
-            variables = dict(params)
-            if probe_vars:
-                variables[PROBES] = probe_vars
-            if with_stats:
-                loss, mut = model.apply(variables, batch["inputs"], batch["targets"],
-                                        method=Decoder.loss, mutable=["intermediates"])
-                return loss, mut["intermediates"]
-            return model.apply(variables, batch["inputs"], batch["targets"],
-                               method=Decoder.loss), None
+    def loss_fn(params, probe_vars, batch):
+        variables = dict(params)
+        if probe_vars:
+            variables[PROBES] = probe_vars
+        if with_stats:
+            loss, mut = model.apply(variables, batch["inputs"], batch["targets"],
+                                    method=Decoder.loss, mutable=["intermediates"])
+            acts = metrics_lib.tree_rms(layer_stack.unstack_layers(mut["intermediates"]),
+                                        "activations")
+            return loss, acts
+        return model.apply(variables, batch["inputs"], batch["targets"],
+                           method=Decoder.loss), {}
 
-        (loss, acts), (grads, probe_grads) = jax.value_and_grad(
-            loss_fn, argnums=(0, 1), has_aux=True)(state["params"], probes)
+    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+
+    def accumulate(params, batch):
+        def body(carry, micro):
+            (loss, acts), (grads, probe_grads) = grad_fn(params, probes, micro)
+            acc_loss, acc_grads, acc_probes = carry
+            carry = (acc_loss + loss, jax.tree.map(jnp.add, acc_grads, grads),
+                     jax.tree.map(jnp.add, acc_probes, probe_grads))
+            return carry, jax.tree.map(jnp.square, acts)
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params),
+                 jax.tree.map(jnp.zeros_like, probes))
+        (loss, grads, probe_grads), act_ms = jax.lax.scan(
+            body, zeros, micro_batches(batch, k, run.mesh))
+        grads = jax.tree.map(lambda g: g * weight, grads)
+        acts = jax.tree.map(lambda ms: jnp.sqrt(jnp.mean(ms)), act_ms)
+        return (loss / k, acts), (grads, jax.tree.map(lambda p: p / k, probe_grads))
+
+    def loss_and_grads(params, batch):
+        if k == 1:
+            return grad_fn(params, probes, batch)
+        return accumulate(params, batch)
+
+    return loss_and_grads
+
+
+def make_train_step(run: Run, with_stats: bool):
+    """state, batch → (new state, metrics); with_stats adds per-tensor RMS of params, grads,
+    updates and activations (and FP8 cast statistics).  The gradients are
+    :func:`make_grad_fn`'s (gradient accumulation included)."""
+    tx = run.tx
+    schedule = make_schedule(run.opt_cfg)
+    eta = run.opt_cfg.learning_rate
+    loss_and_grads = make_grad_fn(run, with_stats)
+
+    def step_fn(state, batch):
+        (loss, acts), (grads, probe_grads) = loss_and_grads(state["params"], batch)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {
@@ -258,11 +339,12 @@ def make_train_step(run: Run, with_stats: bool):
             "lr": eta * schedule(state["step"]),
         }
         if with_stats:
+            unstacked = lambda t: layer_stack.unstack_layers(t["params"])  # noqa: E731
             metrics["stats"] = {
-                **metrics_lib.tree_rms(state["params"]["params"], "params"),
-                **metrics_lib.tree_rms(grads["params"], "grads"),
-                **metrics_lib.tree_rms(updates["params"], "updates"),
-                **metrics_lib.tree_rms(acts, "activations"),
+                **metrics_lib.tree_rms(unstacked(state["params"]), "params"),
+                **metrics_lib.tree_rms(unstacked(grads), "grads"),
+                **metrics_lib.tree_rms(unstacked(updates), "updates"),
+                **acts,
                 **fp8_stats(probe_grads),
             }
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
@@ -533,7 +615,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     last_eval: Optional[dict] = None
     pending: Optional[tuple[int, Any]] = None  # (step, device metrics) not yet read
     interval_t0, interval_steps = time.time(), 0
-    tokens_per_s = float("nan")
+    tokens_per_s = mfu = float("nan")
+    # MFU: model FLOPs per token over the devices' peak for the compute dtype (nan if unknown).
+    flops_per_token = throughput.train_flops_per_token(run.model_cfg)
+    device_kind = throughput.device_kind()
+    peak_flops = throughput.peak_flops(device_kind, run.model_cfg.dtype)
 
     def where_good() -> str:
         return (f"the last good checkpoint is step {last_good_ckpt} in {store.directory}"
@@ -541,7 +627,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     def finish_step(step: int, metrics: Any) -> None:
         """Reads step ``step``'s scalars on the host: NaN check, logs, progress."""
-        nonlocal last_train_loss, interval_t0, interval_steps, tokens_per_s
+        nonlocal last_train_loss, interval_t0, interval_steps, tokens_per_s, mfu
         host = jax.device_get(metrics)
         loss = float(host["loss"])
         if not math.isfinite(loss) and tcfg.nan_policy == "stop":
@@ -555,11 +641,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             now = time.time()
             tokens_per_s = interval_steps * tokens_per_step / max(now - interval_t0, 1e-9)
             interval_t0, interval_steps = now, 0
-            writer.write(step, "train", {"loss": loss, "grad_norm": float(host["grad_norm"]),
-                                         "lr": float(host["lr"]), "tokens_per_s": tokens_per_s,
-                                         "tokens": (step + 1) * tokens_per_step})
+            mfu = throughput.mfu(tokens_per_s, flops_per_token, peak_flops, len(jax.devices()))
+            row = {"loss": loss, "grad_norm": float(host["grad_norm"]), "lr": float(host["lr"]),
+                   "tokens_per_s": tokens_per_s, "mfu": mfu,
+                   "tokens": (step + 1) * tokens_per_step}
+            memory = throughput.peak_memory_bytes()
+            if memory is not None:
+                row["peak_memory_bytes"] = memory
+            writer.write(step, "train", row)
             if bar is not None:
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}",
+                                mfu=f"{mfu:.1%}" if math.isfinite(mfu) else "n/a",
+                                refresh=False)
         if "stats" in host:
             writer.write(step, "stats", {k: float(v) for k, v in host["stats"].items()})
 
@@ -639,6 +732,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             data_lib.num_windows(run.tokens.train, run.model_cfg.seq_len), 1),
         "wall_time_s": time.time() - t_start,
         "tokens_per_s": tokens_per_s,
+        "mfu": mfu,
+        "model_flops_per_token": flops_per_token,
+        "device_kind": device_kind,
+        "peak_flops_per_device": peak_flops,
         "interrupted": interrupted,
         "num_params": _count_params(run.abstract_state),
         "devices": len(jax.devices()),
@@ -646,6 +743,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "state_bytes": sharding_lib.per_device_bytes(state),
         "config": config_dict,
     }
+    memory = throughput.peak_memory_bytes()
+    if memory is not None:  # the backend reports it (GPU, TPU); the CPU backend does not
+        results["peak_memory_bytes"] = memory
     if is_main:
         tmp = workdir_path / "results.json.tmp"
         tmp.write_text(json.dumps(results, indent=2, default=str))

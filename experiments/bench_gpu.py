@@ -1,0 +1,285 @@
+"""The GPU speed table: step time, tokens/s, MFU and peak memory of the u-μP train step.
+
+Rows (issue 11):
+
+* the paper's proxy shapes (Table 5): depth 4, heads of 64 (4 heads at width 256, width/64
+  heads above), seq 256, batch 64, vocab 32000, at widths 256, 1024, 2048, 4096;
+* a ~1B model: width 2048, depth 16 (32 heads of 64), seq 2048, batch 8, ``remat='full'``
+  (1.07 B parameters in the blocks, 1.20 B with embedding and readout);
+
+each under {BF16, FP8 ``paper_simple``, FP8 ``paper_large``} × {xla, cudnn} attention, all in
+``model.dtype='bfloat16'`` (params and optimizer state fp32), and for every shape the plain
+Flax Llama of ``experiments/bench_overhead.py`` (``PlainLlama``: ``nn.Dense``, SP, optax AdamW,
+XLA attention; with ``nn.remat`` blocks for the ~1B model) against our u-μP step with BF16 and
+XLA attention, the same math FLOPs.
+
+Each row runs in a fresh subprocess (``--row JSON``), so that its peak device memory
+(``memory_stats()['peak_bytes_in_use']``) is its own and an out-of-memory row fails alone.  A row
+compiles the jitted train step (forward, backward, optimizer update, donated state), runs
+``--warmup`` untimed steps, then ``--steps`` timed steps (``block_until_ready`` after each)
+and reports the median.  MFU = tokens/s × model FLOPs per token (:mod:`umup_jax.throughput`:
+6·N + causal attention) / the device's dense BF16 peak (FP8 rows too: their MFU is against the
+BF16 peak, so FP8 can exceed what BF16 reaches).
+
+Writes ``OUT/bench_gpu.csv`` (one row per configuration), ``OUT/bench_gpu.png`` (tokens/s and
+MFU per width; step-time ratios) and prints the issue's targets:
+
+* FP8 ``paper_simple`` / BF16 step time at width 4096 ≤ 1/1.3 (stretch 1/1.6);
+* BF16 MFU ≥ 45% at width 4096 and for the ~1B model;
+* our u-μP step / the plain Llama step, same shapes, ≤ 1.05.
+
+Usage (on a CUDA GPU; ``pip install -e ".[cuda12]"``)::
+
+    python experiments/bench_gpu.py [--out experiments/results/bench_gpu] [--steps 20]
+        [--shapes proxy256,proxy1024,proxy2048,proxy4096,1b] [--scan]
+
+On a machine without a CUDA GPU it stops at once with a message and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.append(str(ROOT))
+sys.path.append(str(ROOT / "experiments"))
+
+VOCAB = 32000
+SHAPES = {
+    "proxy256": dict(width=256, depth=4, seq=256, batch=64, remat="none"),
+    "proxy1024": dict(width=1024, depth=4, seq=256, batch=64, remat="none"),
+    "proxy2048": dict(width=2048, depth=4, seq=256, batch=64, remat="none"),
+    "proxy4096": dict(width=4096, depth=4, seq=256, batch=64, remat="none"),
+    "1b": dict(width=2048, depth=16, seq=2048, batch=8, remat="full"),
+}
+FP8 = ("none", "paper_simple", "paper_large")
+ATTENTION = ("xla", "cudnn")
+HEAD_DIM = 64
+COLUMNS = ("shape", "model", "fp8", "attention", "width", "depth", "heads", "seq", "batch",
+           "remat", "scan", "params", "compile_s", "step_ms", "step_ms_min", "tokens_per_s",
+           "mfu", "peak_memory_gib", "loss", "device", "error")
+
+
+def require_gpu() -> None:
+    import jax
+
+    backend = jax.default_backend()
+    if backend != "gpu":
+        sys.exit(f"bench_gpu.py needs a CUDA GPU, but JAX's backend here is {backend!r} "
+                 f"(devices: {jax.devices()}); on a GPU host install the CUDA build "
+                 '(pip install -e ".[cuda12]", see BUILD.md) and run it there')
+
+
+# ---------------------------------------------------------------------------------------------
+# One row (in its own process)
+# ---------------------------------------------------------------------------------------------
+
+
+def run_row(row: dict, steps: int, warmup: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax.core import meta as flax_meta
+
+    import bench_overhead as plain_lib
+    from umup_jax import Decoder, ModelConfig, OptimizerConfig, make_optimizer, throughput
+    from umup_jax.model import init_params
+
+    shape = SHAPES[row["shape"]]
+    width, depth, seq, batch = shape["width"], shape["depth"], shape["seq"], shape["batch"]
+    heads = width // HEAD_DIM
+    cfg = ModelConfig(
+        vocab_size=VOCAB, width=width, depth=depth, num_heads=heads, ffn_expansion=4,
+        seq_len=seq, parametrization="umup", dtype="bfloat16",
+        fp8=row["fp8"], attention_impl=row["attention"], remat=shape["remat"],
+        scan_layers=row["scan"],
+    )
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, VOCAB, size=(batch, seq + 1), dtype=np.int32)
+    tokens, targets = jnp.asarray(data[:, :-1]), jnp.asarray(data[:, 1:])
+    if row["model"] == "umup":
+        model = Decoder(cfg)
+        # bench_overhead's Runner applies {"params": params}: the inner tree, as there.
+        boxed = jax.jit(lambda k: init_params(model, k))(jax.random.key(0))["params"]
+        opt = make_optimizer(OptimizerConfig(warmup_steps=100, total_steps=1000),
+                             boxed, cfg.rule)
+        params = flax_meta.unbox(boxed)
+    else:  # the plain Flax Llama, BF16, XLA attention
+        model = plain_lib.PlainLlama(vocab_size=VOCAB, width=width, depth=depth,
+                                     num_heads=heads, ffn_hidden=4 * width,
+                                     dtype=jnp.bfloat16, remat=shape["remat"] != "none")
+        params = jax.jit(lambda k: model.init(k, tokens[:1])["params"])(jax.random.key(0))
+        import optax
+
+        opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 1e-3, 100, 1000, 1e-4),
+                          b1=0.9, b2=0.999, eps=1e-8, weight_decay=2.0**-13)
+    runner = plain_lib.Runner(row["model"], model, params, opt, tokens, targets)
+    loss = runner.run(warmup, record=False)
+    loss = runner.run(steps)
+    step_s = statistics.median(runner.times)
+    tokens_per_s = batch * seq / step_s
+    device = jax.devices()[0]
+    peak = throughput.peak_flops(device.device_kind, "bfloat16")
+    memory = throughput.peak_memory_bytes([device])
+    return {
+        **row, "width": width, "depth": depth, "heads": heads, "seq": seq, "batch": batch,
+        "remat": shape["remat"], "params": runner.num_params,
+        "compile_s": round(runner.compile_s, 2), "step_ms": round(step_s * 1e3, 3),
+        "step_ms_min": round(min(runner.times) * 1e3, 3),
+        "tokens_per_s": round(tokens_per_s, 1),
+        "mfu": round(throughput.mfu(tokens_per_s, throughput.train_flops_per_token(cfg),
+                                    peak, 1), 4),
+        "peak_memory_gib": round(memory / 2**30, 3) if memory is not None else "",
+        "loss": round(loss, 4), "device": device.device_kind, "error": "",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------------------------
+
+
+def rows_for(shapes: list[str], scan: bool) -> list[dict]:
+    rows = []
+    for shape in shapes:
+        for fp8 in FP8:
+            for attention in ATTENTION:
+                rows.append(dict(shape=shape, model="umup", fp8=fp8, attention=attention,
+                                 scan=scan))
+        rows.append(dict(shape=shape, model="plain", fp8="none", attention="xla", scan=False))
+    return rows
+
+
+def run_in_subprocess(row: dict, args) -> dict:
+    cmd = [sys.executable, __file__, "--row", json.dumps(row), "--steps", str(args.steps),
+           "--warmup", str(args.warmup)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.row_timeout)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+    return {**row, "error": f"exit {proc.returncode}: {tail[:300]}"}
+
+
+def find(rows, **match):
+    for r in rows:
+        if all(r.get(k) == v for k, v in match.items()) and not r.get("error"):
+            return r
+    return None
+
+
+def summary(rows: list[dict]) -> list[str]:
+    out = []
+    for attention in ATTENTION:
+        bf16 = find(rows, shape="proxy4096", model="umup", fp8="none", attention=attention)
+        fp8 = find(rows, shape="proxy4096", model="umup", fp8="paper_simple",
+                   attention=attention)
+        if bf16 and fp8:
+            speedup = bf16["step_ms"] / fp8["step_ms"]
+            out.append(f"width 4096, {attention} attention: BF16 / FP8 paper_simple step time "
+                       f"= {speedup:.2f}x (target >= 1.3x, stretch 1.6x: "
+                       f"{'PASS' if speedup >= 1.3 else 'FAIL'})")
+    for shape in ("proxy4096", "1b"):
+        best = max((r for r in rows if r["shape"] == shape and r["model"] == "umup"
+                    and r["fp8"] == "none" and not r.get("error")),
+                   key=lambda r: r["mfu"], default=None)
+        if best:
+            out.append(f"{shape}: BF16 MFU {best['mfu']:.1%} ({best['attention']} attention; "
+                       f"target >= 45%: {'PASS' if best['mfu'] >= 0.45 else 'FAIL'})")
+    for shape in SHAPES:
+        ours = find(rows, shape=shape, model="umup", fp8="none", attention="xla")
+        plain = find(rows, shape=shape, model="plain")
+        if ours and plain:
+            ratio = ours["step_ms"] / plain["step_ms"]
+            out.append(f"{shape}: ours / plain Llama step time = {ratio:.3f} (target <= 1.05: "
+                       f"{'PASS' if ratio <= 1.05 else 'FAIL'})")
+    return out
+
+
+def plot(rows: list[dict], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    proxy = [s for s in SHAPES if s.startswith("proxy")]
+    for fp8 in FP8:
+        for attention in ATTENTION:
+            pts = [find(rows, shape=s, model="umup", fp8=fp8, attention=attention)
+                   for s in proxy]
+            xs = [p["width"] for p in pts if p]
+            style = "-" if attention == "cudnn" else "--"
+            axes[0].plot(xs, [p["tokens_per_s"] for p in pts if p], style, marker="o",
+                         label=f"{fp8}, {attention}")
+            axes[1].plot(xs, [p["mfu"] for p in pts if p], style, marker="o",
+                         label=f"{fp8}, {attention}")
+    pts = [find(rows, shape=s, model="plain") for s in proxy]
+    axes[0].plot([p["width"] for p in pts if p], [p["tokens_per_s"] for p in pts if p], ":",
+                 color="k", marker="x", label="plain Llama (bf16, xla)")
+    for ax, label in zip(axes, ("tokens/s", "MFU (vs BF16 peak)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("width (depth 4, seq 256, batch 64)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[1].legend(fontsize=7)
+    device = next((r["device"] for r in rows if r.get("device")), "?")
+    fig.suptitle(f"u-μP train step on {device}: FP8 presets × attention kernels")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=str(ROOT / "experiments" / "results" / "bench_gpu"))
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--shapes", default=",".join(SHAPES),
+                   help=f"comma-separated subset of {list(SHAPES)}")
+    p.add_argument("--scan", action="store_true", help="our model with model.scan_layers")
+    p.add_argument("--row-timeout", type=int, default=1800)
+    p.add_argument("--row", help=argparse.SUPPRESS)  # internal: one row, JSON in and out
+    args = p.parse_args(argv)
+    require_gpu()
+    if args.row:
+        print(json.dumps(run_row(json.loads(args.row), args.steps, args.warmup)), flush=True)
+        return
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    unknown = sorted(set(shapes) - set(SHAPES))
+    if unknown:
+        p.error(f"--shapes {unknown} are unknown: choose from {list(SHAPES)}")
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    t0 = time.time()
+    for i, row in enumerate(rows_for(shapes, args.scan)):
+        result = run_in_subprocess(row, args)
+        rows.append(result)
+        print(f"[{i + 1}] {row['shape']:9s} {row['model']:5s} {row['fp8']:12s} "
+              f"{row['attention']:5s} " + (f"step {result['step_ms']:9.2f} ms  "
+                                          f"{result['tokens_per_s']:12,.0f} tok/s  "
+                                          f"MFU {result['mfu']:.1%}  "
+                                          f"peak {result['peak_memory_gib']} GiB"
+                                          if not result.get("error") else result["error"]),
+              flush=True)
+        with open(out / "bench_gpu.csv", "w", newline="") as f:  # rewritten after each row
+            writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+    plot(rows, out / "bench_gpu.png")
+    print(f"\n{len(rows)} rows in {time.time() - t0:.0f} s; wrote {out / 'bench_gpu.csv'} and "
+          f"{out / 'bench_gpu.png'}")
+    for line in summary(rows):
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""experiments/bench_gpu.py without a GPU: it refuses with a message, and (``-m slow``) its
+per-row code (our u-μP step and the plain Llama, timed through bench_overhead's Runner), its
+table summary and its plot work on a tiny shape on this machine's CPU."""
+
+import importlib.util
+import math
+import pathlib
+import sys
+
+import jax
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.append(str(ROOT / "experiments"))
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "experiments" /
+                                                  "bench_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="this machine has a GPU")
+def test_refuses_without_a_gpu(bench):
+    with pytest.raises(SystemExit, match="needs a CUDA GPU, but JAX's backend here is 'cpu'"):
+        bench.main([])
+
+
+@pytest.mark.slow
+def test_rows_summary_and_plot_on_a_tiny_shape(bench, monkeypatch, tmp_path):
+    monkeypatch.setitem(bench.SHAPES, "proxy4096",
+                        dict(width=64, depth=1, seq=32, batch=2, remat="full"))
+    monkeypatch.setattr(bench, "VOCAB", 128)
+    rows = []
+    for model, fp8 in (("umup", "none"), ("plain", "none")):
+        row = bench.run_row(dict(shape="proxy4096", model=model, fp8=fp8, attention="xla",
+                                 scan=False), steps=2, warmup=1)
+        assert row["error"] == "" and row["tokens_per_s"] > 0 and math.isfinite(row["loss"])
+        assert (row["width"], row["heads"], row["remat"]) == (64, 1, "full")
+        rows.append(row)
+    assert rows[0]["params"] == rows[1]["params"]  # the same shapes
+    rows.append({**rows[0], "fp8": "paper_simple", "step_ms": rows[0]["step_ms"] / 1.5})
+    if jax.default_backend() == "cpu":
+        assert math.isnan(rows[0]["mfu"]) and rows[0]["peak_memory_gib"] == ""
+    lines = bench.summary(rows)
+    assert any(l.startswith("width 4096, xla attention: BF16 / FP8 paper_simple") for l in lines)
+    assert any(l.startswith("proxy4096: ours / plain Llama step time =") for l in lines)
+    bench.plot(rows, tmp_path / "bench_gpu.png")
+    assert (tmp_path / "bench_gpu.png").stat().st_size > 0

@@ -1,0 +1,110 @@
+"""The HLO reading behind the GPU FP8/cuDNN tests, on synthetic HLO text (the shapes and
+spelling of XLA's GPU output) and on this machine's compiled step (the op_name scopes that
+map every forward and backward matmul to its FP8 group)."""
+
+import jax
+import jax.numpy as jnp
+from flax.core import meta as flax_meta
+
+from umup_jax import fp8 as fp8_lib
+from umup_jax import hlo_check
+from umup_jax.model import Decoder, ModelConfig, abstract_params
+
+META = ('metadata={{op_name="jit(step)/{path}/dot_general" source_file="model.py" '
+        'source_line=1}}')
+
+
+def gemm(name, target, a, b, path, result="bf16[128,384]{1,0}"):
+    return (f'  %{name} = ({result}, s8[33554432]{{0}}) custom-call({a}[128,128]{{1,0}} %x, '
+            f'{b}[384,128]{{1,0}} %w, f32[] %one, f32[] %one.1), custom_call_target="{target}", '
+            + META.format(path=path) + ', backend_config={"gemm_backend_config":{}}')
+
+
+F8 = hlo_check.FP8_GEMM_TARGET
+LAYER = "jvp(Decoder.loss)/Decoder/layer_0"
+BWD = "transpose(jvp(Decoder.loss))/Decoder/layer_0"
+
+
+def module(*lines):
+    return "\n".join(["HloModule jit_step, entry_computation_layout={()->()}", "",
+                      "ENTRY %main.1 () -> () {", *lines, "}"])
+
+
+PAPER_LARGE_OK = module(
+    gemm("cc.1", F8, "f8e4m3fn", "f8e4m3fn", f"{LAYER}/fp8_qkv"),
+    gemm("cc.2", F8, "f8e5m2", "f8e4m3fn", f"{BWD}/fp8_qkv"),
+    gemm("cc.3", F8, "f8e4m3fn", "f8e5m2", f"{BWD}/fp8_qkv"),
+    gemm("cc.4", "__cublas$gemm", "bf16", "bf16", f"{LAYER}/fp8_attn_out"),
+    gemm("cc.5", "__cublas$lt$matmul", "bf16", "bf16", f"{BWD}/fp8_attn_out"),
+    gemm("cc.6", F8, "f8e4m3fn", "f8e4m3fn", f"{LAYER}/fp8_ffn_in"),
+    gemm("cc.7", "__cublas$gemm", "bf16", "bf16", f"{LAYER}/fp8_ffn_down"),
+    gemm("cc.8", F8, "f8e4m3fn", "f8e4m3fn", "jvp(Decoder.loss)/Decoder/fp8_readout"),
+    '  %fmha = (bf16[4,128,2,64]{3,2,1,0}, f32[4,2,128]{2,1,0}, u8[0]{0}) custom-call('
+    'bf16[4,128,2,64]{3,2,1,0} %q, bf16[4,128,2,64]{3,2,1,0} %k, bf16[4,128,2,64]{3,2,1,0} %v), '
+    'custom_call_target="__cudnn$fmhaSoftmax", metadata={op_name="jit(step)/x"}',
+    '  ROOT %fmha.bwd = (bf16[4,128,2,64]{3,2,1,0}) custom-call(bf16[4,128,2,64]{3,2,1,0} %q), '
+    'custom_call_target="__cudnn$fmhaSoftmaxBackward"',
+)
+
+
+def test_parses_gemms_and_groups():
+    found = hlo_check.gemms_by_group(PAPER_LARGE_OK)
+    counts = lambda fp8, other: {"fp8": fp8, "other": other, "f8_dot": 0}  # noqa: E731
+    assert found == {"qkv": counts(3, 0), "attn_out": counts(0, 2), "ffn_in": counts(1, 0),
+                     "ffn_down": counts(0, 1), "readout": counts(1, 0)}
+    assert hlo_check.fp8_policy_problems(PAPER_LARGE_OK, fp8_lib.PRESETS["paper_large"]) == []
+    assert hlo_check.cudnn_attention_calls(PAPER_LARGE_OK) == {"forward": 1, "backward": 1}
+    (fwd,) = [i for i in hlo_check.instructions(PAPER_LARGE_OK) if i.name == "cc.1"]
+    assert fwd.operand_types == ("f8e4m3fn", "f8e4m3fn", "f32", "f32") and fwd.group == "qkv"
+
+
+def test_policy_mismatches_are_reported():
+    # paper_simple wants every group in FP8: attn_out and ffn_down ran in bf16.
+    problems = hlo_check.fp8_policy_problems(PAPER_LARGE_OK, fp8_lib.PRESETS["paper_simple"])
+    assert problems == [
+        "group 'attn_out' is 'fp8' in the policy but has no FP8 GEMM (__cublas$lt$matmul$f8 "
+        "with f8 operands); 2 non-FP8 cuBLAS GEMM(s)",
+        "group 'ffn_down' is 'fp8' in the policy but has no FP8 GEMM (__cublas$lt$matmul$f8 "
+        "with f8 operands); 1 non-FP8 cuBLAS GEMM(s)"]
+    # 'none' wants no FP8 GEMM at all.
+    assert len(hlo_check.fp8_policy_problems(PAPER_LARGE_OK, fp8_lib.PRESETS["none"])) == 3
+    # An upcast backward GEMM in an FP8 group, and an f8 target fed bf16 operands.
+    upcast = module(gemm("a", F8, "f8e4m3fn", "f8e4m3fn", f"{LAYER}/fp8_qkv"),
+                    gemm("b", "__cublas$gemm", "bf16", "bf16", f"{BWD}/fp8_qkv"),
+                    gemm("c", F8, "bf16", "bf16", f"{LAYER}/fp8_ffn_in"),
+                    # an FP8 dot XLA left in a fusion (Triton): reported, not counted
+                    '  %d = bf16[128,64]{1,0} dot(f8e4m3fn[128,128]{1,0} %x, '
+                    'f8e4m3fn[128,64]{1,0} %y), lhs_contracting_dims={1}, '
+                    'rhs_contracting_dims={0}, ' + META.format(path=f"{LAYER}/fp8_ffn_down"))
+    policy = {"qkv": "fp8", "ffn_in": "fp8", "ffn_down": "fp8"}
+    assert hlo_check.fp8_policy_problems(upcast, policy) == [
+        "group 'qkv' is 'fp8' in the policy but 1 of its GEMMs are not FP8 (upcast)",
+        "group 'ffn_in' is 'fp8' in the policy but has no FP8 GEMM (__cublas$lt$matmul$f8 "
+        "with f8 operands); 1 non-FP8 cuBLAS GEMM(s)",
+        "group 'ffn_down' is 'fp8' in the policy but has no FP8 GEMM (__cublas$lt$matmul$f8 "
+        "with f8 operands); 0 non-FP8 cuBLAS GEMM(s), 1 dot(s) of f8 operands outside "
+        "cuBLASLt"]
+    assert hlo_check.cudnn_attention_calls(upcast) == {"forward": 0, "backward": 0}
+
+
+def test_every_matmul_of_the_step_carries_its_group_scope():
+    """On this machine's compiled gradient (CPU: plain dots), every forward and transposed
+    (backward) matmul of a linear is named by its fp8_<group> scope, scanned or not."""
+    for scan in (False, True):
+        cfg = ModelConfig(vocab_size=32, width=16, depth=1, num_heads=1, seq_len=8,
+                          dtype="bfloat16", fp8="paper_simple", scan_layers=scan)
+        model = Decoder(cfg)
+        params = flax_meta.unbox(abstract_params(model))
+        tokens = jnp.zeros((2, 8), jnp.int32)
+        hlo = jax.jit(jax.grad(lambda p: model.apply(p, tokens, tokens, method=Decoder.loss))
+                      ).lower(params).compile().as_text()
+        dots = [i for i in hlo_check.instructions(hlo) if i.opcode == "dot"]
+        by_group: dict = {}
+        for d in dots:
+            key = (d.group, "transpose(" in d.op_name)
+            by_group[key] = by_group.get(key, 0) + 1
+        for group in fp8_lib.GROUPS:
+            assert by_group.get((group, False)), (scan, group, by_group)  # forward
+            assert by_group.get((group, True)), (scan, group, by_group)  # backward
+        # The attention's own two matmuls (and their transposes) belong to no group.
+        assert by_group.get((None, False), 0) >= 2

@@ -1,0 +1,99 @@
+"""Throughput metrics: the model-FLOPs formula on a hand-counted model, the accelerator peak
+table, MFU, and the train loop writing tokens/s, MFU (and peak memory where reported) with
+scanned, rematerialised, accumulated steps; which of the new keys may change on resume."""
+
+import json
+import math
+
+import jax
+import pytest
+from flax.core import meta as flax_meta
+
+from umup_jax import config as config_lib
+from umup_jax import identity
+from umup_jax import throughput
+from umup_jax import train as train_lib
+from umup_jax.metrics import read_metrics
+from umup_jax.model import Decoder, ModelConfig, abstract_params
+
+
+def test_model_flops_hand_counted():
+    """V=10, d=4, L=1, H=2, D_h=2, f=8, S=3.
+
+    Matmul params N: QKV 4·3·2·2 = 48, attention out 2·2·4 = 16, up + gate + down 3·4·8 = 96,
+    readout 4·10 = 40: N = 200 (the 10·4 embedding table is a gather, not counted).
+    Attention, causal: per sequence and head the S(S+1)/2 = 6 kept query-key pairs cost
+    2·D_h = 4 FLOPs in each of q·kᵀ and p·v, 48 forward; × 2 heads × 3 (fwd + bwd) = 288 per
+    sequence of 3 tokens = 96 per token.  Per token: 6·200 + 96 = 1296."""
+    cfg = ModelConfig(vocab_size=10, width=4, depth=1, num_heads=2, ffn_expansion=2,
+                      seq_len=3, position="none")
+    assert throughput.matmul_params(cfg) == 200
+    assert throughput.attention_flops_per_token(cfg) == 96
+    assert throughput.train_flops_per_token(cfg) == 1296
+    # N is every parameter but the embedding table, counted from the model itself.
+    for c in (cfg, ModelConfig(vocab_size=50, width=64, depth=3, num_heads=4, seq_len=16)):
+        params = flax_meta.unbox(abstract_params(Decoder(c)))["params"]
+        total = sum(x.size for x in jax.tree.leaves(params))
+        assert throughput.matmul_params(c) == total - params["embedding"].size
+
+
+@pytest.mark.parametrize("kind, dtype, tflops", [
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 989.4),
+    ("NVIDIA H100 PCIe", "bfloat16", 756.0),
+    ("NVIDIA H100 NVL", "bfloat16", 835.0),
+    ("NVIDIA H200", "bfloat16", 989.4),
+    ("NVIDIA GH200 480GB", "bfloat16", 989.4),
+    ("NVIDIA A100-SXM4-80GB", "bfloat16", 312.0),
+    ("NVIDIA A100-SXM4-80GB", "float32", 156.0),  # TF32, XLA's default fp32 matmul precision
+    ("NVIDIA L4", "bfloat16", 121.0),
+    ("NVIDIA L40S", "bfloat16", 362.05),
+])
+def test_peak_table(kind, dtype, tflops):
+    assert throughput.peak_flops(kind, dtype) == pytest.approx(tflops * 1e12)
+
+
+def test_unknown_peaks_are_nan():
+    assert math.isnan(throughput.peak_flops("cpu", "float32"))
+    assert math.isnan(throughput.peak_flops("NVIDIA A100-SXM4-40GB", "float8"))  # no FP8
+    assert math.isnan(throughput.mfu(1e6, 1296.0, float("nan"), 1))
+    # 8 H100s at 1.5 M tokens/s of a 1296-FLOP/token model:
+    assert throughput.mfu(1.5e6, 1296.0, 989.4e12, 8) == pytest.approx(1.5e6 * 1296 /
+                                                                        (8 * 989.4e12))
+
+
+def test_train_reports_throughput_with_scan_remat_and_accumulation(tmp_path):
+    cfg = config_lib.proxy_config("umup", "smoke")
+    for key, value in {"model.depth": 2, "model.scan_layers": True, "model.remat": "full",
+                       "train.grad_accum_steps": 2, "train.steps": 4,
+                       "train.metrics_every": 2, "train.checkpoint_every": 4}.items():
+        config_lib.set_key(cfg, key, value)
+    results = train_lib.train_and_evaluate(cfg, str(tmp_path))
+    model_cfg = train_lib.model_config(cfg, 256)
+    assert results["model_flops_per_token"] == throughput.train_flops_per_token(model_cfg)
+    assert results["device_kind"] == jax.devices()[0].device_kind
+    rows = read_metrics(tmp_path / "metrics.jsonl", "train")
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+    stats = read_metrics(tmp_path / "metrics.jsonl", "stats")[0]
+    assert "activations/layer_1/ffn_branch" in stats and "params/layer_0/attn_qkv" in stats
+    saved = json.loads((tmp_path / "results.json").read_text())
+    if jax.default_backend() == "cpu":  # no peak for a CPU, no memory statistics
+        assert all(r["mfu"] == "nan" for r in rows) and math.isnan(saved["mfu"])
+        assert "peak_memory_bytes" not in saved and "peak_memory_bytes" not in rows[0]
+    else:
+        assert 0 < saved["mfu"] < 1 and saved["peak_memory_bytes"] > 0
+    # The checkpoint layout is run-defining: resuming it unscanned is refused, untouched.
+    config_lib.set_key(cfg, "model.scan_layers", False)
+    with pytest.raises(identity.RunMismatchError, match="model.scan_layers: True → False"):
+        train_lib.train_and_evaluate(cfg, str(tmp_path))
+
+
+def test_remat_attention_kernel_and_accumulation_may_change_on_resume():
+    old = json.loads(config_lib.proxy_config("umup", "smoke").to_json())
+    new = json.loads(config_lib.proxy_config(
+        "umup", "smoke,model.remat=full,model.attention_impl=xla,train.grad_accum_steps=2,"
+                "model.scan_layers=True").to_json())
+    refused, allowed = identity.resume_diff(old, new)
+    assert [k for k, _, _ in allowed] == ["model.attention_impl", "model.remat",
+                                          "train.grad_accum_steps"]
+    assert [k for k, _, _ in refused] == ["model.scan_layers"]

@@ -1,0 +1,169 @@
+"""What the compiled HLO of a step really runs: FP8 GEMMs per matmul group, cuDNN attention.
+
+An FP8 policy only says what is *cast*; whether the GEMM then runs in FP8 is XLA's decision (a
+dot of upcast operands computes the same numbers at BF16 speed).  On a CUDA GPU, XLA's GEMM
+rewriter turns a dot of f8 operands into a cuBLASLt custom call with target
+:data:`FP8_GEMM_TARGET` (``xla/service/gpu/cublas_cudnn.cc``: ``kCublasLtMatmulF8CallTarget``);
+a BF16 GEMM becomes ``__cublas$gemm`` or ``__cublas$lt$matmul``.  cuDNN's fused attention
+(``jax.nn.dot_product_attention(implementation='cudnn')``) is a custom call whose target starts
+with :data:`CUDNN_ATTENTION_PREFIX` (``__cudnn$fmhaSoftmax`` forward,
+``__cudnn$fmhaSoftmaxBackward`` backward, jax/_src/cudnn/fused_attention_stablehlo.py).
+
+Each custom call keeps the ``op_name`` metadata of the dot it replaced, and the model runs every
+linear inside a ``jax.named_scope('fp8_<group>')`` (:func:`umup_jax.model.linear_for`), in the
+forward pass and in its transpose (``…/transpose(jvp(…))/…/fp8_qkv/dot_general``), so the
+group of each GEMM is read from its op_name.
+
+These are plain functions of the HLO text (``jax.jit(f).lower(…).compile().as_text()``),
+unit-tested on CPU with synthetic HLO; ``tests/test_fp8_gpu.py`` applies them on a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Iterable, Mapping, Optional
+
+from umup_jax import fp8 as fp8_lib
+
+FP8_GEMM_TARGET = "__cublas$lt$matmul$f8"
+BF16_GEMM_TARGETS = ("__cublas$gemm", "__cublas$lt$matmul")
+CUDNN_ATTENTION_PREFIX = "__cudnn$fmha"
+FP8_TYPES = ("f8e4m3fn", "f8e5m2", "f8e4m3", "f8e4m3fnuz", "f8e5m2fnuz")
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([\w\-]+)\((.*)$")
+_TARGET = re.compile(r'custom_call_target="([^"]+)"')
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_TYPE = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[")
+_GROUP = re.compile(r"(?:^|/)fp8_(" + "|".join(fp8_lib.GROUPS) + r")(?=/|$)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Instruction:
+    """One HLO instruction: its name, opcode, result type text, operand element types,
+    custom-call target (if any) and op_name metadata."""
+
+    name: str
+    opcode: str
+    result: str
+    operand_types: tuple[str, ...]
+    target: Optional[str]
+    op_name: str
+
+    @property
+    def group(self) -> Optional[str]:
+        """The FP8 matmul group (``qkv``, ``attn_out``, …) from the op_name's ``fp8_<group>``
+        scope, or ``None``."""
+        m = _GROUP.search(self.op_name)
+        return m.group(1) if m else None
+
+
+def _operands(rest: str) -> str:
+    """The text inside the opcode's parentheses (``rest`` starts after the '(')."""
+    depth = 1
+    for i, ch in enumerate(rest):
+        depth += ch == "("
+        depth -= ch == ")"
+        if depth == 0:
+            return rest[:i]
+    return rest
+
+
+def instructions(hlo_text: str) -> list[Instruction]:
+    """Every instruction of every computation in an HLO module's text."""
+    out = []
+    for line in hlo_text.splitlines():
+        m = _INSTRUCTION.match(line)
+        if not m:
+            continue
+        name, result, opcode, rest = m.groups()
+        operands = _operands(rest)
+        target = _TARGET.search(line)
+        op_name = _OP_NAME.search(line)
+        out.append(Instruction(
+            name=name, opcode=opcode, result=result,
+            operand_types=tuple(_TYPE.findall(operands)),
+            target=target.group(1) if target else None,
+            op_name=op_name.group(1) if op_name else "",
+        ))
+    return out
+
+
+def custom_calls(hlo_text: str, prefix: str = "") -> list[Instruction]:
+    """The custom calls whose target starts with ``prefix``."""
+    return [i for i in instructions(hlo_text)
+            if i.opcode == "custom-call" and i.target and i.target.startswith(prefix)]
+
+
+def is_fp8_gemm(inst: Instruction) -> bool:
+    """A cuBLASLt FP8 GEMM: the f8 target with (at least) its two matrix operands in FP8."""
+    return (inst.target == FP8_GEMM_TARGET
+            and sum(t in FP8_TYPES for t in inst.operand_types) >= 2)
+
+
+def gemms_by_group(hlo_text: str) -> dict[Optional[str], dict[str, int]]:
+    """{group (or None): {'fp8': n, 'other': m, 'f8_dot': k}}: the cuBLASLt FP8 GEMMs, the
+    other cuBLAS GEMMs (BF16/FP32, :data:`BF16_GEMM_TARGETS`) and, for diagnosis only, the
+    plain ``dot`` instructions with FP8 operands (a GEMM XLA left to a fused Triton kernel,
+    or the CPU's emulation) of each matmul group."""
+    out: dict[Optional[str], dict[str, int]] = {}
+    for inst in instructions(hlo_text):
+        if inst.opcode == "custom-call" and (inst.target == FP8_GEMM_TARGET
+                                             or inst.target in BF16_GEMM_TARGETS):
+            kind = "fp8" if is_fp8_gemm(inst) else "other"
+        elif inst.opcode == "dot" and sum(t in FP8_TYPES for t in inst.operand_types) >= 2:
+            kind = "f8_dot"
+        else:
+            continue
+        counts = out.setdefault(inst.group, {"fp8": 0, "other": 0, "f8_dot": 0})
+        counts[kind] += 1
+    return out
+
+
+def fp8_policy_problems(hlo_text: str, policy: Mapping[str, str]) -> list[str]:
+    """What the compiled step does differently from the FP8 ``policy`` ({group: mode}):
+
+    * an FP8 group (any mode but ``bf16``) without an FP8 GEMM, or with a GEMM that is not FP8
+      (an upcast matmul: the cast happened, the FP8 GEMM did not);
+    * a BF16 group with an FP8 GEMM.
+
+    An empty list means the HLO matches the policy.
+    """
+    found = gemms_by_group(hlo_text)
+    problems = []
+    for group in fp8_lib.GROUPS:
+        counts = found.get(group, {"fp8": 0, "other": 0, "f8_dot": 0})
+        mode = policy.get(group, "bf16")
+        if mode == "bf16":
+            if counts["fp8"]:
+                problems.append(f"group {group!r} is bf16 in the policy but has "
+                                f"{counts['fp8']} FP8 GEMM(s) ({FP8_GEMM_TARGET})")
+        else:
+            if not counts["fp8"]:
+                fused = (f", {counts['f8_dot']} dot(s) of f8 operands outside cuBLASLt"
+                         if counts["f8_dot"] else "")
+                problems.append(f"group {group!r} is {mode!r} in the policy but has no FP8 GEMM "
+                                f"({FP8_GEMM_TARGET} with f8 operands); "
+                                f"{counts['other']} non-FP8 cuBLAS GEMM(s){fused}")
+            elif counts["other"]:
+                problems.append(f"group {group!r} is {mode!r} in the policy but "
+                                f"{counts['other']} of its GEMMs are not FP8 (upcast)")
+    return problems
+
+
+def cudnn_attention_calls(hlo_text: str) -> dict[str, int]:
+    """{'forward': n, 'backward': m} cuDNN fused-attention custom calls."""
+    calls = custom_calls(hlo_text, CUDNN_ATTENTION_PREFIX)
+    backward = sum("Backward" in c.target for c in calls)
+    return {"forward": len(calls) - backward, "backward": backward}
+
+
+def describe(found: Mapping[Optional[str], Mapping[str, int]],
+             groups: Iterable[Optional[str]] = (*fp8_lib.GROUPS, None)) -> str:
+    """One line per group: its FP8 and other GEMM counts (for failure messages)."""
+    rows = []
+    for g in groups:
+        c = found.get(g, {"fp8": 0, "other": 0, "f8_dot": 0})
+        rows.append(f"{g or '(no group)'}: {c['fp8']} fp8, {c['other']} other cuBLAS, "
+                    f"{c['f8_dot']} f8 dot")
+    return "; ".join(rows)
