@@ -211,12 +211,20 @@ class ResultsStore:
         if self.path.exists():
             with open(self.path, newline="") as f:
                 reader = csv.DictReader(f)
-                if reader.fieldnames != COLUMNS:
+                fields, rows = list(reader.fieldnames or []), list(reader)
+            if fields != COLUMNS:
+                # Written before a rule gained an HP (a new hp.* column): rewrite it with the
+                # new columns, empty in the old rows; anything else is not this version's.
+                if "run_id" not in fields or not set(fields) < set(COLUMNS):
                     raise SweepError(f"{self.path} has other columns than this version writes")
-                for row in reader:
-                    if row["sweep"] != spec["name"]:
-                        raise SweepError(f"{self.path} has rows of sweep {row['sweep']!r}")
-                    self.rows[row["run_id"]] = row
+                with open(self.path, "w", newline="") as f:
+                    writer = csv.DictWriter(f, fieldnames=COLUMNS)
+                    writer.writeheader()
+                    writer.writerows({k: row.get(k, "") for k in COLUMNS} for row in rows)
+            for row in rows:
+                if row["sweep"] != spec["name"]:
+                    raise SweepError(f"{self.path} has rows of sweep {row['sweep']!r}")
+                self.rows[row["run_id"]] = {k: row.get(k, "") for k in COLUMNS}
         else:
             with open(self.path, "w", newline="") as f:
                 csv.DictWriter(f, fieldnames=COLUMNS).writeheader()
