@@ -120,3 +120,60 @@ def test_flatness_and_layer_average_on_known_rows():
     assert flat["ratio"] == pytest.approx(2.0) and flat["slope"] == pytest.approx(0.5)
     avg = cc.layer_averaged(rows)[("activation", 0)]["a"]
     assert avg[64] == pytest.approx(8 * np.sqrt(2))  # geometric mean of 8 and 16
+
+
+# --- after training (--after_training) ---------------------------------------------------------
+
+
+def test_after_training_rows_csv_and_png(tmp_path):
+    """One step at η = 10⁻⁶ leaves the stored weights at their init: RMS 1 under u-μP (unit
+    init), σ_init = 0.02 under SP; every weight and activation of each width/depth point is
+    recorded once, and the CSV round-trips."""
+    expected_weights = {"umup": 1.0, "sp": 0.02}
+    for par, target in expected_weights.items():
+        cfg = config_lib.proxy_config(par, "smoke,train.steps=1,optimizer.learning_rate=1e-6,"
+                                           "optimizer.warmup_steps=0")
+        depths = [2] if par == "umup" else []
+        rows = cc.after_training(cfg, widths=[64], depths=depths)
+        points = {(r["axis"], r["width"], r["depth"]) for r in rows}
+        assert points == {("width", 64, 1)} | {("depth", 32, d) for d in depths}
+        for axis, depth in (("width", 1), ("depth", 2))[:1 + len(depths)]:
+            names = {(r["kind"], r["name"]) for r in rows if r["axis"] == axis}
+            layers = [f"layer_{i}/" for i in range(depth)]
+            assert {n for k, n in names if k == "weight"} == {"embedding", "readout"} | {
+                p + t for p in layers for t in ("attn_qkv", "attn_out", "ffn_up", "ffn_gate",
+                                                "ffn_down")}
+            assert {n for k, n in names if k == "activation"} == {
+                "embedding", "final_norm", "logits"} | {
+                p + t for p in layers for t in ("attn_branch", "ffn_norm", "ffn_branch",
+                                                "output")}
+        for r in rows:
+            assert math.isfinite(r["rms"]) and r["rms"] > 0 and r["steps"] == 1
+            if r["kind"] == "weight":
+                # N(0, B²) samples of ≥ 1024 entries: RMS within 10% of B.
+                assert r["rms"] == pytest.approx(target, rel=0.1), (par, r["name"])
+        cc.write_after_csv(rows, tmp_path / f"{par}.csv")
+        assert cc.read_after_csv(tmp_path / f"{par}.csv") == rows
+        if par == "umup":
+            png = cc.plot_after(rows, tmp_path / "after.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "weight     vs width [64]" in cc.after_summary(rows)
+
+
+def test_after_training_refuses_bad_widths_and_depths_before_any_work(tmp_path):
+    cfg = config_lib.proxy_config("umup", "smoke")
+    with pytest.raises(ValueError, match="depth=0 is invalid"):
+        cc.after_training(cfg, [32], [0])
+    with pytest.raises(ValueError, match="width=48 is invalid"):
+        cc.after_training(cfg, [48], [1])
+    cases = (("--depths=2,0", "depth=0 is invalid"), ("--widths=32,40", "width=40 is invalid"),
+             ("--depths=a", "--depths=a: give comma-separated integers"))
+    procs = [(match, subprocess.Popen(
+        [sys.executable, "-m", "umup_jax.coord_check",
+         f"--config={ROOT / 'configs' / 'umup_proxy.py'}:smoke", "--after_training", extra,
+         f"--out={tmp_path / 'out'}"], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE)) for extra, match in cases]
+    for match, proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and match in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()

@@ -14,7 +14,7 @@ from flax.core import meta as flax_meta
 from conftest import SEED, rms
 from umup_jax import parametrization as P
 from umup_jax.model import Decoder, ModelConfig, abstract_params, init_params
-from umup_jax.optim import OptimizerConfig, make_optimizer
+from umup_jax.optim import OptimizerConfig, learning_rate_table, make_optimizer
 
 WIDTHS = (64, 128, 256, 512)
 VOCAB, SEQ, BATCH = 256, 64, 8
@@ -147,6 +147,28 @@ def test_abc_symmetry_mup_trains_identically():
     # A θ that is not an abc-symmetry (forward multiplier only) does change training.
     broken = _train_losses(config(128, "mup", hparams={"base_width": 64, "init_std": 1.0}))
     assert np.max(np.abs(broken / a - 1)) > 1e-3
+
+
+def test_abc_symmetry_sp_emb_lr_trains_identically():
+    emb_lr = {"init_std": 0.1, "emb_lr_scaling": True, "base_width": 32}
+    # abc-symmetry holds for Adam up to its ε (spec §2.1); SP's gradients are small enough
+    # for ε = 1e-8 to show at 1e-5, so ε is 1e-12 here.  θ's are powers of 2 (exact).
+    opt = OptimizerConfig(learning_rate=2e-2, weight_decay=1e-3, warmup_steps=2, total_steps=5,
+                          eps=1e-12)
+    shift = {P.EMBEDDING: 2.0, P.HIDDEN: 4.0, P.OUTPUT: 0.5}
+    base = config(128, "sp", hparams=emb_lr)
+    model = Decoder(base)
+    table = {path: c for path, _, _, _, c, _ in
+             learning_rate_table(base.rule, abstract_params(model), 1.0)}
+    assert table["['params']['embedding']"] == 4.0  # width / base_width reaches the optimizer
+    assert table["['params']['layer_0']['attn_qkv']"] == 1.0
+    a = _train_losses(base, opt=opt)
+    b = _train_losses(config(128, "sp", hparams={**emb_lr, "shift": shift}), opt=opt)
+    assert a[-1] < a[0] - 0.05  # it actually trains
+    np.testing.assert_allclose(b, a, rtol=1e-5)
+    # The embedding's LR factor changes training (it is not plain SP).
+    plain = _train_losses(config(128, "sp", hparams={"init_std": 0.1}), opt=opt)
+    assert np.max(np.abs(plain / a - 1)) > 1e-3
 
 
 def test_abc_symmetry_umup():

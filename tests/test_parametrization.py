@@ -99,6 +99,42 @@ def test_sp_table():
     assert rule.attention_logit_scale(64) == pytest.approx(1 / 8)
 
 
+def test_sp_emb_lr_scaling_table():
+    """SP + embedding LR (Kalra & Barkeshli 2026): only the embedding's C changes, to
+    width/base_width; hand-computed at width 256, base width 32 (factor 8)."""
+    rule = P.make_parametrization("sp", width=256, hparams=dict(
+        init_std=0.02, emb_lr_scaling=True, base_width=32))
+    assert rule.abc(meta(P.EMBEDDING, fan_in=256, fan_out=1000)) == P.ABC(1.0, 0.02, 8.0)
+    assert rule.abc(meta(P.HIDDEN, fan_in=1024, depth=3)) == P.ABC(1.0, 0.02, 1.0)
+    assert rule.abc(meta(P.OUTPUT, fan_in=256)) == P.ABC(1.0, 0.02, 1.0)
+    assert rule.abc(meta(P.BIAS)) == P.ABC(1.0, 0.0, 1.0)
+    assert rule.abc(meta(P.NORM)) == P.ABC(1.0, 1.0, 1.0)
+    assert rule.attention_logit_scale(64) == pytest.approx(1 / 8)
+    # base_width = 1: the factor is the width itself; at the base width it is 1.
+    assert P.make_parametrization("sp", 48, dict(emb_lr_scaling=True, base_width=1)).abc(
+        meta(P.EMBEDDING)).c == 48.0
+    assert P.make_parametrization("sp", 32, dict(emb_lr_scaling=True, base_width=32)).abc(
+        meta(P.EMBEDDING)).c == 1.0
+    # Off (the default): plain SP at any width, whatever the base width.
+    off = P.make_parametrization("sp", width=256, hparams=dict(base_width=32))
+    assert off.abc(meta(P.EMBEDDING)) == P.ABC(1.0, 0.02, 1.0)
+    assert P.make_parametrization("sp", width=256) == P.SP(width=256)
+
+
+def test_sp_emb_lr_matches_mup_ratio_and_keeps_the_embedding_lr_fixed():
+    """The embedding-to-hidden LR ratio equals μP's (η̂_emb = 1) at every width, and with SP's
+    tuned η ∝ base_width/width the embedding's own LR η·C stays at its base-width value."""
+    base, eta0 = 32, 2.0**-7
+    for width in (32, 64, 128, 256, 1024):
+        sp = P.make_parametrization("sp", width, dict(emb_lr_scaling=True, base_width=base))
+        mup = P.make_parametrization("mup", width, dict(base_width=base))
+        ratio = lambda r: r.abc(meta(P.EMBEDDING)).c / r.abc(meta(P.HIDDEN, fan_in=width)).c
+        assert ratio(sp) == pytest.approx(ratio(mup)) == pytest.approx(width / base)
+        eta = eta0 * base / width  # SP's measured optimum: halves with each doubling
+        assert eta * sp.lr_multiplier(meta(P.EMBEDDING)) == pytest.approx(eta0)
+        assert eta * sp.lr_multiplier(meta(P.HIDDEN)) == pytest.approx(eta)
+
+
 def test_abc_shift():
     shifted = P.abc_shift(P.ABC(1.0, 2.0, 3.0), 4.0)
     assert shifted == P.ABC(4.0, 0.5, 0.75)
@@ -134,6 +170,9 @@ def test_param_metadata_keeps_fields():
         ("umup", {"residual_mult": -1.0}, "residual_mult=-1.0 is invalid"),
         ("mup", {"base_width": 0}, "base_width=0 is invalid"),
         ("sp", {"init_std": -0.1}, "init_std=-0.1 is invalid"),
+        ("sp", {"emb_lr_scaling": 1}, "emb_lr_scaling=1 is invalid: it must be True or False"),
+        ("sp", {"emb_lr_scaling": True, "base_width": 0}, "base_width=0 is invalid"),
+        ("sp", {"width": 64}, r"\['width'\] are invalid"),
         ("umup", {"shift": {"weights": 2.0}}, "shift role 'weights' is invalid"),
     ],
 )

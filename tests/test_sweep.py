@@ -103,6 +103,27 @@ def test_results_of_a_different_sweep_are_refused(tmp_path):
                             str(tmp_path), progress=False)
 
 
+def test_results_written_before_a_new_hp_column_resume(tmp_path):
+    """A results.csv from before a rule gained an HP (SP's emb_lr_scaling) is rewritten with
+    the new columns, its runs kept; a file with foreign columns is still refused."""
+    spec = {"name": "old", "grid": {"model.width": [16]}}
+    sweep_lib.run_sweep(base(), spec, str(tmp_path), progress=False)
+    old_rows = rows_of(tmp_path)
+    old_columns = [c for c in sweep_lib.COLUMNS if c != "hp.emb_lr_scaling"]
+    with open(tmp_path / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=old_columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(old_rows)
+    rows = sweep_lib.run_sweep(base(), spec, str(tmp_path), progress=False)  # nothing reruns
+    assert [r["run_id"] for r in rows] == [old_rows[0]["run_id"]]
+    assert list(rows_of(tmp_path)[0]) == sweep_lib.COLUMNS
+    assert rows_of(tmp_path)[0]["final_eval_loss"] == old_rows[0]["final_eval_loss"]
+    with open(tmp_path / "results.csv", "w", newline="") as f:
+        csv.writer(f).writerow(["run_id", "something_else"])
+    with pytest.raises(ValueError, match="has other columns than this version writes"):
+        sweep_lib.run_sweep(base(), spec, str(tmp_path), progress=False)
+
+
 def test_diverged_runs_are_recorded_and_the_sweep_goes_on(tmp_path):
     spec = {"name": "div", "grid": {"optimizer.learning_rate": [1e30, 1.0]},
             "base": {"optimizer.warmup_steps": 0}}

@@ -37,7 +37,7 @@ INT_COLUMNS = ("width", "depth", "steps", "batch_size", "seq_len", "seed")
 # Columns that define a configuration (with every hp.*): runs differing in one are not repeats.
 CONFIG_COLUMNS = ("parametrization", "width", "depth", "steps", "batch_size", "seq_len", "lr",
                   "weight_decay")
-PARAM_ORDER = ("sp", "mup", "umup")
+PARAM_ORDER = ("sp", "sp_emb_lr", "mup", "umup")  # sp_emb_lr: SP with emb_lr_scaling
 DEFAULT_Y = "final_eval_loss"
 
 Rows = Sequence[Mapping[str, Any]]
@@ -483,7 +483,9 @@ def _err_text(te: TransferError | None) -> str:
 
 def plot_loss_vs_lr(rows: Rows, out_png, y_key: str = DEFAULT_Y, title: str | None = None,
                     where: Where = None, y_margin: float | None = None,
-                    reference: str | None = None) -> dict[str, TransferError | None]:
+                    reference: str | None = None, x_key: str = "lr", line_key: str = "width",
+                    panel_key: str = "parametrization", x_label: str | None = None
+                    ) -> dict[str, TransferError | None]:
     """Paper Fig. 1b: loss against log2(η), one panel per parametrization, one line per width.
 
     Each width's optimum is a star; diverged runs are 'x' marks at the top of the axis; losses
@@ -491,20 +493,22 @@ def plot_loss_vs_lr(rows: Rows, out_png, y_key: str = DEFAULT_Y, title: str | No
     transfer error (Algorithm 1 with width fixed, lr transferred); ``reference='largest'`` uses
     the largest width as f* (spec §6.4) instead of the global argmin.  Repeats are averaged; if
     the rows mix other sweeps, pass ``where`` (e.g. ``{'sweep': 'lr'}``).
-    Returns ``{parametrization: TransferError | None}``; writes ``out_png``.
+    ``x_key``, ``line_key`` and ``panel_key`` replace lr, width and parametrization (e.g. the
+    depth as lines, or an α on the x axis; ``x_label`` names it).
+    Returns ``{panel value: TransferError | None}``; writes ``out_png``.
     """
     rows = select(rows, where)
-    params = sorted({r.get("parametrization", "") for r in rows}, key=sort_key) or [""]
-    tables = {p: loss_table([r for r in rows if r.get("parametrization", "") == p],
-                            "width", "lr", y_key) for p in params}
+    params = sorted({r.get(panel_key, "") for r in rows}, key=sort_key) or [""]
+    tables = {p: loss_table([r for r in rows if r.get(panel_key, "") == p],
+                            line_key, x_key, y_key) for p in params}
     ylim = _y_limits([t for _, _, t in tables.values()], y_margin)
     fig, axes = _figure(len(tables))
     errors = {}
     for ax, (p, (widths, lrs, table)) in zip(axes, tables.items()):
-        errors[p] = _width_panel(ax, widths, lrs, table, ylim, reference)
+        errors[p] = _width_panel(ax, widths, lrs, table, ylim, reference, x_label or x_key)
         ax.set_title(f"{p or 'all'}: {_err_text(errors[p])}", fontsize=9)
         ax.set_ylabel(y_key if ax is axes[0] else "")
-    axes[-1].legend(fontsize=7, title="width", title_fontsize=7, loc="upper left",
+    axes[-1].legend(fontsize=7, title=_short(line_key), title_fontsize=7, loc="upper left",
                     bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     if title:
         fig.suptitle(title)
@@ -512,7 +516,8 @@ def plot_loss_vs_lr(rows: Rows, out_png, y_key: str = DEFAULT_Y, title: str | No
     return errors
 
 
-def _width_panel(ax, widths, lrs, table, ylim, reference) -> TransferError | None:
+def _width_panel(ax, widths, lrs, table, ylim, reference, x_name="lr"
+                 ) -> TransferError | None:
     import matplotlib
 
     x, is_log = _axis_values(lrs)
@@ -521,7 +526,7 @@ def _width_panel(ax, widths, lrs, table, ylim, reference) -> TransferError | Non
         color = cmap(0.85 * i / max(len(widths) - 1, 1))
         _curve(ax, x, table[i], ylim[1], color, label=str(w))
     ax.set_ylim(*ylim)
-    ax.set_xlabel("log2(lr)" if is_log else "lr")
+    ax.set_xlabel(x_name if x_name.startswith("log2") or not is_log else f"log2({x_name})")
     if not is_log:
         ax.set_xticks(x, [str(v) for v in lrs])
     ax.grid(alpha=0.3)

@@ -2,6 +2,8 @@
 
     python -m umup_jax.coord_check --config=configs/umup_proxy.py[:ARG] \\
         --widths=64,128,256,512 --steps=3 --out=DIR
+    python -m umup_jax.coord_check --config=… --after_training \\
+        --widths=64,128,256 --depths=1,2,4,8 --out=DIR
 
 (``--config.a.b=value`` overrides, ``--seed=N``; the flag conventions are those of
 :mod:`umup_jax.cli`.)
@@ -29,6 +31,15 @@ and gradient curves are flat in width; under SP (a fixed init std) they drift.  
 weight is *meant* to shrink with width (Adam's per-entry update is η·C with C ∝ 1/√fan_in under
 u-μP, 1/fan_in under μP): the flat quantity is its effect on the activations, which the
 activation rows after step 0 show.
+
+**After training** (``--after_training``, :func:`after_training`): the config's model is
+trained for ``train.steps`` steps with its real schedule (warm-up, cosine to the final LR
+fraction) at each width (depth fixed) and at each depth (width fixed), and the RMS of every
+stored weight tensor and of every activation (on one fixed batch) is recorded at the end.  The
+u-μP claim (paper §4) is that these stay stable as width and depth grow.  Outputs
+``DIR/coord_check_after_training.csv`` (columns :data:`AFTER_FIELDS`, ``axis`` = width or
+depth) and ``DIR/coord_check_after_training.png`` (rows: weights, activations; columns:
+against width, against depth).
 
 Outputs: ``DIR/coord_check.csv`` (columns :data:`CSV_FIELDS`) and ``DIR/coord_check.png`` (rows:
 kind; columns: a few steps; x: width, log2; y: RMS, log; one line per tensor name with layers
@@ -64,6 +75,9 @@ from umup_jax.optim import make_optimizer
 
 KINDS = ("activation", "gradient", "update")
 CSV_FIELDS = ("parametrization", "width", "step", "kind", "name", "rms")
+AFTER_KINDS = ("weight", "activation")
+AFTER_FIELDS = ("parametrization", "axis", "width", "depth", "steps", "kind", "name", "rms",
+                "final_train_loss")
 _LAYER = re.compile(r"^layer_\d+/")
 
 
@@ -364,6 +378,222 @@ def run(config: ml_collections.ConfigDict, widths: Sequence[int], steps: int, ou
 
 
 # ---------------------------------------------------------------------------------------------
+# After training: RMS per tensor at the end of a full run, against width and against depth
+# ---------------------------------------------------------------------------------------------
+
+
+def model_config_at(config: ml_collections.ConfigDict, vocab_size: int, width: int,
+                    depth: int) -> ModelConfig:
+    """:func:`model_config_at_width` with the depth too (an integer ≥ 1)."""
+    if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or depth < 1:
+        raise ValueError(f"depth={depth!r} is invalid: it must be an integer >= 1")
+    return model_config_at_width(config, vocab_size, width).replace(depth=int(depth))
+
+
+def train_and_measure(config: ml_collections.ConfigDict, tokens: data_lib.TokenData,
+                      mcfg: ModelConfig, probe: dict[str, np.ndarray], seed: int
+                      ) -> tuple[dict[str, dict[str, float]], float]:
+    """Trains ``mcfg`` for ``config.train.steps`` AdamW steps with the config's schedule on the
+    config's pipeline; returns ({'weight': {name: rms}, 'activation': {name: rms}} at the end,
+    the last step's loss).  Activations are those ``sow``-ed on the ``probe`` batch."""
+    model = Decoder(mcfg)
+    init = functools.partial(init_params, model)
+    boxed = jax.eval_shape(init, jax.random.key(seed))
+    tx = make_optimizer(train_lib.optimizer_config(config), boxed, mcfg.rule)
+    params = jax.jit(lambda key: flax_meta.unbox(init(key)))(jax.random.key(seed))
+    opt_state = tx.init(params)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(lambda p: model.apply(
+            p, batch["inputs"], batch["targets"], method=Decoder.loss))(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    @jax.jit
+    def measure(params, batch):
+        _, mut = model.apply(params, batch["inputs"], batch["targets"], method=Decoder.loss,
+                             mutable=["intermediates"])
+        return {"weight": metrics_lib.tree_rms(params["params"], "x"),
+                "activation": metrics_lib.tree_rms(mut["intermediates"], "x")}
+
+    it = iter(data_lib.train_dataset(tokens.train, config.model.seq_len,
+                                     config.train.batch_size, seed=config.data.shuffle_seed))
+    loss = None
+    for _ in range(config.train.steps):
+        batch = {k: np.asarray(v) for k, v in next(it).items()}
+        params, opt_state, loss = step(params, opt_state, batch)
+    stats = jax.device_get(measure(params, probe))
+    return ({kind: {n[len("x/"):]: float(v) for n, v in stats[kind].items()}
+             for kind in AFTER_KINDS}, float(loss))
+
+
+def after_training(config: ml_collections.ConfigDict, widths: Iterable[int],
+                   depths: Iterable[int], seed: Optional[int] = None,
+                   verbose: bool = False) -> list[dict]:
+    """Rows ``{parametrization, axis, width, depth, steps, kind, name, rms,
+    final_train_loss}``: the end-of-training RMS of every weight and activation tensor for the
+    config's model at each of ``widths`` (at the config's depth; ``axis='width'``) and at each
+    of ``depths`` (at the config's width; ``axis='depth'``).  Every bad width or depth raises
+    ``ValueError`` naming it before any data is loaded or anything compiles."""
+    widths, depths = [int(w) for w in widths], [int(d) for d in depths]
+    if not widths and not depths:
+        raise ValueError("widths and depths are both empty: give one or more of either")
+    train_lib.check_config(config)
+    vocab = max(int(config.model.vocab_size or 0), 2)
+    base_w, base_d = int(config.model.width), int(config.model.depth)
+    points = [("width", w, base_d) for w in widths] + [("depth", base_w, d) for d in depths]
+    for _, w, d in points:
+        model_config_at(config, vocab, w, d)
+    seed = config.seed if seed is None else seed
+    tokens = data_lib.load_tokens(config.data, cache_dir=config.data.cache_dir or None)
+    probe = fixed_batches(config, tokens, 1)[0]
+    rows = []
+    for axis, w, d in points:
+        t0 = time.time()
+        mcfg = model_config_at(config, tokens.vocab_size, w, d)
+        stats, loss = train_and_measure(config, tokens, mcfg, probe, seed)
+        for kind in AFTER_KINDS:
+            for name, value in sorted(stats[kind].items()):
+                rows.append({"parametrization": mcfg.parametrization, "axis": axis,
+                             "width": w, "depth": d, "steps": int(config.train.steps),
+                             "kind": kind, "name": name, "rms": value,
+                             "final_train_loss": loss})
+        if verbose:
+            print(f"  {axis} point width {w:>4}, depth {d}: loss {loss:.4f} after "
+                  f"{config.train.steps} steps, {time.time() - t0:.1f}s", flush=True)
+    return rows
+
+
+def write_after_csv(rows: Sequence[dict], path) -> pathlib.Path:
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=AFTER_FIELDS)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: (repr(r[k]) if isinstance(r[k], float) else r[k])
+                             for k in AFTER_FIELDS})
+    return path
+
+
+def read_after_csv(path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return [{**r, "width": int(r["width"]), "depth": int(r["depth"]),
+                 "steps": int(r["steps"]), "rms": float(r["rms"]),
+                 "final_train_loss": float(r["final_train_loss"])} for r in csv.DictReader(f)]
+
+
+def after_curves(rows: Sequence[dict], axis: str, kind: str) -> dict[str, dict[int, float]]:
+    """{name: {axis value: rms}} with ``layer_i/x`` merged into ``x`` (geometric mean over
+    layers), plus ``'median (all)'``: the median over every tensor (every layer)."""
+    acc: dict[str, dict[int, list[float]]] = {}
+    med: dict[int, list[float]] = {}
+    for r in rows:
+        if r["axis"] != axis or r["kind"] != kind:
+            continue
+        x = r["width"] if axis == "width" else r["depth"]
+        acc.setdefault(_LAYER.sub("", r["name"]), {}).setdefault(x, []).append(r["rms"])
+        med.setdefault(x, []).append(r["rms"])
+    out = {name: {x: float(np.exp(np.mean(np.log(np.maximum(v, 1e-30)))))
+                  for x, v in sorted(by_x.items())} for name, by_x in sorted(acc.items())}
+    if med:
+        out["median (all)"] = {x: float(np.median(v)) for x, v in sorted(med.items())}
+    return out
+
+
+def after_summary(rows: Sequence[dict]) -> str:
+    """Per kind and axis: max/min over the axis of the median-over-tensors RMS, and the
+    largest such ratio of any single (layer-averaged) tensor."""
+    if not rows:
+        return "no rows"
+    lines = [f"{rows[0]['parametrization']}: end-of-training RMS, max/min over the axis "
+             "(median over tensors; worst single tensor)"]
+    for axis in ("width", "depth"):
+        for kind in AFTER_KINDS:
+            curves = after_curves(rows, axis, kind)
+            if not curves:
+                continue
+            ratio = lambda c: max(c.values()) / max(min(c.values()), 1e-30)
+            med = curves.pop("median (all)")
+            worst = max(curves, key=lambda n: ratio(curves[n]))
+            lines.append(f"  {kind:<10} vs {axis:<5} {sorted(med)}: median {ratio(med):6.2f}x; "
+                         f"worst {worst} {ratio(curves[worst]):.2f}x")
+    return "\n".join(lines)
+
+
+def plot_after(rows: Sequence[dict], path, title: Optional[str] = None) -> pathlib.Path:
+    """Rows: weights, activations; columns: against width, against depth (log2 x, log y); one
+    line per tensor (layers averaged), the dashed median over every tensor."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    axes_present = [a for a in ("width", "depth") if any(r["axis"] == a for r in rows)]
+    fig, axes = plt.subplots(len(AFTER_KINDS), len(axes_present),
+                             figsize=(4.6 * len(axes_present) + 2.6, 3.4 * len(AFTER_KINDS)),
+                             squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    markers = "os^vD<>ph*"
+    for i, kind in enumerate(AFTER_KINDS):
+        for j, axis in enumerate(axes_present):
+            ax = axes[i][j]
+            curves = after_curves(rows, axis, kind)
+            med = curves.pop("median (all)", {})
+            for n_i, (name, c) in enumerate(curves.items()):
+                ax.plot(list(c), list(c.values()), marker=markers[n_i % len(markers)], ms=4,
+                        lw=1.3, color=cmap(n_i % 10), label=name)
+            if med:
+                ax.plot(list(med), list(med.values()), "k--", lw=2.2, label="median (all)")
+            xs = sorted({r[axis] for r in rows if r["axis"] == axis})
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xticks(xs)
+            ax.set_xticklabels([str(x) for x in xs])
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+            ax.grid(True, which="major", alpha=0.3)
+            other = "depth" if axis == "width" else "width"
+            fixed = next(r[other] for r in rows if r["axis"] == axis)
+            ax.set_title(f"{kind} RMS after training vs {axis} ({other} {fixed})", fontsize=10)
+            ax.set_xlabel(axis)
+            if j == 0:
+                ax.set_ylabel(f"{kind} RMS")
+            ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=7, frameon=False)
+    par, steps = rows[0]["parametrization"], rows[0]["steps"]
+    fig.suptitle(title or f"{par}: RMS per tensor at the end of {steps} training steps "
+                 "(layers averaged; dashed: median over all tensors)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def run_after_training(config: ml_collections.ConfigDict, widths: Sequence[int],
+                       depths: Sequence[int], out, seed: Optional[int] = None,
+                       verbose: bool = True) -> list[dict]:
+    """:func:`after_training` → ``out/coord_check_after_training.{csv,png}``; prints the
+    summary."""
+    out = pathlib.Path(out)
+    m = config.model
+    if verbose:
+        print(f"end-of-training RMS: {m.parametrization}, widths {list(widths)} at depth "
+              f"{m.depth}, depths {list(depths)} at width {m.width}, {config.train.steps} "
+              "steps", flush=True)
+    rows = after_training(config, widths, depths, seed=seed, verbose=verbose)
+    write_after_csv(rows, out / "coord_check_after_training.csv")
+    plot_after(rows, out / "coord_check_after_training.png")
+    if verbose:
+        print(after_summary(rows))
+        print(f"wrote {out / 'coord_check_after_training.csv'} ({len(rows)} rows) and "
+              f"{out / 'coord_check_after_training.png'}", flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
 
@@ -375,26 +605,44 @@ def define_flags() -> None:
     """The flags of ``python -m umup_jax.coord_check`` (defined only when it runs)."""
     cli.define_config_flag(FLAGS)
     flags.DEFINE_list("widths", ["64", "128", "256", "512"], "Comma-separated widths.")
-    flags.DEFINE_integer("steps", 3, "AdamW steps k (rows at steps 0 … k).", lower_bound=0)
+    flags.DEFINE_integer("steps", 3, "AdamW steps k (rows at steps 0 … k); --after_training "
+                         "trains for the config's train.steps instead.", lower_bound=0)
     flags.DEFINE_string("out", None, "Output directory: coord_check.csv, coord_check.png.")
     flags.DEFINE_integer("seed", None, "Init seed (default: the config's).")
+    flags.DEFINE_bool("after_training", False,
+                      "End-of-training RMS of every weight and activation against --widths (at "
+                      "the config's depth) and --depths (at its width), each trained for the "
+                      "config's train.steps with its schedule.")
+    flags.DEFINE_list("depths", [], "With --after_training: comma-separated depths.")
     flags.mark_flags_as_required(["config", "out"])
+
+
+def _integers(name: str, values: Sequence[str]) -> list[int]:
+    try:
+        return [int(v) for v in values if v.strip()]
+    except ValueError:
+        raise ValueError(f"--{name}={','.join(values)}: give comma-separated integers") from None
 
 
 def main() -> None:
     config = FLAGS.config
     with cli.usage_errors():
-        try:
-            widths = [int(w) for w in FLAGS.widths]
-        except ValueError:
-            raise ValueError(f"--widths={','.join(FLAGS.widths)}: give comma-separated "
-                             "integers") from None
+        widths = _integers("widths", FLAGS.widths)
+        depths = _integers("depths", FLAGS.depths)
         if not widths:
             raise ValueError("--widths is empty: give one or more widths")
+        if depths and not FLAGS.after_training:
+            raise ValueError("--depths needs --after_training")
         train_lib.check_config(config)
-        for w in widths:  # a width that is not a multiple of the head size
-            model_config_at_width(config, max(int(config.model.vocab_size or 0), 2), w)
-    run(config, widths, FLAGS.steps, FLAGS.out, seed=FLAGS.seed)
+        # Every width (and depth) is checked before anything runs.
+        vocab = max(int(config.model.vocab_size or 0), 2)
+        for w, d in [(w, config.model.depth) for w in widths] + [
+                (config.model.width, d) for d in depths]:
+            model_config_at(config, vocab, w, d)
+    if FLAGS.after_training:
+        run_after_training(config, widths, depths, FLAGS.out, seed=FLAGS.seed)
+    else:
+        run(config, widths, FLAGS.steps, FLAGS.out, seed=FLAGS.seed)
 
 
 if __name__ == "__main__":

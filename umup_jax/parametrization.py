@@ -15,7 +15,8 @@ The three rules (spec §2.2-§2.4; η is the optimizer's global learning rate):
 =========  =============================  ==============================  ====================
 role       SP                             μP (base width d₀, m = d/d₀)    u-μP
 =========  =============================  ==============================  ====================
-embedding  A=1, B=σ, C=1                  A=α_emb, B=σ, C=η̂_emb           A=1, B=1, C=1/√d
+embedding  A=1, B=σ, C=1 (m with          A=α_emb, B=σ, C=η̂_emb           A=1, B=1, C=1/√d
+           emb_lr_scaling)
 hidden     A=1, B=σ, C=1                  A=1, B=σ/√m, C=1/m              A=1/√fan_in, B=1,
                                                                           C=1/√fan_in
 output     A=1, B=σ, C=1                  A=α_out/m, B=σ, C=1             A=1/fan_in, B=1, C=1
@@ -217,6 +218,9 @@ class Parametrization(metaclass=_abc.ABCMeta):
                 _check_positive(f.name, getattr(self, f.name))
             if f.name != "shift" and f.type in ("int", int):
                 _check_positive_int(f.name, getattr(self, f.name))
+            if f.type in ("bool", bool) and not isinstance(getattr(self, f.name), bool):
+                raise ValueError(f"{f.name}={getattr(self, f.name)!r} is invalid: it must be "
+                                 "True or False")
 
     # -- the rule --------------------------------------------------------------------------
     @_abc.abstractmethod
@@ -315,17 +319,51 @@ class Parametrization(metaclass=_abc.ABCMeta):
 class SP(Parametrization):
     """Standard parametrization (spec §2.2): A=1, B=σ_init, C=1 (one global η); 1/√d_head.
 
+    With ``emb_lr_scaling`` the embedding's Adam LR grows with width (off by default, so SP
+    is unchanged):
+
+        C_emb = width / base_width        (every other C stays 1)
+
+    This is the "SP + embedding LR" baseline of Kalra & Barkeshli, *Quantifying
+    Hyperparameter Transfer and the Importance of Embedding Layer Learning Rate*
+    (arXiv:2605.21486, 2026), who find that most of μP's advantage over SP under AdamW comes
+    from the embedding's learning rate, and that raising it by a factor of width closes much of
+    the gap.  Why width/base_width: an Adam update moves every entry of a weight by about η·C
+    whatever its gradient's size.  For a hidden weight that update reaches the output summed
+    over fan_in ∝ width aligned inputs, so the η that SP tunes shrinks ∝ 1/width (we measured
+    its optimum halving with each doubling of width).  The embedding's input is a one-hot
+    token, so its update reaches the output unsummed and its best LR does not depend on
+    width: μP gives it C_emb = 1 while the hidden weights get C = base_width/width (spec §2.3).
+    SP's one global η, tuned ∝ base_width/width for the hidden weights, therefore starves the
+    embedding by that same factor; multiplying the embedding's C by width/base_width gives it
+    the LR η·width/base_width, which stays at its base-width value as η shrinks, and makes the
+    embedding-to-hidden LR ratio equal to μP's (with η̂_emb = 1) at every width.  With
+    base_width = 1 the ratio is the width itself, TP-V's μP table without base shapes.
+
     Attributes:
+      width: the model's width d (set from the model config).
       init_std: σ_init, the std of every weight.
+      emb_lr_scaling: multiply the embedding's C by width/base_width.
+      base_width: d₀, the width at which the embedding's C is 1 (μP's base width, to match
+        μP's LR ratio).
     """
 
+    width: int = 256
     init_std: float = 0.02
+    emb_lr_scaling: bool = False
+    base_width: int = 256
 
     name = "sp"
 
+    @property
+    def emb_lr_factor(self) -> float:
+        """The embedding's C: width/base_width with ``emb_lr_scaling``, else 1."""
+        return self.width / self.base_width if self.emb_lr_scaling else 1.0
+
     def base_abc(self, meta: ParamMeta) -> ABC:
         b = 0.0 if meta.role == BIAS else (1.0 if meta.role == NORM else self.init_std)
-        return ABC(1.0, b, 1.0)
+        c = self.emb_lr_factor if meta.role == EMBEDDING else 1.0
+        return ABC(1.0, b, c)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -480,7 +518,7 @@ def make_parametrization(
         raise ValueError(
             f"hparams {unknown} are invalid for parametrization={name!r}: allowed are {allowed}"
         )
-    if cls is MuP:
+    if any(f.name == "width" for f in dataclasses.fields(cls)):  # rules with a width rule
         hparams["width"] = width
     return cls(**hparams)
 

@@ -247,12 +247,14 @@ class ResultsStore:
         if self.path.exists():
             with open(self.path, newline="") as f:
                 reader = csv.DictReader(f)
-                fields = list(reader.fieldnames or [])
-                rows = list(reader)
-            if fields == COLUMNS[:-1]:  # written before runs could fail: no "error" column
+                fields, rows = list(reader.fieldnames or []), list(reader)
+            if fields != COLUMNS:
+                # Written before runs could fail (no "error" column) or before a rule gained
+                # an HP (a new hp.* column): rewrite it with the new columns, empty in the old
+                # rows; anything else is not this version's.
+                if "run_id" not in fields or not set(fields) < set(COLUMNS):
+                    raise SweepError(f"{self.path} has other columns than this version writes")
                 self._rewrite(rows)
-            elif fields != COLUMNS:
-                raise SweepError(f"{self.path} has other columns than this version writes")
             for row in rows:
                 if row["sweep"] != spec["name"]:
                     raise SweepError(f"{self.path} has rows of sweep {row['sweep']!r}")
