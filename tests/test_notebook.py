@@ -1,6 +1,6 @@
 """The Colab notebook executes (its default mode: plots the committed width-transfer results)
 from the clone it sits in, started where Jupyter starts it (``notebooks/``); outside a clone,
-without its git URL, its setup cell stops with one line."""
+without its git URL, the setup cell of every notebook stops with one line."""
 
 import pathlib
 
@@ -12,6 +12,7 @@ pytest.importorskip("ipykernel", reason="needs the 'notebooks' extra (ipykernel)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "notebooks" / "width_transfer.ipynb"
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
 def execute(nb, cwd: pathlib.Path) -> None:
@@ -38,8 +39,10 @@ def test_width_transfer_notebook_executes_from_its_clone(tmp_path):
     assert (tmp_path / "width_transfer_notebook.png").stat().st_size > 10_000
 
 
-def test_outside_a_clone_without_a_git_url_the_setup_cell_says_so_in_one_line(tmp_path):
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_outside_a_clone_without_a_git_url_the_setup_cell_says_so_in_one_line(notebook,
+                                                                             tmp_path):
+    nb = nbformat.read(notebook, as_version=4)
     first_code = next(i for i, c in enumerate(nb.cells) if c.cell_type == "code")
     assert 'UMUP_JAX_GIT_URL = ""' in nb.cells[first_code].source.splitlines()[1]
     nb.cells = nb.cells[: first_code + 1]

@@ -23,10 +23,12 @@ def test_transfer_notebook_redraws_the_committed_figures_and_reruns_small(tmp_pa
     nb.cells.insert(tagged[0] + 1, nbformat.v4.new_code_cell(
         f"RERUN = True\nRERUN_AXES = ['depth']\nRERUN_RULES = ['umup']\n"
         f"OUT_DIR = pathlib.Path({str(tmp_path)!r})"))
+    # Started where Jupyter starts it (notebooks/ of this clone), so it uses this clone.
     nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+                            resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     text = "".join(o.get("text", "") for o in outputs)
+    assert f"from {ROOT / 'umup_jax'}\n" in text
     committed = [a for a in AXES if (RESULTS / f"transfer_{a}" / "results.csv").exists()]
     for axis in committed:
         assert f"{axis}: " in text and (tmp_path / f"transfer_{axis}_notebook.png").stat(
