@@ -160,6 +160,25 @@ def test_after_training_rows_csv_and_png(tmp_path):
     assert "weight     vs width [64]" in cc.after_summary(rows)
 
 
+def test_after_training_trains_the_config_own_point_once(monkeypatch):
+    """The config's own width and depth lie on both axes: one training, rows under each."""
+    calls = []
+    real = cc.train_and_measure
+
+    def counted(config, tokens, mcfg, probe, seed):
+        calls.append((mcfg.width, mcfg.depth))
+        return real(config, tokens, mcfg, probe, seed)
+
+    monkeypatch.setattr(cc, "train_and_measure", counted)
+    cfg = config_lib.proxy_config("umup", "smoke,train.steps=1,optimizer.warmup_steps=0")
+    rows = cc.after_training(cfg, widths=[32, 64], depths=[1, 2])
+    assert calls == [(32, 1), (64, 1), (32, 2)]
+    own = {a: {(r["kind"], r["name"]): r["rms"] for r in rows
+               if r["axis"] == a and (r["width"], r["depth"]) == (32, 1)}
+           for a in ("width", "depth")}
+    assert own["width"] and own["width"] == own["depth"]
+
+
 def test_after_training_refuses_bad_widths_and_depths_before_any_work(tmp_path):
     cfg = config_lib.proxy_config("umup", "smoke")
     with pytest.raises(ValueError, match="depth=0 is invalid"):

@@ -205,13 +205,19 @@ def coord_check(config: ml_collections.ConfigDict, widths: Iterable[int], steps:
 
 
 def write_csv(rows: Sequence[dict], path) -> pathlib.Path:
+    return _write_rows(rows, path, CSV_FIELDS)
+
+
+def _write_rows(rows: Sequence[dict], path, fields: Sequence[str]) -> pathlib.Path:
+    """``rows`` as CSV with ``fields`` as columns; floats in full (``repr``) precision."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=list(fields))
         writer.writeheader()
         for r in rows:
-            writer.writerow({k: (repr(r[k]) if k == "rms" else r[k]) for k in CSV_FIELDS})
+            writer.writerow({k: (repr(r[k]) if isinstance(r[k], float) else r[k])
+                             for k in fields})
     return path
 
 
@@ -434,8 +440,9 @@ def after_training(config: ml_collections.ConfigDict, widths: Iterable[int],
     """Rows ``{parametrization, axis, width, depth, steps, kind, name, rms,
     final_train_loss}``: the end-of-training RMS of every weight and activation tensor for the
     config's model at each of ``widths`` (at the config's depth; ``axis='width'``) and at each
-    of ``depths`` (at the config's width; ``axis='depth'``).  Every bad width or depth raises
-    ``ValueError`` naming it before any data is loaded or anything compiles."""
+    of ``depths`` (at the config's width; ``axis='depth'``).  A model on both axes (the
+    config's own width and depth) is trained once and reported under each.  Every bad width or
+    depth raises ``ValueError`` naming it before any data is loaded or anything compiles."""
     widths, depths = [int(w) for w in widths], [int(d) for d in depths]
     if not widths and not depths:
         raise ValueError("widths and depths are both empty: give one or more of either")
@@ -448,11 +455,13 @@ def after_training(config: ml_collections.ConfigDict, widths: Iterable[int],
     seed = config.seed if seed is None else seed
     tokens = data_lib.load_tokens(config.data, cache_dir=config.data.cache_dir or None)
     probe = fixed_batches(config, tokens, 1)[0]
-    rows = []
+    rows, trained = [], {}
     for axis, w, d in points:
         t0 = time.time()
         mcfg = model_config_at(config, tokens.vocab_size, w, d)
-        stats, loss = train_and_measure(config, tokens, mcfg, probe, seed)
+        if (w, d) not in trained:
+            trained[w, d] = train_and_measure(config, tokens, mcfg, probe, seed)
+        stats, loss = trained[w, d]
         for kind in AFTER_KINDS:
             for name, value in sorted(stats[kind].items()):
                 rows.append({"parametrization": mcfg.parametrization, "axis": axis,
@@ -466,15 +475,7 @@ def after_training(config: ml_collections.ConfigDict, widths: Iterable[int],
 
 
 def write_after_csv(rows: Sequence[dict], path) -> pathlib.Path:
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=AFTER_FIELDS)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: (repr(r[k]) if isinstance(r[k], float) else r[k])
-                             for k in AFTER_FIELDS})
-    return path
+    return _write_rows(rows, path, AFTER_FIELDS)
 
 
 def read_after_csv(path) -> list[dict]:
@@ -503,22 +504,26 @@ def after_curves(rows: Sequence[dict], axis: str, kind: str) -> dict[str, dict[i
 
 
 def after_summary(rows: Sequence[dict]) -> str:
-    """Per kind and axis: max/min over the axis of the median-over-tensors RMS, and the
-    largest such ratio of any single (layer-averaged) tensor."""
+    """Per kind and axis, the drift of each (layer-averaged) tensor's RMS over the axis,
+    ``max/min``: the median of those ratios over tensors, and the largest one with its name.
+
+    Ratios are taken per tensor, not of the median-over-tensors curve: along depth the set of
+    tensors changes (more layers), which moves that median even when no tensor drifts."""
     if not rows:
         return "no rows"
-    lines = [f"{rows[0]['parametrization']}: end-of-training RMS, max/min over the axis "
-             "(median over tensors; worst single tensor)"]
+    lines = [f"{rows[0]['parametrization']}: end-of-training RMS drift over the axis, max/min "
+             "per tensor (median over tensors; worst tensor)"]
     for axis in ("width", "depth"):
         for kind in AFTER_KINDS:
             curves = after_curves(rows, axis, kind)
+            curves.pop("median (all)", None)
             if not curves:
                 continue
-            ratio = lambda c: max(c.values()) / max(min(c.values()), 1e-30)
-            med = curves.pop("median (all)")
-            worst = max(curves, key=lambda n: ratio(curves[n]))
-            lines.append(f"  {kind:<10} vs {axis:<5} {sorted(med)}: median {ratio(med):6.2f}x; "
-                         f"worst {worst} {ratio(curves[worst]):.2f}x")
+            ratios = {n: max(c.values()) / max(min(c.values()), 1e-30) for n, c in curves.items()}
+            worst = max(ratios, key=ratios.get)
+            xs = sorted({x for c in curves.values() for x in c})
+            lines.append(f"  {kind:<10} vs {axis:<5} {xs}: median {np.median(list(ratios.values())):6.2f}x; "
+                         f"worst {worst} {ratios[worst]:.2f}x")
     return "\n".join(lines)
 
 
