@@ -23,10 +23,13 @@ import ml_collections
 from umup_jax import parametrization as P
 
 # Default global learning rates η.
-# * u-μP: 2⁰ = 1, u-μP's own default (every HP 1).  It is the optimum we measured at every
-#   width we tried (README: width transfer, widths 32-256; the independent search's LR line
-#   search) and the optimum the authors' demo notebook reports (spec §6.2).  The paper sweeps
-#   [2¹, 2³] on its 8192-step WikiText-103 proxy (Table 5), so on a new setting sweep η.
+# * u-μP: 2⁰ = 1, u-μP's own default (every HP 1).  On an octave grid at depth 2 it is the
+#   optimum at every width we tried (README: width transfer, widths 32-256) and in the
+#   independent search's LR line search; it is the optimum the authors' demo notebook reports
+#   (spec §6.2).  Finer grids and other axes move it by up to 1.5 octaves (README, transfer
+#   beyond width: half-octave widths 2^-0.5 … 2^0.5, depth 4-8 2^1.5, 8× steps 2^-1.5).  The
+#   paper sweeps [2¹, 2³] on its 8192-step WikiText-103 proxy (Table 5): on a new setting,
+#   sweep η.
 # * μP and SP: 2⁻⁸, the centre (in log2) of the paper's μP range [2⁻¹⁰, 2⁻⁶].  SP's optimum
 #   moves with width (we measured 2⁻⁷ … 2⁻¹⁰ at widths 32 … 256), so sweep it per width.
 DEFAULT_LR = {"umup": 1.0, "mup": 2.0**-8, "sp": 2.0**-8}
