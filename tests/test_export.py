@@ -242,6 +242,10 @@ def test_bad_input(tmp_path, runs):
         export_lib.export(workdir, tmp_path / "a", fmt="onnx", log=lambda *_: None)
     with pytest.raises(export_lib.ExportError, match="would hold the run directory"):
         export_lib.export(workdir, workdir.parent, overwrite=True, log=lambda *_: None)
+    for inside in (workdir / "checkpoints", workdir / "hf"):  # --overwrite would delete it
+        with pytest.raises(export_lib.ExportError, match="inside the run directory"):
+            export_lib.export(workdir, inside, overwrite=True, log=lambda *_: None)
+    assert _digest(workdir) == before
     out = tmp_path / "full"
     out.mkdir()
     (out / "keep.txt").write_text("mine")

@@ -255,8 +255,13 @@ def verify(out: pathlib.Path, model_cfg: ModelConfig, params: Any, batch_size: i
 
 
 def _check_out(out: pathlib.Path, workdir: pathlib.Path, overwrite: bool) -> None:
+    # The run directory is never written: not as --out, not inside --out (--overwrite would
+    # delete it), and no --out inside it (the temporary folder and the files would land there).
     if out == workdir or workdir.is_relative_to(out):
         raise ExportError(f"--out={out} would hold the run directory {workdir}; choose another")
+    if out.is_relative_to(workdir):
+        raise ExportError(f"--out={out} is inside the run directory {workdir}, which export "
+                          "never writes to: choose a directory outside it")
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out={out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
