@@ -88,7 +88,7 @@ def test_identity_rules():
     assert identity.diff(old, json.loads(a.to_json()), json.loads(a.to_json())) == []
 
 
-def test_width_change_is_refused_and_touches_nothing(finished, tmp_path):
+def test_width_change_is_refused_and_touches_nothing(finished, tmp_path, capsys):
     workdir = copy_run(finished, tmp_path / "run")
     before = digest(workdir)
     with pytest.raises(identity.RunMismatchError) as info:
@@ -102,6 +102,11 @@ def test_width_change_is_refused_and_touches_nothing(finished, tmp_path):
     results_before = (workdir / "results.json").read_bytes()
     again = train_lib.train_and_evaluate(smoke(), str(workdir))
     assert again["steps"] == 6 and (workdir / "results.json").read_bytes() == results_before
+    # ... and its checkpoints still restore: the original config, trained on, resumes at 6.
+    capsys.readouterr()
+    more = train_lib.train_and_evaluate(smoke(train__steps=9), str(workdir))
+    assert "resumed from checkpoint step 6" in capsys.readouterr().out
+    assert more["steps"] == 9 and not (workdir / "checkpoints" / "corrupt").exists()
 
 
 def test_learning_rate_change_is_refused(finished, tmp_path):
