@@ -29,7 +29,8 @@ as a library), reads them in its own ``main()`` and hands the values on::
 
     if __name__ == "__main__":
         define_flags()
-        cli.run(main, FLAGS)
+        entry, parse = cli.app_main(main, FLAGS)
+        app.run(entry, flags_parser=parse)
 
 This module never reads ``flags.FLAGS`` itself: the flag values are passed in.
 """
@@ -157,12 +158,15 @@ def _fail(message: str) -> None:
     sys.exit(USAGE_EXIT)
 
 
-def run(main: Callable[[], object], flag_values: flags.FlagValues,
-        config_flag: str = "config") -> None:
-    """``absl.app.run`` for ``main()`` (no arguments: it reads its flags) with this project's
-    conventions: one-line usage errors (:class:`UsageError` from parsing or from ``main``),
-    and absl logging at WARNING unless ``--verbosity`` is given (orbax logs every file it
-    writes at INFO)."""
+def app_main(main: Callable[[], object], flag_values: flags.FlagValues,
+             config_flag: str = "config") -> tuple[Callable[[list[str]], object],
+                                                   Callable[[list[str]], list[str]]]:
+    """``(entry, flags_parser)`` for ``absl.app.run(entry, flags_parser=flags_parser)``, which
+    the entry-point module calls itself (it is the module that reads its flags).  ``entry``
+    runs ``main()`` (no arguments: it reads its flags) with this project's conventions:
+    one-line usage errors (:class:`UsageError` from parsing or from ``main``), and absl
+    logging at WARNING unless ``--verbosity`` is given (orbax logs every file it writes at
+    INFO)."""
 
     def parse(argv: list[str]) -> list[str]:
         try:
@@ -179,4 +183,4 @@ def run(main: Callable[[], object], flag_values: flags.FlagValues,
         except UsageError as e:
             _fail(str(e))
 
-    app.run(entry, flags_parser=parse)
+    return entry, parse

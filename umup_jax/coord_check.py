@@ -62,7 +62,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import flags
+from absl import app, flags
 from flax.core import meta as flax_meta
 
 from umup_jax import cli
@@ -652,4 +652,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     define_flags()
-    cli.run(main, FLAGS)
+    entry, parse = cli.app_main(main, FLAGS)
+    app.run(entry, flags_parser=parse)

@@ -83,7 +83,7 @@ def exit_on_failure(workdir: Optional[pathlib.Path | str]) -> Iterator[None]:
 
     try:
         yield
-    except (SystemExit, KeyboardInterrupt, UsageError):  # UsageError: cli.run reports it
+    except (SystemExit, KeyboardInterrupt, UsageError):  # UsageError: cli.app_main reports it
         raise
     except BaseException as exc:  # the one place a run's failure is reported
         where = write_traceback(exc, workdir)

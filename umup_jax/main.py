@@ -9,7 +9,7 @@ status 1; the traceback goes to ``WORKDIR/error.log`` and library logging (orbax
 ``WORKDIR/run.log`` (:mod:`umup_jax.failures`).
 """
 
-from absl import flags, logging
+from absl import app, flags, logging
 
 from umup_jax import cli
 from umup_jax import failures
@@ -35,4 +35,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     define_flags()
-    cli.run(main, FLAGS)
+    entry, parse = cli.app_main(main, FLAGS)
+    app.run(entry, flags_parser=parse)

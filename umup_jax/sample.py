@@ -148,9 +148,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from absl import flags
+    from absl import app, flags
 
     from umup_jax import cli
 
     _define_flags()
-    cli.run(main, flags.FLAGS)
+    entry, parse = cli.app_main(main, flags.FLAGS)
+    app.run(entry, flags_parser=parse)

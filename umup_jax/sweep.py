@@ -61,7 +61,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import flags
+from absl import app, flags
 
 from umup_jax import cli
 from umup_jax import config as config_lib
@@ -609,4 +609,5 @@ def main() -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     define_flags()
-    cli.run(main, FLAGS)
+    entry, parse = cli.app_main(main, FLAGS)
+    app.run(entry, flags_parser=parse)
