@@ -294,13 +294,35 @@ ROWS = {"train": [POEM * 3, "", "Café row 😀\n", "  ", POEM.upper()] * 4,
         "validation": [POEM, "Paradise.\n" * 9, ""] * 2}
 
 
-def test_hf_local_dataset_through_prepare_data_and_source_hf(tmp_path, monkeypatch):
+@pytest.fixture
+def hf_datasets(tmp_path, monkeypatch):
+    """`datasets`, offline, with its cache (of non-streamed loads) under tmp_path."""
     datasets = pytest.importorskip("datasets")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    parquet = tmp_path / "parquet"
-    parquet.mkdir()
-    for split, rows in ROWS.items():
-        datasets.Dataset.from_dict({"text": rows}).to_parquet(str(parquet / f"{split}.parquet"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    return datasets
+
+
+def write_parquet(datasets, root: pathlib.Path, files: dict) -> pathlib.Path:
+    """A local dataset of parquet files: {file name (its split's name first): columns}."""
+    root.mkdir(parents=True)
+    for name, columns in files.items():
+        datasets.Dataset.from_dict(columns).to_parquet(str(root / f"{name}.parquet"))
+    return root
+
+
+def hf_config(name, **overrides):
+    cfg = config_lib.proxy_config("umup", f"data.source=hf,data.hf_name={name},"
+                                  "data.tokenizer=bytes").data
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def test_hf_local_dataset_through_prepare_data_and_source_hf(tmp_path, hf_datasets):
+    datasets = hf_datasets
+    parquet = write_parquet(datasets, tmp_path / "parquet",
+                            {split: {"text": rows} for split, rows in ROWS.items()})
     # prepare_data: streams the parquet files.
     splits = P.open_hf(str(parquet), streaming=True)
     train = P.HFSplit(splits, "train", name=str(parquet))
@@ -337,6 +359,29 @@ def test_hf_local_dataset_through_prepare_data_and_source_hf(tmp_path, monkeypat
     cfg.hf_valid_split, cfg.hf_text_field = "validation", "content"
     with pytest.raises(DataConfigError, match=r"data.hf_text_field='content' is not a column"):
         data_lib.load_tokens(cfg, str(cache))
+    # data.source=hf on the parquet files, streamed and downloaded (separate caches): the same
+    # bins, under the same cache key (streaming is not part of the data's identity).
+    got = {}
+    for streaming in (True, False):
+        cache = tmp_path / f"cache-{streaming}"
+        tokens = data_lib.load_tokens(hf_config(parquet, hf_streaming=streaming), str(cache))
+        [entry] = (cache / "prepared").iterdir()
+        meta = json.loads((entry / "meta.json").read_text())
+        assert meta["source"]["train"]["streaming"] is streaming
+        got[streaming] = entry.name, np.asarray(tokens.train), np.asarray(tokens.valid)
+    assert got[True][0] == got[False][0]
+    np.testing.assert_array_equal(got[True][1], want)
+    for a, b in zip(got[True][1:], got[False][1:]):
+        np.testing.assert_array_equal(a, b)
+    # The entry made streaming serves a downloaded run, without preparing again.
+    data_lib.load_tokens(hf_config(parquet, hf_streaming=False), str(tmp_path / "cache-True"))
+    assert len(list((tmp_path / "cache-True" / "prepared").iterdir())) == 1
+    # Changed data files change the identity (no stale cache entry is used).
+    before = P.hf_data_identity(str(parquet))
+    datasets.Dataset.from_dict({"text": ["new"]}).to_parquet(str(parquet / "train.parquet"))
+    stat = (parquet / "train.parquet").stat()
+    os.utime(parquet / "train.parquet", (stat.st_atime, stat.st_mtime + 10))
+    assert P.hf_data_identity(str(parquet)) != before
 
 
 def test_hf_source_no_longer_forces_offline_mode():

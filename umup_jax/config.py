@@ -73,8 +73,11 @@ def base_config(parametrization: str = "umup") -> ml_collections.ConfigDict:
         # prepare_data arguments that make it (shown when it is missing).
         prepared_dir="", prepare_args="",
         # source="hf": split names (WikiText: train/validation/test) and what a document is
-        # ("rows": each row; "wikitext": rows grouped into articles at " = Title = " headings).
+        # ("rows": each row; "wikitext": rows grouped into articles at " = Title = " headings);
+        # hf_streaming: stream the dataset while it is prepared (as prepare_data's default
+        # --hf_streaming) instead of downloading it whole first; the same tokens either way.
         hf_train_split="train", hf_valid_split="validation", hf_documents="rows",
+        hf_streaming=True,
     ))
     # Device mesh (sizes, one may be -1 = the rest) and multi-host settings (empty: single
     # process, or taken from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID).

@@ -19,9 +19,10 @@ Sources (``config.data.source``):
   the bins' sizes and the sha256 of its ``tokenizer.json``.
 * ``hf``: a Hugging Face ``datasets`` dataset (``hf_name``, ``hf_config``, ``hf_train_split``,
   ``hf_valid_split``, ``hf_text_field``, ``hf_documents``), or a directory written by
-  ``save_to_disk``; downloaded on first use (offline only when the user sets
-  ``HF_DATASETS_OFFLINE=1``), then tokenized document by document with
-  :func:`umup_jax.prepare_data.prepare` into a prepared directory in the cache and read like
+  ``save_to_disk``; on first use streamed (``hf_streaming``, the default; else downloaded
+  whole first; online unless the user sets ``HF_DATASETS_OFFLINE=1``) and tokenized document
+  by document with :func:`umup_jax.prepare_data.prepare` into a prepared directory in the
+  cache, keyed by the dataset's identity (streamed or not, the same entry), and read like
   ``prepared``.
 
 Tokenizers (``config.data.tokenizer``): ``bytes`` (V = 256), ``bpe`` (byte-level BPE trained

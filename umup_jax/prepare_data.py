@@ -17,8 +17,9 @@ Sources (``--source``):
   bundled corpus' format) or a file's start/end.  Empty files, files that are not UTF-8 text
   and files containing NUL bytes are refused, naming the file.
 * ``hf``: a Hugging Face dataset (``--hf_name``, ``--hf_config``, ``--hf_train_split``,
-  ``--hf_valid_split``, ``--hf_text_field``), streamed by default (``--hf_streaming``), or a
-  directory written by ``save_to_disk``.  Online unless the user sets ``HF_DATASETS_OFFLINE=1``.
+  ``--hf_valid_split``, ``--hf_text_field``), streamed by default (``--hf_streaming``;
+  ``data.hf_streaming`` for ``data.source="hf"``), or a directory written by ``save_to_disk``
+  (read from disk, never streamed).  Online unless the user sets ``HF_DATASETS_OFFLINE=1``.
   ``--hf_documents=rows``: each row is a document; ``wikitext``: WikiText stores one line per
   row, so rows are grouped into articles, a new one starting at each top-level heading row
   (``" = Title = "``), an empty row standing for a blank line.
@@ -274,17 +275,30 @@ def _hf_import():
     return datasets
 
 
+def _saved_to_disk(name: str) -> bool:
+    local = pathlib.Path(os.path.expanduser(name))
+    return local.is_dir() and ((local / "dataset_dict.json").is_file()
+                               or (local / "state.json").is_file())
+
+
+def _load_error(name: str, config: str, prefix: str, e: Exception) -> DataConfigError:
+    offline = os.environ.get("HF_DATASETS_OFFLINE", "") not in ("", "0")
+    return DataConfigError(
+        f"{prefix}hf_name={name!r} ({prefix}hf_config={config!r}) could not be loaded: "
+        f"{type(e).__name__}: {e}"
+        + (" (HF_DATASETS_OFFLINE is set: only the local cache is used)" if offline else ""))
+
+
 def open_hf(name: str, config: str = "", streaming: bool = True, prefix: str = "--"):
     """The splits of a Hugging Face dataset (a mapping split name → dataset): a Hub or local
     dataset through ``load_dataset`` (streamed if ``streaming``), or a ``save_to_disk``
-    directory through ``load_from_disk``."""
+    directory through ``load_from_disk`` (already on disk: never streamed)."""
     if not name:
         raise DataConfigError(f"{prefix}hf_name is empty: give a dataset name or directory")
     datasets = _hf_import()
     local = pathlib.Path(os.path.expanduser(name))
     try:
-        if local.is_dir() and ((local / "dataset_dict.json").is_file()
-                               or (local / "state.json").is_file()):
+        if _saved_to_disk(name):
             splits = datasets.load_from_disk(str(local))
             if isinstance(splits, datasets.Dataset):
                 raise DataConfigError(
@@ -295,12 +309,27 @@ def open_hf(name: str, config: str = "", streaming: bool = True, prefix: str = "
     except DataConfigError:
         raise
     except Exception as e:
-        offline = os.environ.get("HF_DATASETS_OFFLINE", "") not in ("", "0")
-        raise DataConfigError(
-            f"{prefix}hf_name={name!r} ({prefix}hf_config={config!r}) could not be loaded: "
-            f"{type(e).__name__}: {e}"
-            + (" (HF_DATASETS_OFFLINE is set: only the local cache is used)" if offline else "")
-        ) from e
+        raise _load_error(name, config, prefix, e) from e
+
+
+def hf_data_identity(name: str, config: str = "", prefix: str = "--") -> list:
+    """What identifies the data of a Hugging Face dataset, the same whether it is streamed or
+    downloaded, and known before either (so it keys the ``data.source='hf'`` cache): for a
+    ``save_to_disk`` directory its splits' fingerprints; else the dataset builder's config id,
+    version and hash (a Hub dataset's commit; for local data files, a hash of their paths and
+    modification times), which ``load_dataset_builder`` resolves without reading the data."""
+    if not name:
+        raise DataConfigError(f"{prefix}hf_name is empty: give a dataset name or directory")
+    if _saved_to_disk(name):
+        splits = open_hf(name, config, prefix=prefix)
+        return ["save_to_disk", {split: getattr(ds, "_fingerprint", None)
+                                 for split, ds in splits.items()}]
+    datasets = _hf_import()
+    try:
+        builder = datasets.load_dataset_builder(name, config or None)
+    except Exception as e:
+        raise _load_error(name, config, prefix, e) from e
+    return ["builder", builder.config_id, str(builder.config.version), builder.hash]
 
 
 @dataclasses.dataclass
@@ -956,28 +985,32 @@ def _training_tokenizer_spec(cfg) -> tuple[str, str]:
 
 def prepare_hf_cached(cfg, cache_dir: pathlib.Path) -> pathlib.Path:
     """``data.source='hf'``: the prepared directory of (dataset, splits, text field, documents,
-    tokenizer) in ``cache_dir/prepared/``, made on first use.  The dataset is loaded (not
-    streamed) so that its fingerprints key the cache."""
-    splits = open_hf(cfg.hf_name, cfg.hf_config, streaming=False, prefix="data.")
-    common = dict(text_field=cfg.hf_text_field, documents_mode=cfg.hf_documents,
-                  name=cfg.hf_name, config=cfg.hf_config, prefix="data.")
-    train = HFSplit(splits, cfg.hf_train_split, split_field="data.hf_train_split",
-                    streaming=False, **common)
-    valid = HFSplit(splits, cfg.hf_valid_split, split_field="data.hf_valid_split",
-                    streaming=False, **common)
-    train.check()
-    valid.check()
+    tokenizer) in ``cache_dir/prepared/``, made on first use, streaming the dataset when
+    ``data.hf_streaming`` (a ``save_to_disk`` directory is read from disk either way).
+
+    The directory's key holds :func:`hf_data_identity`, not ``data.hf_streaming``: streamed
+    or downloaded, the rows and so the tokens are the same, and one cache entry serves both.
+    The identity is resolved before any data is read, so a cached entry is used without
+    streaming or downloading the dataset again."""
     spec, identity = _training_tokenizer_spec(cfg)
     key = hashlib.sha256(json.dumps([
-        "hf-prepared-v1", cfg.hf_name, cfg.hf_config, cfg.hf_train_split, cfg.hf_valid_split,
+        "hf-prepared-v2", cfg.hf_name, cfg.hf_config, cfg.hf_train_split, cfg.hf_valid_split,
         cfg.hf_text_field, cfg.hf_documents, identity, data_lib.EOS_TOKEN, BPE_SAMPLE_MB,
-        train.fingerprint(), valid.fingerprint(),
+        hf_data_identity(cfg.hf_name, cfg.hf_config, prefix="data."),
     ]).encode()).hexdigest()[:16]
     stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in
                    pathlib.Path(cfg.hf_name).name)[:40]
     out = pathlib.Path(cache_dir) / "prepared" / f"hf-{stem}-{key}"
     if (out / "meta.json").is_file():
         return out
+    streaming = bool(cfg.hf_streaming)
+    splits = open_hf(cfg.hf_name, cfg.hf_config, streaming=streaming, prefix="data.")
+    common = dict(text_field=cfg.hf_text_field, documents_mode=cfg.hf_documents,
+                  name=cfg.hf_name, config=cfg.hf_config, prefix="data.", streaming=streaming)
+    train = HFSplit(splits, cfg.hf_train_split, split_field="data.hf_train_split", **common)
+    valid = HFSplit(splits, cfg.hf_valid_split, split_field="data.hf_valid_split", **common)
+    train.check()
+    valid.check()
     size = train.size_estimate() or 0
     workers = min(_available_cpus(), 8) if size > 32e6 else 1
     prepare(train, valid, spec, out, workers=workers, exist_ok=True, progress=True,
