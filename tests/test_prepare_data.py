@@ -187,6 +187,9 @@ def test_prepared_dir_mismatches_fail_naming_the_file(prepared_bpe, tmp_path):
          r"train\.bin: .* bytes, but meta.json says"),
         (set_meta("dtype", "uint32"), r"train\.bin: .* uint32 tokens"),
         (set_meta("vocab_size", 70000), "vocab_size 70000 does not fit dtype uint16"),
+        # tokenizer.json untouched (its sha256 matches): only its token count disagrees.
+        (set_meta("vocab_size", 321), r"tokenizer\.json: 320 tokens, but meta.json says "
+                                      "vocab_size 321"),
         (lambda d: (d / "tokenizer.json").write_text(
             (d / "tokenizer.json").read_text().replace('"Of"', '"Og"')),
          r"tokenizer\.json: sha256 .* does not match meta.json"),
@@ -239,6 +242,40 @@ def test_bad_settings_fail_before_any_work(corpus, tmp_path):
     with pytest.raises(DataConfigError, match="share 1 file"):
         P.check_disjoint_files(train, P.TextFiles([str(corpus / "a.txt")]))
     assert not out.exists()
+
+
+def test_failure_after_train_bin_is_written_leaves_nothing(corpus, tmp_path, monkeypatch):
+    # bytes: no BPE sample is read, so the bad valid file fails only while valid.bin is written.
+    (corpus / "valid" / "v.txt").write_bytes(b"caf\xe9 latin-1")
+    written = []
+    write_split = P.write_split
+
+    def recording(pool, source, path, *args):
+        if path.name == "valid.bin":
+            written.append((path.parent, (path.parent / "train.bin").stat().st_size))
+        return write_split(pool, source, path, *args)
+
+    monkeypatch.setattr(P, "write_split", recording)
+    out = tmp_path / "out"
+    with pytest.raises(DataConfigError, match=r"--valid_files: .*v\.txt is not UTF-8 text"):
+        P.prepare(*sources(corpus), "bytes", out)
+    [(tmp, train_bytes)] = written
+    assert tmp.name.startswith(".out.tmp-") and train_bytes > 0  # train.bin was written
+    assert not out.exists() and not tmp.exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_tokenizer_with_gaps_in_its_ids_is_refused_naming_it(corpus, tmp_path):
+    # Two tokens with ids 0 and 5: get_vocab_size() is 2, so id 5 would index past the
+    # embedding (and an added EOS would get id 2).
+    gaps = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "b": 5}, unk_token="a"))
+    gaps.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    gaps.save(str(tmp_path / "gaps.json"))
+    assert gaps.get_vocab_size() == 2 and gaps.encode("b").ids == [5]
+    out = tmp_path / "out"
+    with pytest.raises(DataConfigError, match=r"--tokenizer: .*gaps\.json has 2 tokens but "
+                                              r"ids up to 5"):
+        P.prepare(*sources(corpus), str(tmp_path / "gaps.json"), out)
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
 
 
 def test_vocabulary_beyond_uint16_is_written_as_uint32(corpus, tmp_path):
@@ -382,6 +419,47 @@ def test_hf_local_dataset_through_prepare_data_and_source_hf(tmp_path, hf_datase
     stat = (parquet / "train.parquet").stat()
     os.utime(parquet / "train.parquet", (stat.st_atime, stat.st_mtime + 10))
     assert P.hf_data_identity(str(parquet)) != before
+
+
+def test_streamed_hf_missing_text_field_names_the_field_and_dataset(tmp_path, hf_datasets):
+    datasets = hf_datasets
+    # No such column: found from the stream's columns before any row is read.
+    body = write_parquet(datasets, tmp_path / "body",
+                         {"train": {"body": ["x"]}, "validation": {"body": ["y"]}})
+    with pytest.raises(DataConfigError, match=rf"data.hf_text_field='text' is not a column of "
+                                              rf"{body}/train \(columns: \['body'\]\)"):
+        data_lib.load_tokens(hf_config(body), str(tmp_path / "cache"))
+    # A later file of the split lacks it: the stream fails while reading that file.
+    mixed = write_parquet(datasets, tmp_path / "mixed" / "data",
+                          {"train-00000": {"text": ["a b"]}, "train-00001": {"body": ["c"]},
+                           "validation-00000": {"text": ["v"]}}).parent
+    with pytest.raises(DataConfigError, match=rf"data.hf_text_field='text': a file of "
+                                              rf"{mixed}/train has the columns \['body'\]"):
+        data_lib.load_tokens(hf_config(mixed), str(tmp_path / "cache"))
+    # A stream that does not know its columns (column_names None) is checked per batch.
+    splits = P.open_hf(str(body), streaming=True)
+    mapped = {s: d.map(lambda row: {"content": "z"}, remove_columns=["body"])
+              for s, d in splits.items()}
+    split = P.HFSplit(mapped, "validation", name="mapped", prefix="data.")
+    split.check()
+    assert split.dataset.column_names is None
+    with pytest.raises(DataConfigError, match=r"data.hf_text_field='text' is not a column of "
+                                              r"mapped/validation \(columns: \['content'\]\)"):
+        list(split.documents())
+    assert not list((tmp_path / "cache" / "prepared").iterdir())  # no entry left behind
+
+
+def test_empty_hf_split_names_the_dataset(tmp_path, hf_datasets):
+    empty = write_parquet(hf_datasets, tmp_path / "empty",
+                          {"train": {"text": ["", "  \n", None]},
+                           "validation": {"text": ["v"]}})
+    cache = str(tmp_path / "cache")
+    with pytest.raises(DataConfigError, match=rf"the train split \({empty}/train\) has no "
+                                              "documents with text"):
+        data_lib.load_tokens(hf_config(empty), cache)
+    with pytest.raises(DataConfigError, match=rf"the train split \({empty}/train\) has no text "
+                                              "to train the BPE on"):
+        data_lib.load_tokens(hf_config(empty, tokenizer="bpe", vocab_size=300), cache)
 
 
 def test_hf_source_no_longer_forces_offline_mode():

@@ -28,7 +28,8 @@ Document separators: every document is followed by the end-of-text token (``--eo
 default ``<|endoftext|>``), so ``train.bin`` is ``doc₁ EOS doc₂ EOS … docₙ EOS``.  For
 ``--tokenizer=bytes`` the ids 0-255 are the UTF-8 bytes and EOS is id 256 (V = 257); for
 ``bpe:N`` it is the trainer's special token, id 0 (V = N); for a given ``tokenizer.json`` it is
-that token's id, added as a new special token at id V when the tokenizer lacks it.  Documents
+that token's id, added as a new special token at id V when the tokenizer lacks it (a
+tokenizer.json whose ids have gaps, largest id ≥ its token count V, is refused).  Documents
 are encoded as ordinary text (the literal string ``<|endoftext|>`` inside a document is not
 the separator), documents that are empty or only whitespace are skipped.
 
@@ -201,6 +202,11 @@ class TextFiles:
     def check(self) -> None:
         self.paths()
 
+    @property
+    def where(self) -> str:
+        """The files, for messages: ``--train_files=PATTERNS``."""
+        return f"{self.field}={','.join(self.patterns)}"
+
     def size_estimate(self) -> Optional[int]:
         return sum(p.stat().st_size * (4 if p.suffix in (".xz", ".gz") else 1)
                    for p in self.paths())
@@ -362,7 +368,12 @@ class HFSplit:
 
     def _missing_field(self, columns) -> str:
         return (f"{self.prefix}hf_text_field={self.text_field!r} is not a column of "
-                f"{self.name or 'the dataset'}/{self.split} (columns: {list(columns)})")
+                f"{self.where} (columns: {list(columns)})")
+
+    @property
+    def where(self) -> str:
+        """The split, for messages: ``name/split``."""
+        return f"{self.name or 'the dataset'}/{self.split}"
 
     @property
     def dataset(self):
@@ -387,8 +398,28 @@ class HFSplit:
                 "streaming": self.streaming,
                 "fingerprint": self.fingerprint()}
 
+    def _batches(self) -> Iterator[dict]:
+        """The split's rows in batches.  A stream learns its columns from its first file, so a
+        later file with other columns (say, without the text field) fails only when it is read,
+        with a ``datasets`` CastError: that becomes a message naming the field and the split."""
+        from datasets.table import CastError
+
+        batches = iter(self.dataset.iter(batch_size=1000))
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except CastError as e:
+                raise DataConfigError(
+                    f"{self.prefix}hf_text_field={self.text_field!r}: a file of {self.where} "
+                    f"has the columns {list(e.table_column_names)}, not "
+                    f"{list(e.requested_column_names)} as its first file; all of the split's "
+                    "files need the same columns") from e
+            yield batch
+
     def _texts(self) -> Iterator[str]:
-        for batch in self.dataset.iter(batch_size=1000):
+        for batch in self._batches():
             if self.text_field not in batch:
                 raise DataConfigError(self._missing_field(batch.keys()))
             for text in batch[self.text_field]:
@@ -397,7 +428,7 @@ class HFSplit:
                 if not isinstance(text, str):
                     raise DataConfigError(
                         f"{self.prefix}hf_text_field={self.text_field!r} of "
-                        f"{self.name}/{self.split} holds {type(text).__name__}, not text")
+                        f"{self.where} holds {type(text).__name__}, not text")
                 yield text
 
     def documents(self) -> Iterator[Piece]:
@@ -418,7 +449,7 @@ class HFSplit:
             if size > 64 * limit:
                 raise DataConfigError(
                     f"{self.prefix}hf_documents='wikitext': no article heading (' = Title = ') "
-                    f"in {size:,} characters of {self.name}/{self.split}; is this WikiText? "
+                    f"in {size:,} characters of {self.where}; is this WikiText? "
                     "(use hf_documents='rows')")
         if "".join(article).strip():
             yield from split_document("".join(article), limit)
@@ -762,7 +793,8 @@ def build_tokenizer(spec: str, train, eos_token: str = data_lib.EOS_TOKEN,
         t0 = time.time()
         texts, sample = bpe_sample(train, int(bpe_sample_mb * 1e6), bpe_sample_mode)
         if not texts:
-            raise DataConfigError("the train split has no text to train the BPE on")
+            raise DataConfigError(
+                f"the train split ({train.where}) has no text to train the BPE on")
         tok = data_lib.train_bpe(texts, arg, special_tokens=(eos_token,))
         sample["train_seconds"] = round(time.time() - t0, 2)
         if tok.vocab_size < arg:
@@ -773,12 +805,25 @@ def build_tokenizer(spec: str, train, eos_token: str = data_lib.EOS_TOKEN,
         tok = data_lib.HFTokenizer.from_file(arg)
     except Exception as e:
         raise DataConfigError(f"{field}: {arg} is not a readable tokenizer.json ({e})") from e
+    check_ids_fit(tok, arg, field)
     info = {"spec": str(arg), "source_sha256": data_lib.sha256_file(arg)}
     if tok.token_id(eos_token) is None:
         tok.hf.add_special_tokens([eos_token])
         tok = data_lib.HFTokenizer(tok.hf, tok.name)
         info["eos_added"] = True
     return tok, "hf", info
+
+
+def check_ids_fit(tok: data_lib.HFTokenizer, path, field: str = "--tokenizer") -> None:
+    """Refuses a tokenizer whose ids have gaps: the vocabulary size (``get_vocab_size``, what
+    the model's embedding gets) counts tokens, so a largest id ≥ that count would index past
+    the embedding (and could overflow the bins' dtype, or collide with an added EOS id)."""
+    ids = tok.hf.get_vocab(with_added_tokens=True).values()
+    top = max(ids, default=-1)
+    if top >= tok.vocab_size:
+        raise DataConfigError(
+            f"{field}: {path} has {tok.vocab_size} tokens but ids up to {top}: its ids must be "
+            f"0 … {tok.vocab_size - 1} without gaps (the vocabulary size is the token count)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -869,7 +914,7 @@ def write_split(pool: EncoderPool, source, path: pathlib.Path, progress: bool = 
         if bar is not None:
             bar.close()
     if tokens == 0:
-        raise DataConfigError(f"the {split} split has no documents with text")
+        raise DataConfigError(f"the {split} split ({source.where}) has no documents with text")
     return {"tokens": tokens, "documents": docs, "chars": chars}
 
 
