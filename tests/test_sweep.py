@@ -51,6 +51,13 @@ def test_grid_expansion_and_stable_ids():
     ({"kind": "random", "space": {"optimizer.learning_rate": {"uniform": [0, 1]}},
       "num_runs": 2}, "use log2_uniform or choice"),
     ({"grid": {"model.hparams.init_std": [0.1]}}, "hparams of 'umup'"),
+    # A value of the wrong type for its key: refused before any run, not raised by each run.
+    ({"grid": {"model.width": ["abc"]}},
+     r"model.width='abc' is invalid: the config's model.width is of type int, not str"),
+    ({"grid": {"model.width+model.num_heads": [[64, "2"]]}}, r"model.num_heads='2' is invalid"),
+    ({"kind": "random", "space": {"model.depth": {"log2_uniform": [0, 2]}}, "num_runs": 2},
+     r"model.depth=1.0 is invalid: .* of type int, not float"),
+    ({"grid": {"model.width": [32]}, "seeds": [0.5]}, r"seeds: seed=0.5 is invalid"),
 ])
 def test_bad_sweeps_raise_before_running(tmp_path, spec, match):
     spec = {"name": "bad", **spec}
@@ -137,6 +144,36 @@ def test_diverged_runs_are_recorded_and_the_sweep_goes_on(tmp_path):
     assert not math.isfinite(b[0]["final_eval_loss"]) and math.isfinite(b[1]["final_eval_loss"])
 
 
+def test_a_run_whose_config_cannot_be_built_is_recorded_and_the_sweep_goes_on(tmp_path):
+    """``validate`` refuses a mistyped value before any run, but the runner records whatever a
+    unit raises: here the run's own config is what raises (in the unit, and again if the
+    driver rebuilt it to fill the row), and the failure is still one row, not an abort."""
+    spec = {"name": "bad", "kind": "grid", "grid": {"model.width": ["abc", 32]}}
+    runs = [("grid", {"model.width": w, "seed": 0}) for w in ("abc", 32)]
+    runner = sweep_lib.Runner(spec, base(), tmp_path, progress=False)  # validate bypassed
+    try:
+        bad, good = runner.run(runs)
+    finally:
+        runner.close()
+    assert bad["run_id"] == sweep_lib.run_id(runs[0][1])
+    assert json.loads(bad["overrides"]) == runs[0][1] and bad["diverged"] == ""
+    assert bad["error"].startswith("TypeError: Could not override field 'width'")
+    assert good["error"] == "" and math.isfinite(good["final_eval_loss"])
+    on_disk = {r["run_id"]: r for r in rows_of(tmp_path)}
+    assert on_disk[bad["run_id"]]["error"] == bad["error"] and "\n" not in bad["error"]
+    assert on_disk[good["run_id"]]["diverged"] == "0"
+    assert "Traceback" in (tmp_path / "error.log").read_text()  # the details, off the console
+
+
+def test_missing_ray_gives_a_clear_message(monkeypatch):
+    """Runs without the ray extra (the Ray tests are skipped there): import ray fails."""
+    from umup_jax import sweep_backends as backends
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray → ImportError
+    with pytest.raises(backends.BackendError, match=r"pip install -e '\.\[ray\]'"):
+        backends.make_backend("ray")
+
+
 def test_independent_search_stages(tmp_path):
     spec = {"name": "ind", "kind": "independent",
             "lr": {"values": [0.5, 2.0]},
@@ -179,16 +216,43 @@ def test_random_search_samples_log2_uniform():
     assert runs == sweep_lib.random_runs(spec, config_lib.proxy_config("mup", "smoke"))
 
 
-def test_cli_runs_a_sweep_file(tmp_path):
+def sweep_cli(tmp_path, spec, *extra):
     sweep_file = tmp_path / "s.json"
-    sweep_file.write_text(json.dumps(
-        {"name": "cli", "grid": {"optimizer.learning_rate": [0.5, 1.0]}}))
+    sweep_file.write_text(json.dumps(spec))
     cmd = [sys.executable, "-m", "umup_jax.sweep",
            f"--config={ROOT / 'configs' / 'umup_proxy.py'}:smoke", "--config.train.steps=2",
-           f"--sweep={sweep_file}", f"--workdir={tmp_path / 'w'}", "--noprogress"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+           *extra, f"--sweep={sweep_file}", f"--workdir={tmp_path / 'w'}", "--noprogress"]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_runs_a_sweep_file(tmp_path):
+    """A diverged run is a result, not a failure: the command still exits 0."""
+    proc = sweep_cli(tmp_path, {"name": "cli", "grid": {"optimizer.learning_rate": [1e30, 1.0]}},
+                     "--config.optimizer.warmup_steps=0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = rows_of(tmp_path / "w")
     assert len(rows) == 2 and list(rows[0]) == sweep_lib.COLUMNS
     assert {r["steps"] for r in rows} == {"2"}  # the --config.train.steps override
-    assert "2 runs in" in proc.stdout
+    assert sorted(r["diverged"] for r in rows) == ["0", "1"]
+    assert "2 runs in" in proc.stdout and "error" not in proc.stderr
+    assert (tmp_path / "w" / "run.log").exists()  # library logging, off the console
+
+
+def test_cli_failed_runs_end_with_one_line_and_status_1(tmp_path):
+    """num_heads=3 does not divide width 32: that run raises, the other finishes, and the
+    command ends with one line counting the failure, pointing at the error column."""
+    proc = sweep_cli(tmp_path, {"name": "f", "grid": {"model.num_heads": [1, 3]}})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    err = [line for line in proc.stderr.splitlines() if line.strip()]
+    workdir = tmp_path / "w"
+    assert err == [f"python -m umup_jax.sweep: error: 1 of 2 runs failed; their errors are in "
+                   f"the error column of {workdir / 'results.csv'} (tracebacks in "
+                   f"{workdir / 'error.log'}); fix them and rerun the same command, which runs "
+                   "only the failed and missing runs"], proc.stderr[-3000:]
+    (failed,) = [line for line in proc.stdout.splitlines() if "failed:" in line]
+    assert "width=32 is invalid: it must be divisible by num_heads=3" in failed
+    rows = {json.loads(r["overrides"])["model.num_heads"]: r for r in rows_of(workdir)}
+    assert rows[1]["error"] == "" and rows[1]["diverged"] == "0"
+    assert rows[3]["error"] == "width=32 is invalid: it must be divisible by num_heads=3"
+    assert "Traceback" in (workdir / "error.log").read_text()
+    assert (workdir / "run.log").exists()

@@ -23,17 +23,22 @@ on a local Ray or on a cluster (``--ray_address``, ``--gpus_per_task``, ``--cpus
 
 Common fields: ``name``, ``base`` ({key: value} overrides applied to every run), ``seeds``
 (list, default ``[config.seed]``).  Keys are config paths such as ``model.width``,
-``optimizer.learning_rate`` or ``model.hparams.attn_mult``; every key is checked against the
-config before anything runs.
+``optimizer.learning_rate`` or ``model.hparams.attn_mult``; every key, and every value
+against its key's type (``"abc"`` or ``64.0`` for ``model.width`` is refused), is checked
+against the config before anything runs.
 
 Results: ``DIR/results.csv``, one row per run (columns :data:`COLUMNS`), written as each run
 ends; ``DIR/sweep.json`` records the sweep, and a rerun with a different sweep in the same
 workdir fails.  A rerun skips finished runs (by ``run_id``, a hash of the run's overrides), so a
 killed sweep redoes only what is missing.  A run whose loss becomes NaN/Inf is recorded with
-``diverged=1``; the sweep goes on.  ``sweep.json`` also records the hash of the base config's
-run-defining keys (:func:`umup_jax.identity.identity_hash`): rerunning the sweep in the same
-workdir over another base config (e.g. ``:cpu`` instead of the full proxy) is refused, so old
-rows and old per-run checkpoints are never reused for another setting.
+``diverged=1``; the sweep goes on.  A run that raises is recorded with its error (one line) in
+the ``error`` column and its traceback in ``DIR/error.log``; the sweep goes on, the run runs
+again on a rerun, and the command ends with one line counting the failed runs and exit status 1
+(0 when every run finished, diverged ones included; library logging goes to
+``DIR/run.log``).  ``sweep.json`` also records the hash of the base config's run-defining keys
+(:func:`umup_jax.identity.identity_hash`): rerunning the sweep in the same workdir over another
+base config (e.g. ``:cpu`` instead of the full proxy) is refused, so old rows and old per-run
+checkpoints are never reused for another setting.
 
 Runs that differ only in optimizer HPs (learning rate, weight decay) share shapes and compile
 once: the **batched runner** trains them together as one ``jax.vmap``-ed computation (same data,
@@ -53,6 +58,7 @@ import json
 import math
 import os
 import pathlib
+import sys
 import time
 from typing import Any, Iterable, Optional
 
@@ -61,11 +67,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, flags
+from absl import app, flags, logging
 
 from umup_jax import cli
 from umup_jax import config as config_lib
 from umup_jax import data as data_lib
+from umup_jax import failures
 from umup_jax import identity as identity_lib
 from umup_jax import parametrization as P
 from umup_jax import sweep_backends as backends
@@ -120,24 +127,59 @@ def _check_keys(config: ml_collections.ConfigDict, keys: Iterable[str], where: s
             raise SweepError(f"sweep {where}: {e}") from None
 
 
+def _check_values(config: ml_collections.ConfigDict, pairs: Iterable[tuple[str, Any]],
+                  where: str) -> None:
+    """Every value must be settable on its key (the config's fields are typed: a string or a
+    float for an int field is refused), so a mistyped value fails here, before any run,
+    rather than in every run of the sweep."""
+    probe = copy.deepcopy(config)
+    for key, value in pairs:
+        try:
+            config_lib.set_key(probe, key, value)
+        except (TypeError, ValueError) as e:
+            current = _config_value(config, {}, key)
+            why = (f"the config's {key} is of type {type(current).__name__}, not "
+                   f"{type(value).__name__}" if isinstance(e, TypeError) and current is not None
+                   else " ".join(str(e).split()))
+            raise SweepError(f"sweep {where}: {key}={value!r} is invalid: {why}") from None
+
+
 def validate(spec: dict, config: ml_collections.ConfigDict) -> None:
     kind = spec.get("kind", "grid")
     if kind not in KINDS:
         raise SweepError(f"sweep kind={kind!r} is invalid: allowed are {KINDS}")
     _check_keys(config, spec.get("base", {}), "base")
+    _check_values(config, spec.get("base", {}).items(), "base")
+    _check_values(config, [("seed", s) for s in spec.get("seeds") or []], "seeds")
     if kind == "grid":
         grid = spec.get("grid") or {}
         if not grid or any(not list(v) for v in grid.values()):
             raise SweepError(f"sweep {spec['name']!r}: the grid is empty ({grid!r})")
         _check_keys(config, [k for key in grid for k in _split_keys(key)], "grid")
+        pairs = []
+        for key, values in grid.items():
+            parts = _split_keys(key)
+            for value in values:
+                if len(parts) == 1:
+                    pairs.append((key, value))
+                elif not isinstance(value, (list, tuple)) or len(value) != len(parts):
+                    raise SweepError(f"sweep grid[{key!r}]: {value!r} must list "
+                                     f"{len(parts)} values")
+                else:
+                    pairs.extend(zip(parts, value))
+        _check_values(config, pairs, "grid")
     elif kind == "independent":
         lr = spec.get("lr") or {}
         if not lr.get("values"):
             raise SweepError(f"sweep {spec['name']!r}: independent search needs lr.values")
-        _check_keys(config, [lr.get("key", "optimizer.learning_rate")], "lr")
+        lr_key = lr.get("key", "optimizer.learning_rate")
+        _check_keys(config, [lr_key], "lr")
+        _check_values(config, [(lr_key, v) for v in lr["values"]], "lr")
         if any(not list(v) for v in (spec.get("hps") or {}).values()):
             raise SweepError(f"sweep {spec['name']!r}: an HP has an empty list of values")
         _check_keys(config, spec.get("hps") or {}, "hps")
+        _check_values(config, [(k, v) for k, vs in (spec.get("hps") or {}).items()
+                               for v in vs], "hps")
     else:
         space = spec.get("space") or {}
         if not space or int(spec.get("num_runs", 0)) <= 0:
@@ -146,6 +188,9 @@ def validate(spec: dict, config: ml_collections.ConfigDict) -> None:
         for key, dist in space.items():
             if not ("log2_uniform" in dist or "choice" in dist):
                 raise SweepError(f"sweep space[{key!r}]={dist!r}: use log2_uniform or choice")
+            samples = (dist["choice"] if "choice" in dist else
+                       [float(dist.get("scale", 1.0) * 2.0 ** e) for e in dist["log2_uniform"]])
+            _check_values(config, [(key, v) for v in samples], "space")
 
 
 def run_id(overrides: dict) -> str:
@@ -419,13 +464,21 @@ def execute_unit(unit: backends.Unit, context: UnitContext) -> list[dict]:
 
 def failed_rows(spec, config, unit: backends.Unit, exc: BaseException) -> list[dict]:
     """Rows for a unit that raised: its runs are recorded with the error (one line) and run
-    again when the sweep is rerun."""
-    from umup_jax.failures import one_line
+    again when the sweep is rerun.
 
-    error = one_line(exc)
+    The run's columns come from its config where that config can be built; where building it
+    is what raised (an override the config refuses), the row holds only what is known without
+    it (run id, group, seed, overrides, error), so that recording a failure never raises the
+    failure again in the driver."""
+    error = failures.one_line(exc)
     rows = []
     for g, ov in unit.members:
-        row = make_row(spec, g, ov, run_config(config, ov), None, 0.0)
+        try:
+            row = make_row(spec, g, ov, run_config(config, ov), None, 0.0)
+        except Exception:  # the run's own config is what failed
+            row = {"run_id": run_id(ov), "sweep": spec["name"], "group": g,
+                   "seed": ov.get("seed", ""),
+                   "overrides": json.dumps(ov, sort_keys=True, default=float)}
         row.update(diverged="", error=error)
         rows.append(row)
     return rows
@@ -459,8 +512,12 @@ class Runner:
         units = [backends.Unit(members) for members in groups.values()]
         for unit, outcome in self.backend.run(units, execute_unit, self.context):
             if isinstance(outcome, BaseException):
-                print(f"  failed: {len(unit.members)} run(s) of group {unit.members[0][0]!r} "
-                      f"raised {type(outcome).__name__}: {outcome}", flush=True)
+                # One line on the console; the traceback (for a Ray task, the worker's, in
+                # the exception's notes) goes to WORKDIR/error.log.
+                where = failures.write_traceback(outcome, self.workdir)
+                print(f"  failed: {len(unit.members)} run(s) of group {unit.members[0][0]!r}: "
+                      f"{failures.one_line(outcome)}"
+                      + (f" (traceback in {where})" if where else ""), flush=True)
                 outcome = failed_rows(self.spec, self.config, unit, outcome)
             for row in outcome:
                 self.store.add(row)
@@ -480,6 +537,10 @@ def _best(rows: list[dict], key: str, values: list, seeds: int) -> Any:
     losses = np.asarray([_loss(r) for r in rows], dtype=float).reshape(len(values), seeds)
     mean = losses.mean(axis=1)
     if np.all(np.isinf(mean)):
+        if any(r.get("error") for r in rows):
+            raise SweepError(f"every run of the {key} search diverged or failed (see the "
+                             "error column of results.csv); fix the failures, or widen or "
+                             "lower its values")
         raise SweepError(f"every run of the {key} search diverged; widen or lower its values")
     return values[int(np.argmin(mean))]
 
@@ -594,17 +655,32 @@ def define_flags() -> None:
 
 
 def main() -> None:
+    """Exit status 0 when every run finished (diverged runs included: divergence is a result),
+    2 for bad input (:mod:`umup_jax.cli`), 1 when the sweep itself failed or any run failed;
+    a failure ends with one ``python -m umup_jax.sweep: error: …`` line, its traceback in
+    ``WORKDIR/error.log`` and library logging in ``WORKDIR/run.log`` (:mod:`umup_jax.failures`)."""
     config = FLAGS.config
     with cli.usage_errors():
         train_lib.check_config(config)
         spec = load_sweep(FLAGS.sweep)
         validate(spec, config)
-    with cli.usage_errors():
-        rows = run_sweep(config, spec, FLAGS.workdir, batched=FLAGS.batched,
-                         progress=FLAGS.progress, backend=FLAGS.backend,
-                         ray_address=FLAGS.ray_address, gpus_per_task=FLAGS.gpus_per_task,
-                         cpus_per_task=FLAGS.cpus_per_task)
-    print(f"{len(rows)} runs in {pathlib.Path(FLAGS.workdir) / 'results.csv'}")
+    workdir = pathlib.Path(FLAGS.workdir)
+    failures.log_to_workdir(workdir, logging.get_absl_logger().getEffectiveLevel())
+    with failures.exit_on_failure(workdir):
+        with cli.usage_errors():  # a workdir of another sweep, a bad --ray_address: exit 2
+            rows = run_sweep(config, spec, FLAGS.workdir, batched=FLAGS.batched,
+                             progress=FLAGS.progress, backend=FLAGS.backend,
+                             ray_address=FLAGS.ray_address, gpus_per_task=FLAGS.gpus_per_task,
+                             cpus_per_task=FLAGS.cpus_per_task)
+    results = workdir / "results.csv"
+    print(f"{len(rows)} runs in {results}", flush=True)
+    failed = sum(1 for r in rows if r.get("error"))
+    if failed:
+        print(f"{cli.program_name()}: error: {failed} of {len(rows)} runs failed; their errors "
+              f"are in the error column of {results} (tracebacks in "
+              f"{workdir / failures.ERROR_LOG}); fix them and rerun the same command, which "
+              "runs only the failed and missing runs", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

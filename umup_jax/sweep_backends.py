@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import re
 import socket
 import warnings
 from typing import Any, Callable, Iterator, Optional
@@ -142,6 +143,11 @@ class RayBackend:
                     yield unit, ray.get(ref)
                 except ray.exceptions.RayTaskError as exc:  # the unit raised: its cause
                     cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+                    if cause is not exc and hasattr(cause, "add_note"):
+                        # The cause arrives without its traceback; the worker's is in the
+                        # RayTaskError's text, kept as a note for the driver's error.log.
+                        cause.add_note("traceback in the Ray worker:\n"
+                                       + re.sub(r"\x1b\[[0-9;]*m", "", str(exc)))
                     yield unit, cause
                 except ray.exceptions.RayError as exc:  # worker died beyond its retries
                     yield unit, exc
