@@ -196,3 +196,22 @@ def test_after_training_refuses_bad_widths_and_depths_before_any_work(tmp_path):
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 2 and match in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_failure_while_running_is_one_line_with_the_traceback_in_out(tmp_path):
+    """Past the argument checks (a missing training file is found only when data loads): one
+    ``error:`` line naming the file, exit status 1, the traceback in OUT/error.log and
+    library logging in OUT/run.log."""
+    missing = tmp_path / "missing.txt"
+    proc = subprocess.run(
+        [sys.executable, "-m", "umup_jax.coord_check",
+         f"--config={ROOT / 'configs' / 'umup_proxy.py'}:smoke,data.source=text,"
+         f"data.train_files={missing},data.valid_files={tmp_path / 'valid.txt'}",
+         "--widths=32", "--steps=0", f"--out={tmp_path / 'out'}"],
+        cwd=ROOT, text=True, capture_output=True, timeout=120)
+    err = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert err == [f"python -m umup_jax.coord_check: error: data.train_files: no file matches "
+                   f"'{missing}' (traceback in {tmp_path / 'out' / 'error.log'})"]
+    assert "Traceback" in (tmp_path / "out" / "error.log").read_text()
+    assert (tmp_path / "out" / "run.log").exists()

@@ -630,6 +630,14 @@ def _integers(name: str, values: Sequence[str]) -> list[int]:
 
 
 def main() -> None:
+    """Bad input ends before any work (one line, exit status 2, :mod:`umup_jax.cli`); a
+    failure while running ends with one ``python -m umup_jax.coord_check: error: …`` line
+    and exit status 1, its traceback in ``OUT/error.log`` and library logging in
+    ``OUT/run.log`` (:mod:`umup_jax.failures`)."""
+    from absl import logging
+
+    from umup_jax import failures
+
     config = FLAGS.config
     with cli.usage_errors():
         widths = _integers("widths", FLAGS.widths)
@@ -644,10 +652,12 @@ def main() -> None:
         for w, d in [(w, config.model.depth) for w in widths] + [
                 (config.model.width, d) for d in depths]:
             model_config_at(config, vocab, w, d)
-    if FLAGS.after_training:
-        run_after_training(config, widths, depths, FLAGS.out, seed=FLAGS.seed)
-    else:
-        run(config, widths, FLAGS.steps, FLAGS.out, seed=FLAGS.seed)
+    failures.log_to_workdir(FLAGS.out, logging.get_absl_logger().getEffectiveLevel())
+    with failures.exit_on_failure(FLAGS.out):
+        if FLAGS.after_training:
+            run_after_training(config, widths, depths, FLAGS.out, seed=FLAGS.seed)
+        else:
+            run(config, widths, FLAGS.steps, FLAGS.out, seed=FLAGS.seed)
 
 
 if __name__ == "__main__":
