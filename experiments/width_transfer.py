@@ -7,6 +7,14 @@ Every (parametrization, width) trains its 8 learning rates as one vmapped comput
 
     python experiments/width_transfer.py [--steps=240] [--out=experiments/results/width_transfer]
     python experiments/width_transfer.py --small   # a 2-minute version (the notebook's rerun)
+    python experiments/width_transfer.py --backend=ray [--ray_address=HOST:PORT]
+        [--gpus_per_task=1]   # each (parametrization, width) group a Ray task (BUILD.md)
+
+``--backend``, ``--ray_address`` and ``--gpus_per_task`` are passed to
+:func:`umup_jax.sweep.run_sweep` as ``python -m umup_jax.sweep`` passes its flags of the same
+names: with ``ray`` the 4 width groups of each parametrization run in parallel (one task per GPU
+by default; the parametrizations one after another, each sweep starting its own local Ray unless
+``--ray_address`` names a cluster), with the same rows as ``local``.
 
 Writes ``OUT/results.csv`` (one row per run), ``OUT/optima.csv`` (optimal log2 LR per width,
 with an edge flag), ``OUT/transfer.json`` (transfer error per parametrization, Algorithm 1 with
@@ -18,12 +26,14 @@ import argparse
 import json
 import pathlib
 import time
+from typing import Optional
 
 import numpy as np
 
 from umup_jax import analysis
 from umup_jax import config as config_lib
 from umup_jax import sweep as sweep_lib
+from umup_jax import sweep_backends as backends
 
 WIDTHS = [32, 64, 128, 256]
 HEAD_DIM = 32
@@ -44,7 +54,9 @@ def base_config(parametrization: str, steps: int, base_width: int):
     return cfg
 
 
-def run(out: pathlib.Path, steps: int, widths: list[int], n_lrs: int, progress: bool = True):
+def run(out: pathlib.Path, steps: int, widths: list[int], n_lrs: int, progress: bool = True,
+        backend: str = "local", ray_address: Optional[str] = None,
+        gpus_per_task: Optional[float] = None):
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     all_rows = []
@@ -61,7 +73,9 @@ def run(out: pathlib.Path, steps: int, widths: list[int], n_lrs: int, progress: 
             },
         }
         cfg = base_config(parametrization, steps, widths[0])
-        rows = sweep_lib.run_sweep(cfg, spec, str(out / parametrization), progress=progress)
+        rows = sweep_lib.run_sweep(cfg, spec, str(out / parametrization), progress=progress,
+                                   backend=backend, ray_address=ray_address,
+                                   gpus_per_task=gpus_per_task)
         all_rows.extend(rows)
     analysis.write_csv(all_rows, out / "results.csv", columns=sweep_lib.COLUMNS)
     rows = analysis.read_results(out / "results.csv")
@@ -83,7 +97,8 @@ def run(out: pathlib.Path, steps: int, widths: list[int], n_lrs: int, progress: 
             "optimum_on_grid_edge": {str(w): bool(e) for w, e in zip(widths_, te_largest.on_edge)},
         }
     wall = time.time() - t0
-    transfer["_meta"] = {"steps": steps, "widths": widths, "wall_time_s_this_invocation": wall}
+    transfer["_meta"] = {"steps": steps, "widths": widths, "wall_time_s_this_invocation": wall,
+                         "backend": backend}
     (out / "transfer.json").write_text(json.dumps(transfer, indent=2))
     analysis.plot_loss_vs_lr(rows, out / "width_transfer.png", reference="largest",
                              title=f"LR transfer across width ({steps} steps, depth 2, "
@@ -103,12 +118,23 @@ def main() -> None:
     p.add_argument("--out", default="experiments/results/width_transfer")
     p.add_argument("--small", action="store_true", help="tiny widths and steps (minutes)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--backend", choices=backends.BACKENDS, default="local",
+                   help="where the sweep's units run: local (one after another in this "
+                        "process) or ray (Ray tasks in parallel; pip install -e '.[ray]')")
+    p.add_argument("--ray_address", default=None,
+                   help="with --backend=ray: the cluster to join (host:port, ray://host:port "
+                        "or auto); default RAY_ADDRESS, else a local Ray in this process")
+    p.add_argument("--gpus_per_task", type=float, default=None,
+                   help="with --backend=ray: GPUs per task (default 1 when the cluster has "
+                        "GPUs, else 0)")
     args = p.parse_args()
+    on = dict(backend=args.backend, ray_address=args.ray_address,
+              gpus_per_task=args.gpus_per_task)
     if args.small:
         run(pathlib.Path(args.out), SMALL["steps"], SMALL["widths"], SMALL["lrs"],
-            not args.no_progress)
+            not args.no_progress, **on)
     else:
-        run(pathlib.Path(args.out), args.steps, WIDTHS, 8, not args.no_progress)
+        run(pathlib.Path(args.out), args.steps, WIDTHS, 8, not args.no_progress, **on)
 
 
 if __name__ == "__main__":
