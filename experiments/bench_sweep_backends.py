@@ -11,11 +11,20 @@ on a 2-core machine); on a GPU host it runs one task per GPU (``--gpus_per_task`
 there).  Both wall times include everything a user waits for (Ray's start, each task's fresh
 worker process, compilation).  Prints both times, the ratio, runs/hour, and the largest loss
 difference between the two results.csv files (each run is deterministic, so it should be 0).
+
+The local leg trains in this (the driver) process, which lives on while the Ray tasks run.  By
+default JAX would reserve 75% of the GPU's memory in it at its first GPU use and keep it, leaving
+a Ray task on the same GPU a quarter; so this script sets ``XLA_PYTHON_CLIENT_PREALLOCATE=false``
+before importing JAX (unless it is already set), and the driver holds only what its runs used.
+Ray's local workers inherit the driver's environment, so both legs allocate on demand alike.
 """
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # before jax is imported
 
 import argparse
 import csv
-import os
 import pathlib
 import tempfile
 import time
