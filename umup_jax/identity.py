@@ -40,6 +40,7 @@ EXECUTION_KEYS = (
     "train.restart",
     "data.prefetch",
     "data.cache_dir",
+    "data.hf_streaming",  # the same tokens streamed or downloaded (tests/test_prepare_data.py)
     "mesh.*",
     "distributed.*",
     "model.remat",
