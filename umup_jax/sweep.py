@@ -654,6 +654,22 @@ def define_flags() -> None:
     flags.mark_flags_as_required(["config", "sweep", "workdir"])
 
 
+def _ray_logs_to_run_log() -> None:
+    """Ray logs through its own stderr handler, set up when it is imported; hand its records
+    to the root logger instead, which :func:`umup_jax.failures.log_to_workdir` sends to
+    ``WORKDIR/run.log``, so that the console holds this command's lines only."""
+    import logging as std_logging
+
+    try:
+        import ray  # noqa: F401  (sets up the "ray" logger)
+    except ImportError:
+        return  # RayBackend says how to install it
+    ray_logger = std_logging.getLogger("ray")
+    for handler in list(ray_logger.handlers):
+        ray_logger.removeHandler(handler)
+    ray_logger.propagate = True
+
+
 def main() -> None:
     """Exit status 0 when every run finished (diverged runs included: divergence is a result),
     2 for bad input (:mod:`umup_jax.cli`), 1 when the sweep itself failed or any run failed;
@@ -666,6 +682,8 @@ def main() -> None:
         validate(spec, config)
     workdir = pathlib.Path(FLAGS.workdir)
     failures.log_to_workdir(workdir, logging.get_absl_logger().getEffectiveLevel())
+    if FLAGS.backend == "ray":
+        _ray_logs_to_run_log()
     with failures.exit_on_failure(workdir):
         with cli.usage_errors():  # a workdir of another sweep, a bad --ray_address: exit 2
             rows = run_sweep(config, spec, FLAGS.workdir, batched=FLAGS.batched,
