@@ -231,8 +231,9 @@ def test_nope_is_refused_before_writing(tmp_path):
 def test_bad_input(tmp_path, runs):
     workdir = runs["sp"]
     before = _digest(workdir)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(trained_run.RunReadError, match="has no checkpoints"):
-        export_lib.export(tmp_path, tmp_path / "a", log=lambda *_: None)
+        export_lib.export(tmp_path / "empty", tmp_path / "a", log=lambda *_: None)
     with pytest.raises(trained_run.RunReadError, match="does not exist"):
         export_lib.export(tmp_path / "nowhere", tmp_path / "a", log=lambda *_: None)
     with pytest.raises(trained_run.RunReadError,
