@@ -63,9 +63,9 @@ def test_policy_mismatches_are_reported():
     problems = hlo_check.fp8_policy_problems(PAPER_LARGE_OK, fp8_lib.PRESETS["paper_simple"])
     assert problems == [
         "group 'attn_out' is 'fp8' in the policy but has no FP8 GEMM (__cublas$lt$matmul$f8 "
-        "with f8 operands); 2 non-FP8 cuBLAS GEMM(s)",
+        "with f8 operands); 2 non-FP8 GEMM(s)",
         "group 'ffn_down' is 'fp8' in the policy but has no FP8 GEMM (__cublas$lt$matmul$f8 "
-        "with f8 operands); 1 non-FP8 cuBLAS GEMM(s)"]
+        "with f8 operands); 1 non-FP8 GEMM(s)"]
     # 'none' wants no FP8 GEMM at all.
     assert len(hlo_check.fp8_policy_problems(PAPER_LARGE_OK, fp8_lib.PRESETS["none"])) == 3
     # An upcast backward GEMM in an FP8 group, and an f8 target fed bf16 operands.
@@ -80,11 +80,35 @@ def test_policy_mismatches_are_reported():
     assert hlo_check.fp8_policy_problems(upcast, policy) == [
         "group 'qkv' is 'fp8' in the policy but 1 of its GEMMs are not FP8 (upcast)",
         "group 'ffn_in' is 'fp8' in the policy but has no FP8 GEMM (__cublas$lt$matmul$f8 "
-        "with f8 operands); 1 non-FP8 cuBLAS GEMM(s)",
+        "with f8 operands); 1 non-FP8 GEMM(s)",
         "group 'ffn_down' is 'fp8' in the policy but has no FP8 GEMM (__cublas$lt$matmul$f8 "
-        "with f8 operands); 0 non-FP8 cuBLAS GEMM(s), 1 dot(s) of f8 operands outside "
+        "with f8 operands); 0 non-FP8 GEMM(s), 1 dot(s) of f8 operands outside "
         "cuBLASLt"]
     assert hlo_check.cudnn_attention_calls(upcast) == {"forward": 0, "backward": 0}
+
+
+def test_an_upcast_gemm_left_in_a_fusion_is_not_fp8():
+    """A bf16 dot in a fused computation (XLA:GPU's Triton GEMM) inside an FP8 group is an
+    upcast GEMM, even when the group also has its cuBLASLt FP8 GEMMs."""
+    fused = "\n".join([
+        "HloModule jit_step, entry_computation_layout={()->()}", "",
+        "%triton_gemm_computation (p0: bf16[128,128], p1: bf16[128,384]) -> bf16[128,384] {",
+        "  %p0 = bf16[128,128]{1,0} parameter(0)",
+        "  %p1 = bf16[128,384]{1,0} parameter(1)",
+        "  ROOT %dot.3 = bf16[128,384]{1,0} dot(bf16[128,128]{1,0} %p0, bf16[128,384]{1,0} "
+        "%p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}, "
+        + META.format(path=f"{BWD}/fp8_qkv"),
+        "}", "",
+        "ENTRY %main.1 () -> () {",
+        gemm("cc.1", F8, "f8e4m3fn", "f8e4m3fn", f"{LAYER}/fp8_qkv"),
+        gemm("cc.2", F8, "f8e5m2", "f8e4m3fn", f"{BWD}/fp8_qkv"),
+        '  ROOT %fusion = bf16[128,384]{1,0} fusion(bf16[128,128]{1,0} %g, bf16[128,384]{1,0} '
+        '%x), kind=kCustom, calls=%triton_gemm_computation, '
+        'backend_config={"fusion_backend_config":{"kind":"__triton_gemm"}}',
+        "}"])
+    assert hlo_check.gemms_by_group(fused)["qkv"] == {"fp8": 2, "other": 1, "f8_dot": 0}
+    assert hlo_check.fp8_policy_problems(fused, {"qkv": "fp8"}) == [
+        "group 'qkv' is 'fp8' in the policy but 1 of its GEMMs are not FP8 (upcast)"]
 
 
 def test_every_matmul_of_the_step_carries_its_group_scope():

@@ -102,17 +102,22 @@ def is_fp8_gemm(inst: Instruction) -> bool:
 
 
 def gemms_by_group(hlo_text: str) -> dict[Optional[str], dict[str, int]]:
-    """{group (or None): {'fp8': n, 'other': m, 'f8_dot': k}}: the cuBLASLt FP8 GEMMs, the
-    other cuBLAS GEMMs (BF16/FP32, :data:`BF16_GEMM_TARGETS`) and, for diagnosis only, the
-    plain ``dot`` instructions with FP8 operands (a GEMM XLA left to a fused Triton kernel,
-    or the CPU's emulation) of each matmul group."""
+    """{group (or None): {'fp8': n, 'other': m, 'f8_dot': k}} of each matmul group:
+
+    * ``fp8``: cuBLASLt FP8 GEMMs (:func:`is_fp8_gemm`);
+    * ``other``: every other GEMM, the BF16/FP32 cuBLAS calls (:data:`BF16_GEMM_TARGETS`)
+      *and* the plain ``dot`` instructions without FP8 operands, which on a GPU are GEMMs XLA
+      kept in a fusion (a Triton GEMM) instead of handing them to cuBLAS; an upcast matmul
+      lowered that way is counted too;
+    * ``f8_dot``: ``dot`` instructions with FP8 operands outside cuBLASLt (a fused Triton
+      kernel, or the CPU's emulation), for diagnosis: not counted as FP8 GEMMs."""
     out: dict[Optional[str], dict[str, int]] = {}
     for inst in instructions(hlo_text):
         if inst.opcode == "custom-call" and (inst.target == FP8_GEMM_TARGET
                                              or inst.target in BF16_GEMM_TARGETS):
             kind = "fp8" if is_fp8_gemm(inst) else "other"
-        elif inst.opcode == "dot" and sum(t in FP8_TYPES for t in inst.operand_types) >= 2:
-            kind = "f8_dot"
+        elif inst.opcode == "dot":
+            kind = "f8_dot" if sum(t in FP8_TYPES for t in inst.operand_types) >= 2 else "other"
         else:
             continue
         counts = out.setdefault(inst.group, {"fp8": 0, "other": 0, "f8_dot": 0})
@@ -144,7 +149,7 @@ def fp8_policy_problems(hlo_text: str, policy: Mapping[str, str]) -> list[str]:
                          if counts["f8_dot"] else "")
                 problems.append(f"group {group!r} is {mode!r} in the policy but has no FP8 GEMM "
                                 f"({FP8_GEMM_TARGET} with f8 operands); "
-                                f"{counts['other']} non-FP8 cuBLAS GEMM(s){fused}")
+                                f"{counts['other']} non-FP8 GEMM(s){fused}")
             elif counts["other"]:
                 problems.append(f"group {group!r} is {mode!r} in the policy but "
                                 f"{counts['other']} of its GEMMs are not FP8 (upcast)")
@@ -164,6 +169,6 @@ def describe(found: Mapping[Optional[str], Mapping[str, int]],
     rows = []
     for g in groups:
         c = found.get(g, {"fp8": 0, "other": 0, "f8_dot": 0})
-        rows.append(f"{g or '(no group)'}: {c['fp8']} fp8, {c['other']} other cuBLAS, "
+        rows.append(f"{g or '(no group)'}: {c['fp8']} fp8, {c['other']} other GEMM, "
                     f"{c['f8_dot']} f8 dot")
     return "; ".join(rows)
