@@ -31,7 +31,18 @@ MFU per width; step-time ratios) and prints the issue's targets:
 Usage (on a CUDA GPU; ``pip install -e ".[cuda12]"``)::
 
     python experiments/bench_gpu.py [--out experiments/results/bench_gpu] [--steps 20]
-        [--shapes proxy256,proxy1024,proxy2048,proxy4096,1b] [--scan]
+        [--shapes proxy256,proxy1024,proxy2048,proxy4096,1b] [--scan] [--budget-s 500]
+        [--rerun]
+
+Device time is scarce, so the table fills over as many calls as it takes: rows that feed the
+targets run first (width 4096 BF16 and FP8 ``paper_simple``, our step and the plain Llama,
+then the ~1B model, then the rest of the table); a call with ``--budget-s`` starts no new row
+once that many seconds have passed; and every call merges its rows into the existing
+``bench_gpu.csv`` (keyed by shape, model, FP8 preset, attention and scan), skipping rows
+already measured without error unless ``--rerun``.  The plot and the target lines are drawn
+from the merged table.  A row that runs past ``--row-timeout`` is recorded as an error row.
+The parent process never initialises CUDA (a child reports the backend), so it holds no GPU
+memory while the rows run.
 
 On a machine without a CUDA GPU it stops at once with a message and exit status 1.
 """
@@ -67,14 +78,30 @@ COLUMNS = ("shape", "model", "fp8", "attention", "width", "depth", "heads", "seq
            "mfu", "peak_memory_gib", "loss", "device", "error")
 
 
-def require_gpu() -> None:
-    import jax
-
-    backend = jax.default_backend()
+def require_gpu(backend: str, devices: str) -> None:
     if backend != "gpu":
         sys.exit(f"bench_gpu.py needs a CUDA GPU, but JAX's backend here is {backend!r} "
-                 f"(devices: {jax.devices()}); on a GPU host install the CUDA build "
+                 f"(devices: {devices}); on a GPU host install the CUDA build "
                  '(pip install -e ".[cuda12]", see BUILD.md) and run it there')
+
+
+def backend_in_this_process() -> tuple[str, str]:
+    import jax
+
+    return jax.default_backend(), str(jax.devices())
+
+
+def backend_in_a_child() -> tuple[str, str]:
+    """JAX's backend and devices as a fresh process sees them, so that the parent never
+    creates a CUDA client (which would hold most of the GPU's memory while the rows run)."""
+    code = "import jax; print(jax.default_backend()); print(jax.devices())"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=600)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or len(lines) < 2:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        sys.exit(f"bench_gpu.py could not start JAX in a child process: {tail}")
+    return lines[-2], lines[-1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,7 +173,25 @@ def run_row(row: dict, steps: int, warmup: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+# The rows the targets read, in the order they run (before the rest of the table):
+# (shape, model, fp8, attention).
+FIRST = (
+    ("proxy4096", "umup", "none", "xla"), ("proxy4096", "umup", "paper_simple", "xla"),
+    ("proxy4096", "plain", "none", "xla"), ("proxy4096", "umup", "none", "cudnn"),
+    ("proxy4096", "umup", "paper_simple", "cudnn"), ("1b", "umup", "none", "cudnn"),
+    ("1b", "umup", "none", "xla"), ("1b", "plain", "none", "xla"),
+)
+KEY = ("shape", "model", "fp8", "attention", "scan")
+
+
+def key(row: dict) -> tuple:
+    """A row's identity in the table."""
+    return tuple(row[k] for k in KEY)
+
+
 def rows_for(shapes: list[str], scan: bool) -> list[dict]:
+    """Every row of ``shapes``, those in :data:`FIRST` first (in its order), then the rest in
+    table order (shape by shape: each FP8 preset × attention, then the plain Llama)."""
     rows = []
     for shape in shapes:
         for fp8 in FP8:
@@ -154,13 +199,60 @@ def rows_for(shapes: list[str], scan: bool) -> list[dict]:
                 rows.append(dict(shape=shape, model="umup", fp8=fp8, attention=attention,
                                  scan=scan))
         rows.append(dict(shape=shape, model="plain", fp8="none", attention="xla", scan=False))
+    first = {f: i for i, f in enumerate(FIRST)}
+    order = lambda ir: (first.get(key(ir[1])[:4], len(first)), ir[0])  # noqa: E731
+    return [r for _, r in sorted(enumerate(rows), key=order)]
+
+
+_NUMBERS = ("width", "depth", "heads", "seq", "batch", "params", "compile_s", "step_ms",
+            "step_ms_min", "tokens_per_s", "mfu", "peak_memory_gib", "loss")
+
+
+def read_rows(path: pathlib.Path) -> list[dict]:
+    """The rows of an existing ``bench_gpu.csv`` with their types back (numbers, ``scan``
+    as a bool, empty cells as ``""``); ``[]`` when there is none."""
+    if not path.exists():
+        return []
+    rows = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            row = dict(r)
+            row["scan"] = r.get("scan") == "True"
+            for k in _NUMBERS:
+                if row.get(k) not in (None, ""):
+                    row[k] = float(row[k]) if k not in ("width", "depth", "heads", "seq",
+                                                        "batch", "params") else int(row[k])
+            rows.append(row)
     return rows
+
+
+def merge(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old`` with each row of ``new`` replacing the row of the same :func:`key` (or added),
+    in table order of shapes then the order rows first appeared."""
+    merged = {key(r): r for r in old}
+    for r in new:
+        merged[key(r)] = r
+    shapes = list(SHAPES)
+    return sorted(merged.values(), key=lambda r: shapes.index(r["shape"])
+                  if r["shape"] in shapes else len(shapes))
+
+
+def write_rows(rows: list[dict], path: pathlib.Path) -> None:
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)  # a crash mid-write never leaves half a table
 
 
 def run_in_subprocess(row: dict, args) -> dict:
     cmd = [sys.executable, __file__, "--row", json.dumps(row), "--steps", str(args.steps),
            "--warmup", str(args.warmup)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.row_timeout)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.row_timeout)
+    except subprocess.TimeoutExpired:
+        return {**row, "error": f"timeout: no result within --row-timeout={args.row_timeout} s"}
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if proc.returncode == 0 and lines:
         return json.loads(lines[-1])
@@ -245,37 +337,53 @@ def main(argv=None):
     p.add_argument("--shapes", default=",".join(SHAPES),
                    help=f"comma-separated subset of {list(SHAPES)}")
     p.add_argument("--scan", action="store_true", help="our model with model.scan_layers")
-    p.add_argument("--row-timeout", type=int, default=1800)
+    p.add_argument("--row-timeout", type=int, default=600,
+                   help="seconds one row (compile + steps) may take before it is an error row")
+    p.add_argument("--budget-s", type=float, default=0,
+                   help="start no new row after this many seconds (0: no limit); the rest "
+                        "run on the next call")
+    p.add_argument("--rerun", action="store_true",
+                   help="run rows again that bench_gpu.csv already holds without error")
     p.add_argument("--row", help=argparse.SUPPRESS)  # internal: one row, JSON in and out
     args = p.parse_args(argv)
-    require_gpu()
     if args.row:
+        require_gpu(*backend_in_this_process())
         print(json.dumps(run_row(json.loads(args.row), args.steps, args.warmup)), flush=True)
         return
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     unknown = sorted(set(shapes) - set(SHAPES))
     if unknown:
         p.error(f"--shapes {unknown} are unknown: choose from {list(SHAPES)}")
+    require_gpu(*backend_in_a_child())
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    table = out / "bench_gpu.csv"
+    rows = read_rows(table)
+    done = {key(r) for r in rows if not r.get("error")}
+    todo = [r for r in rows_for(shapes, args.scan) if args.rerun or key(r) not in done]
+    print(f"{len(todo)} rows to run ({len(done)} already in {table}"
+          f"{'; --rerun' if args.rerun else ''})", flush=True)
     t0 = time.time()
-    for i, row in enumerate(rows_for(shapes, args.scan)):
+    ran = 0
+    for i, row in enumerate(todo):
+        if args.budget_s and time.time() - t0 > args.budget_s:
+            print(f"--budget-s={args.budget_s:g} spent: {len(todo) - i} rows left for the next "
+                  "call", flush=True)
+            break
         result = run_in_subprocess(row, args)
-        rows.append(result)
-        print(f"[{i + 1}] {row['shape']:9s} {row['model']:5s} {row['fp8']:12s} "
+        ran += 1
+        rows = merge(rows, [result])
+        write_rows(rows, table)  # after each row: a crash loses nothing measured
+        print(f"[{i + 1}/{len(todo)}] {row['shape']:9s} {row['model']:5s} {row['fp8']:12s} "
               f"{row['attention']:5s} " + (f"step {result['step_ms']:9.2f} ms  "
                                           f"{result['tokens_per_s']:12,.0f} tok/s  "
                                           f"MFU {result['mfu']:.1%}  "
                                           f"peak {result['peak_memory_gib']} GiB"
                                           if not result.get("error") else result["error"]),
               flush=True)
-        with open(out / "bench_gpu.csv", "w", newline="") as f:  # rewritten after each row
-            writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-    plot(rows, out / "bench_gpu.png")
-    print(f"\n{len(rows)} rows in {time.time() - t0:.0f} s; wrote {out / 'bench_gpu.csv'} and "
+    if rows:
+        plot(rows, out / "bench_gpu.png")
+    print(f"\n{ran} rows in {time.time() - t0:.0f} s; {len(rows)} in {table} and "
           f"{out / 'bench_gpu.png'}")
     for line in summary(rows):
         print(line)

@@ -50,3 +50,36 @@ def test_rows_summary_and_plot_on_a_tiny_shape(bench, monkeypatch, tmp_path):
     assert any(l.startswith("proxy4096: ours / plain Llama step time =") for l in lines)
     bench.plot(rows, tmp_path / "bench_gpu.png")
     assert (tmp_path / "bench_gpu.png").stat().st_size > 0
+
+
+def test_target_rows_run_first_and_calls_merge_into_one_table(bench, tmp_path):
+    """Device time is scarce: the rows the targets read come first, and a second call's rows
+    replace or join the first call's in bench_gpu.csv (types survive the CSV)."""
+    rows = bench.rows_for(list(bench.SHAPES), scan=False)
+    assert len(rows) == 5 * 7 and len({bench.key(r) for r in rows}) == 35
+    assert [bench.key(r)[:4] for r in rows[:len(bench.FIRST)]] == list(bench.FIRST)
+    measured = {**rows[0], "width": 4096, "depth": 4, "heads": 64, "seq": 256, "batch": 64,
+                "remat": "none", "params": 123, "compile_s": 1.5, "step_ms": 10.25,
+                "step_ms_min": 10.0, "tokens_per_s": 1.6e6, "mfu": 0.5, "peak_memory_gib": "",
+                "loss": 10.4, "device": "NVIDIA H100 80GB HBM3", "error": ""}
+    failed = {**rows[1], "error": "timeout: no result within --row-timeout=600 s"}
+    table = tmp_path / "bench_gpu.csv"
+    bench.write_rows(bench.merge([], [measured, failed]), table)
+    back = bench.read_rows(table)
+    assert [bench.key(r) for r in back] == [bench.key(measured), bench.key(failed)]
+    assert {k: back[0][k] for k in measured} == measured
+    fixed = {**measured, **{k: rows[1][k] for k in bench.KEY}, "step_ms": 7.0}
+    later = {**measured, **{k: rows[-1][k] for k in bench.KEY}}
+    merged = bench.merge(back, [fixed, later])
+    assert len(merged) == 3 and [r["step_ms"] for r in merged if not r["error"]][:2] == [10.25, 7.0]
+    assert not any(r.get("error") for r in merged)
+    assert bench.read_rows(tmp_path / "none.csv") == []
+
+
+def test_a_row_past_its_timeout_is_an_error_row(bench):
+    import argparse
+
+    row = dict(shape="proxy256", model="umup", fp8="none", attention="xla", scan=False)
+    result = bench.run_in_subprocess(row, argparse.Namespace(steps=1, warmup=0,
+                                                             row_timeout=0.01))
+    assert result == {**row, "error": "timeout: no result within --row-timeout=0.01 s"}

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Every GPU item of the project in one command, for a CUDA host whose time is short:
+#   1. the GPU tests (`pytest -m gpu`: FP8 GEMMs per matmul group, cuDNN attention calls);
+#   2. the speed table (experiments/bench_gpu.py), target rows first, stopping after a budget
+#      and merging into the table a previous call left (so the next call fills in the rest).
+#
+#   bash experiments/gpu_checks.sh [RESULTS_DIR] [BENCH_BUDGET_S]
+#
+# RESULTS_DIR (default experiments/results) receives gpu_tests.log and bench_gpu/ (csv, png,
+# log); a bench_gpu.csv already in the repository is copied there first, so the rows it holds
+# are not measured again.  BENCH_BUDGET_S (default 420) is how long bench_gpu.py may keep
+# starting rows.
+#
+# A host without grain / ml_collections / tensorboardX and no package index (a stock
+# Python 3.12 with a CUDA JAX): download their wheels elsewhere with
+#   bash experiments/gpu_checks.sh --download-wheels
+# (into .whl/, ignored by git) and bring .whl/ along: this script installs what it finds there
+# into /tmp/site, without an index and without touching the host's own packages.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+WHEELS=(grain==0.2.18 ml_collections==1.1.0 tensorboardX==2.6.5 array-record==0.8.6
+        portpicker==1.6.0 importlib_resources==7.1.0)
+
+if [ "${1:-}" = "--download-wheels" ]; then
+    platforms=()
+    for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 \
+             manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64; do
+        platforms+=(--platform "$p")
+    done
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+        --implementation cp "${platforms[@]}" -d .whl "${WHEELS[@]}"
+    exit $?
+fi
+
+RESULTS=${1:-experiments/results}
+BUDGET=${2:-420}
+mkdir -p "$RESULTS/bench_gpu"
+export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+else
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+python3 -c "import jax, flax, optax, grain, ml_collections; print('jax', jax.__version__, \
+'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" || exit 1
+
+echo "== pytest -m gpu"
+python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8_gpu.py 2>&1 \
+    | tee "$RESULTS/gpu_tests.log"
+tests_rc=${PIPESTATUS[0]}
+
+echo "== bench_gpu.py (budget ${BUDGET} s)"
+committed=experiments/results/bench_gpu/bench_gpu.csv
+if [ -f "$committed" ] && [ ! -f "$RESULTS/bench_gpu/bench_gpu.csv" ]; then
+    cp "$committed" "$RESULTS/bench_gpu/"
+fi
+python3 experiments/bench_gpu.py --out "$RESULTS/bench_gpu" --budget-s "$BUDGET" 2>&1 \
+    | tee "$RESULTS/bench_gpu/bench_gpu.log"
+bench_rc=${PIPESTATUS[0]}
+echo "gpu tests exit $tests_rc, bench exit $bench_rc"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
