@@ -97,3 +97,31 @@ def test_remat_attention_kernel_and_accumulation_may_change_on_resume():
     assert [k for k, _, _ in allowed] == ["model.attention_impl", "model.remat",
                                           "train.grad_accum_steps"]
     assert [k for k, _, _ in refused] == ["model.scan_layers"]
+
+
+def test_evaluation_and_checkpoints_are_outside_the_throughput_interval(tmp_path, monkeypatch):
+    """tokens/s measures training steps: an evaluation (made to take 2 s here) or a checkpoint
+    between two logged steps does not count in the interval's time."""
+    import time
+
+    evaluate = train_lib.evaluate
+
+    def slow_evaluate(*args):
+        time.sleep(2.0)
+        return evaluate(*args)
+
+    monkeypatch.setattr(train_lib, "evaluate", slow_evaluate)
+    cfg = config_lib.proxy_config("umup", "smoke")
+    for key, value in {"train.steps": 6, "train.log_every": 2, "train.eval_every": 2,
+                       "train.checkpoint_every": 2}.items():
+        config_lib.set_key(cfg, key, value)
+    train_lib.train_and_evaluate(cfg, str(tmp_path))
+    rows = read_metrics(tmp_path / "metrics.jsonl", "train")
+    tokens_per_step = cfg.train.batch_size * cfg.model.seq_len
+    # Logged at steps 0, 2, 4, 5; evaluations after steps 1 and 3 fall in the intervals that
+    # end at steps 2 and 4 (steps 1-2 and 3-4).
+    logged = [r for r in rows if r["step"] in (2, 4)]
+    assert len(logged) == 2
+    for r in logged:
+        seconds = 2 * tokens_per_step / r["tokens_per_s"]  # two steps per logged interval
+        assert seconds < 1.0, (r, seconds)

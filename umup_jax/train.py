@@ -621,6 +621,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     device_kind = throughput.device_kind()
     peak_flops = throughput.peak_flops(device_kind, run.model_cfg.dtype)
 
+    def paused(fn, *args):
+        """Runs ``fn`` outside the throughput interval: tokens/s and MFU measure training steps
+        (and the input pipeline feeding them), not evaluation or checkpoint writes."""
+        nonlocal interval_t0
+        t0 = time.time()
+        try:
+            return fn(*args)
+        finally:
+            interval_t0 += time.time() - t0
+
     def where_good() -> str:
         return (f"the last good checkpoint is step {last_good_ckpt} in {store.directory}"
                 if last_good_ckpt is not None else "no checkpoint was saved yet")
@@ -694,13 +704,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 if done % tcfg.eval_every == 0 or done == steps_total:
                     finish_step(*pending)
                     pending = None
-                    last_eval = evaluate(run, eval_step, state["params"], valid_batches)
+                    last_eval = paused(evaluate, run, eval_step, state["params"],
+                                       valid_batches)
                     writer.write(done, "eval", last_eval)
                 if done % tcfg.checkpoint_every == 0 or done == steps_total or stop.signal:
                     if pending is not None:
                         finish_step(*pending)  # never checkpoint past a non-finite loss
                         pending = None
-                    save(done, data_state)
+                    paused(save, done, data_state)
                 if stop.signal:
                     interrupted = True
                     if is_main:
