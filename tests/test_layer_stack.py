@@ -86,9 +86,14 @@ def check_variants(parametrization, variants):
 
 
 def test_scanned_and_rematerialised_umup_equals_the_loop():
-    """u-μP with per-layer τ (non-default α_res, α_ratio): scanned, and rematerialised
-    (scanned with ``full`` in tests/test_conformance.py; every combination with ``-m slow``)."""
-    check_variants("umup", [(True, "none"), (False, "dots_saveable")])
+    """u-μP with per-layer τ (non-default α_res, α_ratio): scanned, rematerialised, and both
+    (every combination with ``-m slow``)."""
+    check_variants("umup", [(True, "none"), (False, "dots_saveable"), (True, "full")])
+
+
+@pytest.mark.parametrize("parametrization", ["sp", "mup"])
+def test_scanned_and_rematerialised_sp_and_mup_equal_the_loop(parametrization):
+    check_variants(parametrization, [(True, "full")])
 
 
 @pytest.mark.slow
