@@ -204,8 +204,8 @@ def rows_for(shapes: list[str], scan: bool) -> list[dict]:
     return [r for _, r in sorted(enumerate(rows), key=order)]
 
 
-_NUMBERS = ("width", "depth", "heads", "seq", "batch", "params", "compile_s", "step_ms",
-            "step_ms_min", "tokens_per_s", "mfu", "peak_memory_gib", "loss")
+_INTS = ("width", "depth", "heads", "seq", "batch", "params")
+_FLOATS = ("compile_s", "step_ms", "step_ms_min", "tokens_per_s", "mfu", "peak_memory_gib", "loss")
 
 
 def read_rows(path: pathlib.Path) -> list[dict]:
@@ -218,10 +218,9 @@ def read_rows(path: pathlib.Path) -> list[dict]:
         for r in csv.DictReader(f):
             row = dict(r)
             row["scan"] = r.get("scan") == "True"
-            for k in _NUMBERS:
+            for k in _INTS + _FLOATS:
                 if row.get(k) not in (None, ""):
-                    row[k] = float(row[k]) if k not in ("width", "depth", "heads", "seq",
-                                                        "batch", "params") else int(row[k])
+                    row[k] = int(row[k]) if k in _INTS else float(row[k])
             rows.append(row)
     return rows
 

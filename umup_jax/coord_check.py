@@ -62,11 +62,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, flags
+from absl import app, flags, logging
 from flax.core import meta as flax_meta
 
 from umup_jax import cli
 from umup_jax import data as data_lib
+from umup_jax import failures
 from umup_jax import layer_stack
 from umup_jax import metrics as metrics_lib
 from umup_jax import train as train_lib
@@ -634,10 +635,6 @@ def main() -> None:
     failure while running ends with one ``python -m umup_jax.coord_check: error: …`` line
     and exit status 1, its traceback in ``OUT/error.log`` and library logging in
     ``OUT/run.log`` (:mod:`umup_jax.failures`)."""
-    from absl import logging
-
-    from umup_jax import failures
-
     config = FLAGS.config
     with cli.usage_errors():
         widths = _integers("widths", FLAGS.widths)
