@@ -23,13 +23,14 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def memorised(tmp_path_factory):
-    """A tiny u-μP model overfitted on one sentence repeated (S = 32 bytes)."""
+    """A tiny u-μP model overfitted on one sentence repeated (S = 32 bytes).  200 steps: after
+    120, jax 0.12's numerics left one ambiguous byte ("fox ju" went on as in "quick")."""
     base = tmp_path_factory.mktemp("memo")
     path = tiny_runs.text_file(base, MEMO, repeat=200)
     cfg = tiny_runs.tiny_config(
         "umup", base, path, model__width=64, model__depth=1, model__num_heads=2,
-        train__steps=120, train__batch_size=8, train__checkpoint_every=120,
-        train__eval_every=120, optimizer__warmup_steps=10, optimizer__learning_rate=2.0**2)
+        train__steps=200, train__batch_size=8, train__checkpoint_every=200,
+        train__eval_every=200, optimizer__warmup_steps=10, optimizer__learning_rate=2.0**2)
     from umup_jax import train as train_lib
 
     results = train_lib.train_and_evaluate(cfg, str(base / "run"))
