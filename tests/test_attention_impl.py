@@ -137,3 +137,25 @@ def test_attention_impl_typo_and_cudnn_on_this_machine():
         jax.eval_shape(Decoder(cfg).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
     jax.eval_shape(Decoder(cfg.replace(attention_impl="auto")).init, jax.random.key(0),
                    jnp.zeros((1, 8), jnp.int32))  # auto falls back to xla here
+
+
+def test_xla_attention_backward_keeps_one_probability_matrix():
+    """The softmax inside the XLA attention differentiates from its output alone
+    (``ops._softmax_saving_probabilities``): of the S×S arrays the backward keeps, one is the
+    probabilities and one the causal mask's fill, where JAX's default rule adds exp(logits),
+    a second copy of the probabilities and two row vectors."""
+    b, s, h, d = 2, 16, 4, 8
+    q = jax.random.normal(jax.random.key(0), (b, s, h, d))
+
+    def square_leaves(f):
+        _, pullback = jax.vjp(f, q)
+        return [a for a in jax.tree_util.tree_leaves(pullback)
+                if a.shape[-2:] == (s, s) and jnp.issubdtype(a.dtype, jnp.floating)]
+
+    ours = square_leaves(lambda t: ops.attention_core(t, 1.5 * t, 2.0 * t, 0.125))
+    assert len(ours) <= 2, [a.shape for a in ours]
+    if hasattr(jax, "softmax_custom_jvp"):
+        with jax.softmax_custom_jvp(False):
+            plain = square_leaves(lambda t: jax.nn.dot_product_attention(
+                t, 1.5 * t, 2.0 * t, scale=0.125, is_causal=True, implementation="xla"))
+        assert len(plain) > len(ours)

@@ -16,6 +16,12 @@ def normal(i, shape):
     return jax.random.normal(jax.random.key(SEED + 100 + i), shape, jnp.float32)
 
 
+def _vjp(f, *args, seed=7):
+    out, pullback = jax.vjp(f, *args)
+    g = jax.random.normal(jax.random.key(seed), out.shape, jnp.float32).astype(out.dtype)
+    return out, pullback(g)
+
+
 # --- primitives -------------------------------------------------------------------------------
 
 
@@ -105,6 +111,33 @@ def test_linear_rejects_mismatched_shapes():
         ops.linear(jnp.ones((4, 8)), jnp.ones((16, 4)))
 
 
+@pytest.mark.parametrize("scale", [1.0, 0.03125, 3.0])
+def test_matmul_equals_autodiff_of_scaled_product(scale):
+    """The plain rules' linear: value and both gradients of scale·(x @ w), 3-D x."""
+    x, w = normal(0, (4, 32, 64)), normal(1, (64, 48))
+    f = lambda a, b: ops.matmul(a, b, scale=scale)
+    ref = lambda a, b: scale * jnp.matmul(a, b)
+    y, (gx, gw) = _vjp(f, x, w)
+    y_ref, (gx_ref, gw_ref) = _vjp(ref, x, w)
+    for got, want in ((y, y_ref), (gx, gx_ref), (gw, gw_ref)):
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6 * float(jnp.abs(want).max()))
+    with pytest.raises(ValueError, match="matmul of"):
+        ops.matmul(x, w.T)
+
+
+def test_plain_rule_linear_is_the_formula_with_bias():
+    from umup_jax import parametrization as P
+    rule = P.MuP(width=128, base_width=32)
+    meta = P.ParamMeta(value=None, names=(None, None), role=P.OUTPUT, fan_in=64, fan_out=48)
+    a = rule.forward_multiplier(meta)
+    assert a != 1.0
+    x, w, b = normal(0, (4, 8, 64)), normal(1, (64, 48)), normal(2, (48,))
+    y, grads = _vjp(lambda *t: rule.linear(t[0], t[1], meta, bias=t[2]), x, w, b)
+    y_ref, grads_ref = _vjp(lambda *t: (jnp.matmul(t[0], t[1]) + t[2]) * a, x, w, b)
+    for got, want in zip((y, *grads), (y_ref, *grads_ref)):
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6 * float(jnp.abs(want).max()))
+
+
 # --- embedding (B 16 × S 32, d 64, V 4096) ------------------------------------------------------
 
 
@@ -129,6 +162,46 @@ def test_rms_norm_unit_and_scale_invariant():
     np.testing.assert_allclose(rms(y[0]), 1.0, rtol=1e-4)
 
 
+def _autodiff_rms_norm(x, eps=1e-5):
+    """The formula the custom VJP replaces, differentiated by JAX."""
+    ms = jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
+    return x / jnp.sqrt(ms + eps).astype(x.dtype)
+
+
+@pytest.mark.parametrize("eps", [1e-5, 1e-2])
+def test_rms_norm_custom_vjp_equals_autodiff(eps):
+    # Varied row scales, so the projection term y·mean(g·y) matters.
+    x = normal(0, (64, 256)) * jnp.exp(normal(1, (64, 1)))
+    y, (gx,) = _vjp(lambda t: ops.rms_norm(t, eps), x)
+    y_ref, (gx_ref,) = _vjp(lambda t: _autodiff_rms_norm(t, eps), x)
+    np.testing.assert_array_equal(y, y_ref)  # the forward is unchanged, bit for bit
+    np.testing.assert_allclose(gx, gx_ref, rtol=1e-6, atol=1e-6 * float(jnp.abs(gx_ref).max()))
+
+
+def test_rms_norm_bf16_gradient_close_to_fp32():
+    x = normal(0, (64, 256))
+    _, (g32,) = _vjp(ops.rms_norm, x)
+    y16, (g16,) = _vjp(ops.rms_norm, x.astype(jnp.bfloat16))
+    assert y16.dtype == g16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(g16.astype(jnp.float32), g32, rtol=0, atol=2e-2)
+
+
+def _saved(f, *args):
+    """(shape, dtype) of every array the pullback of f closes over (what JAX keeps for the
+    backward pass, inputs and scalar constants included), scalars left out."""
+    _, pullback = jax.vjp(f, *args)
+    return sorted((tuple(a.shape), str(a.dtype)) for a in jax.tree_util.tree_leaves(pullback)
+                  if a.ndim)
+
+
+def test_rms_norm_keeps_only_its_output_and_one_value_per_token():
+    x = normal(0, (8, 16, 32))
+    assert _saved(ops.rms_norm, x) == [((8, 16, 1), "float32"), ((8, 16, 32), "float32")]
+    # Autodiff of the same formula keeps two more (8, 16, 32) arrays and three (8, 16, 1).
+    full = [s for s, _ in _saved(_autodiff_rms_norm, x)]
+    assert full.count((8, 16, 32)) >= 2 and len(full) >= 4
+
+
 # --- silu_glu ----------------------------------------------------------------------------------
 
 
@@ -151,6 +224,38 @@ def test_silu_glu_formula():
     s = ops.silu_glu_scale(3.0)
     expected = s * a * g * jax.nn.sigmoid(3.0 * g)
     np.testing.assert_allclose(ops.silu_glu(a, g, mult=3.0), expected, rtol=1e-6)
+
+
+def _autodiff_gated_silu(a, g, mult, scale):
+    return scale * a * g * jax.nn.sigmoid(mult * g)
+
+
+@pytest.mark.parametrize("mult, scale", [(1.0, 1.0), (1.0, 2**0.75), (0.25, 1.3), (4.0, 0.7)])
+def test_gated_silu_custom_vjp_equals_autodiff(mult, scale):
+    a, g = 2.0 * normal(0, (64, 512)), 3.0 * normal(1, (64, 512))  # σ's tails included
+    y, (ga, gg) = _vjp(lambda u, v: ops.gated_silu(u, v, mult=mult, scale=scale), a, g)
+    y_ref, (ga_ref, gg_ref) = _vjp(lambda u, v: _autodiff_gated_silu(u, v, mult, scale), a, g)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+    for got, ref in ((ga, ga_ref), (gg, gg_ref)):
+        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6 * float(jnp.abs(ref).max()))
+
+
+def test_silu_glu_is_gated_silu_with_its_scale_and_sp_forward_unchanged():
+    a, g = normal(0, (32, 64)), normal(1, (32, 64))
+    np.testing.assert_array_equal(
+        ops.silu_glu(a, g, mult=0.5), ops.gated_silu(a, g, mult=0.5, scale=ops.silu_glu_scale(0.5)))
+    # SP's and μP's SwiGLU: the forward is up·silu(gate), bit for bit.
+    np.testing.assert_array_equal(ops.gated_silu(a, g), a * jax.nn.silu(g))
+    with pytest.raises(TypeError):
+        ops.gated_silu(a, g, scale=jnp.float32(2.0))
+
+
+def test_gated_silu_keeps_only_its_two_inputs():
+    a, g = normal(0, (8, 64)), normal(1, (8, 64))
+    f = lambda u, v: ops.silu_glu(u, v, mult=2.0)
+    assert _saved(f, a, g) == [((8, 64), "float32")] * 2
+    full = [s for s, _ in _saved(lambda u, v: _autodiff_gated_silu(u, v, 2.0, 1.5), a, g)]
+    assert full.count((8, 64)) >= 4
 
 
 # --- attention ---------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ Layouts follow Flax: a linear weight is ``(fan_in, fan_out)``; attention tensors
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Optional
@@ -162,6 +163,17 @@ def linear(
     return scale_fwd(y, out_scale)
 
 
+def matmul(x, w, scale: float = 1.0):
+    """``scale·(x @ w)`` for x of shape (…, fan_in) and w (fan_in, fan_out), with the
+    gradients of that formula: ``scale·(g @ wᵀ)`` for x and ``scale·(xᵀ @ g)`` for w
+    (:func:`_scaled_matmul` with the one scale in all three places).  The plain rules' (SP,
+    μP) linear layers."""
+    if w.ndim != 2 or x.shape[-1] != w.shape[0]:
+        raise ValueError(f"matmul of {x.shape} and {w.shape}: need (..., n) @ (n, m)")
+    s = _static_scale(scale)
+    return _scaled_matmul(x, w, s, s, s)
+
+
 def _matmul_scaled(x, w, scale: float, out_size: int):
     """``scale·(x @ w)``, multiplying whichever of ``w`` and the output is smaller (the weight,
     for any layer that sees more tokens than its fan-in)."""
@@ -228,10 +240,41 @@ def embedding(table, ids, tokens: Optional[int] = None):
 
 
 def rms_norm(x, eps: float = 1e-5):
-    """Non-trainable RMSNorm ``x / √(mean(x²) + ε)`` over the last axis, with the mean in fp32
-    (spec §5.5).  Scale-invariant already, so no scales in either pass."""
+    """Non-trainable RMSNorm ``y = x / d`` with ``d = √(mean(x²) + ε)`` over the last axis and
+    the mean in fp32 (spec §5.5).  Scale-invariant already, so no scales in either pass.
+
+    A custom VJP: the backward is ``∂x = (g − y·mean(g·y)) / d`` in fp32, from the output ``y``
+    (the next matmul saves it anyway) and ``d`` (one value per token).  Autodiff of the
+    formula would keep ``x``, ``x²``, ``d``, ``1/d`` and ``1/d²`` for the backward pass: two
+    more activation-sized arrays per norm.
+    """
+    return _rms_norm(x, float(eps))
+
+
+def _rms_norm_fwd_parts(x, eps):
     ms = jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
-    return x / jnp.sqrt(ms + eps).astype(x.dtype)
+    d = jnp.sqrt(ms + eps)
+    return x / d.astype(x.dtype), d
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _rms_norm(x, eps: float):
+    return _rms_norm_fwd_parts(x, eps)[0]
+
+
+def _rms_norm_fwd(x, eps):
+    y, d = _rms_norm_fwd_parts(x, eps)
+    return y, (y, d)
+
+
+def _rms_norm_bwd(eps, res, g):
+    y, d = res
+    y32, g32 = y.astype(jnp.float32), g.astype(jnp.float32)
+    dx = (g32 - y32 * jnp.mean(g32 * y32, axis=-1, keepdims=True)) / d
+    return (dx.astype(y.dtype),)
+
+
+_rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
 def silu_glu_scale(mult: float = 1.0) -> float:
@@ -240,18 +283,55 @@ def silu_glu_scale(mult: float = 1.0) -> float:
 
 
 def silu_glu(x_in, x_gate, mult: float = 1.0):
-    """Unit-scaled gated SiLU ``x_in · x_gate · σ(m·x_gate)`` with m = α_ffn-act (spec §5.6).
+    """Unit-scaled gated SiLU ``s(m) · x_in · x_gate · σ(m·x_gate)`` with m = α_ffn-act
+    (spec §5.6): :func:`gated_silu` with the scale s(m) of :func:`silu_glu_scale`.
 
-    One scale s(m) for the output and both input gradients (constrained by construction).
+    One scale s(m) for the output and both input gradients (constrained by construction): the
+    authors' ``scale_fwd(x_in·x_gate·σ(m·x_gate), s)`` with ``scale_bwd(·, s)`` on both inputs,
+    whose gradients are exactly those of ``s·x_in·x_gate·σ(m·x_gate)``.
     """
-    s = silu_glu_scale(mult)
-    x_in = scale_bwd(x_in, s)
-    x_gate = scale_bwd(x_gate, s)
-    # x_in·silu(x_gate), as a plain SwiGLU: the backward then reuses the saved activation
-    # instead of recomputing the sigmoid inside the weight-gradient transposes.
+    return gated_silu(x_in, x_gate, mult=mult, scale=silu_glu_scale(mult))
+
+
+def gated_silu(x_in, x_gate, mult: float = 1.0, scale: float = 1.0):
+    """``scale · x_in · a(x_gate)`` with ``a(z) = z·σ(m·z)``; SwiGLU's ``up · silu(gate)`` at
+    ``mult = scale = 1`` (SP, μP).
+
+    A custom VJP that saves only the two inputs and recomputes σ in the backward (fp32):
+    ``∂x_in = scale·g·a(x_gate)``, ``∂x_gate = scale·g·x_in·a'(x_gate)`` with
+    ``a'(z) = σ(mz)·(1 + m·z·(1 − σ(mz)))``.  Autodiff of the formula keeps five
+    activation-sized arrays of the FFN's hidden width (both inputs, σ, the activation and the
+    product); this keeps two, the largest saving per layer of any op.
+    """
+    return _gated_silu(x_in, x_gate, _static_scale(mult), _static_scale(scale))
+
+
+def _gated_silu_value(x_in, x_gate, mult, scale):
     act = jax.nn.silu(x_gate) if mult == 1.0 else x_gate * jax.nn.sigmoid(x_gate * mult)
     y = x_in * act
-    return scale_fwd(y, s)
+    return y if scale == 1.0 else y * scale
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _gated_silu(x_in, x_gate, mult: float, scale: float):
+    return _gated_silu_value(x_in, x_gate, mult, scale)
+
+
+def _gated_silu_fwd(x_in, x_gate, mult, scale):
+    return _gated_silu_value(x_in, x_gate, mult, scale), (x_in, x_gate)
+
+
+def _gated_silu_bwd(mult, scale, res, g):
+    x_in, x_gate = res
+    z, u, g32 = x_gate.astype(jnp.float32), x_in.astype(jnp.float32), g.astype(jnp.float32)
+    sig = jax.nn.sigmoid(mult * z)
+    gs = g32 * scale
+    d_in = gs * (z * sig)
+    d_gate = gs * u * (sig * (1.0 + mult * z * (1.0 - sig)))
+    return d_in.astype(x_in.dtype), d_gate.astype(x_gate.dtype)
+
+
+_gated_silu.defvjp(_gated_silu_fwd, _gated_silu_bwd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,8 +424,19 @@ def attention_core(q, k, v, logit_scale: float, causal: bool = True, impl: str =
     if q.ndim != 4:
         raise ValueError(f"attention inputs must be (batch, seq, heads, head_dim), got {q.shape}")
     impl = resolve_attention_impl(impl, q.dtype, q.shape[-1])
-    return jax.nn.dot_product_attention(q, k, v, scale=_static_scale(logit_scale),
-                                        is_causal=causal, implementation=impl)
+    with _softmax_saving_probabilities():
+        return jax.nn.dot_product_attention(q, k, v, scale=_static_scale(logit_scale),
+                                            is_causal=causal, implementation=impl)
+
+
+def _softmax_saving_probabilities():
+    """The context in which ``jax.nn.softmax`` differentiates as ``p·(ġ − Σ p·ġ)`` from its
+    output p alone (JAX's opt-in ``jax_softmax_custom_jvp``; default off in jax ≤ 0.12).
+    Without it the XLA attention's backward keeps exp(logits), the probabilities and the
+    row sums: one S×S array per head more than needed.  A JAX without the flag has made
+    that rule the only one, so nothing needs setting there."""
+    flag = getattr(jax, "softmax_custom_jvp", None)
+    return flag(True) if flag is not None else contextlib.nullcontext()
 
 
 def dot_product_attention(q, k, v, logit_scale: float, causal: bool = True, impl: str = "xla"):
