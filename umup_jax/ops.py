@@ -433,8 +433,9 @@ def _softmax_saving_probabilities():
     """The context in which ``jax.nn.softmax`` differentiates as ``p·(ġ − Σ p·ġ)`` from its
     output p alone (JAX's opt-in ``jax_softmax_custom_jvp``; default off in jax ≤ 0.12).
     Without it the XLA attention's backward keeps exp(logits), the probabilities and the
-    row sums: one S×S array per head more than needed.  A JAX without the flag has made
-    that rule the only one, so nothing needs setting there."""
+    row sums: two S×S arrays per head more than needed.  A JAX without the flag is taken to
+    have made that rule the only one (it is an upgrade flag); tests/test_attention_impl.py
+    checks what the backward keeps on whichever JAX runs it."""
     flag = getattr(jax, "softmax_custom_jvp", None)
     return flag(True) if flag is not None else contextlib.nullcontext()
 
