@@ -9,7 +9,7 @@ Three ops decide most of a block's saved activations, and a fourth SP's and μP'
   activation and the product, five arrays of the FFN's hidden width; the custom VJP keeps the
   two inputs and recomputes σ;
 * the softmax inside the XLA attention: JAX's default rule keeps exp(logits), the
-  probabilities twice and two row vectors; ``jax_softmax_custom_jvp`` (set around the call by
+  probabilities and two row vectors; ``jax_softmax_custom_jvp`` (set around the call by
   ``ops.attention_core``) keeps the probabilities;
 * ``ops.matmul``, the plain rules' (SP, μP) linear ``A·(x @ w)``: autodiff of a 3-D product
   transposes the (tokens × fan_out) gradient before the weight-gradient matmul; the custom VJP

@@ -142,8 +142,8 @@ def test_attention_impl_typo_and_cudnn_on_this_machine():
 def test_xla_attention_backward_keeps_one_probability_matrix():
     """The softmax inside the XLA attention differentiates from its output alone
     (``ops._softmax_saving_probabilities``): of the S×S arrays the backward keeps, one is the
-    probabilities and one the causal mask's fill, where JAX's default rule adds exp(logits),
-    a second copy of the probabilities and two row vectors."""
+    probabilities and one the causal mask's fill, where JAX's default rule adds exp(logits)
+    (and two row vectors)."""
     b, s, h, d = 2, 16, 4, 8
     q = jax.random.normal(jax.random.key(0), (b, s, h, d))
 

@@ -432,8 +432,9 @@ def attention_core(q, k, v, logit_scale: float, causal: bool = True, impl: str =
 def _softmax_saving_probabilities():
     """The context in which ``jax.nn.softmax`` differentiates as ``p·(ġ − Σ p·ġ)`` from its
     output p alone (JAX's opt-in ``jax_softmax_custom_jvp``; default off in jax ≤ 0.12).
-    Without it the XLA attention's backward keeps exp(logits), the probabilities and the
-    row sums: two S×S arrays per head more than needed.  A JAX without the flag is taken to
+    Without it the XLA attention's backward keeps exp(logits), the probabilities, the row
+    sums and their inverse squares: one S×S array and two row vectors per head more than
+    needed.  A JAX without the flag is taken to
     have made that rule the only one (it is an upgrade flag); tests/test_attention_impl.py
     checks what the backward keeps on whichever JAX runs it."""
     flag = getattr(jax, "softmax_custom_jvp", None)
