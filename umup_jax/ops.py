@@ -434,9 +434,9 @@ def _softmax_saving_probabilities():
     output p alone (JAX's opt-in ``jax_softmax_custom_jvp``; default off in jax ≤ 0.12).
     Without it the XLA attention's backward keeps exp(logits), the probabilities, the row
     sums and their inverse squares: one S×S array and two row vectors per head more than
-    needed.  A JAX without the flag is taken to
-    have made that rule the only one (it is an upgrade flag); tests/test_attention_impl.py
-    checks what the backward keeps on whichever JAX runs it."""
+    needed.  A JAX without the flag is taken to have made that rule the only one (it is an
+    upgrade flag); tests/test_attention_impl.py checks what the backward keeps on whichever
+    JAX runs it."""
     flag = getattr(jax, "softmax_custom_jvp", None)
     return flag(True) if flag is not None else contextlib.nullcontext()
 
