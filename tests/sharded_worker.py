@@ -21,6 +21,9 @@ ARG = ("smoke,model.width=64,model.num_heads=2,model.depth=2,train.batch_size=8,
        "train.eval_batch_size=8")
 MESHES = {"1": None, "8x1x1": (8, 1, 1), "2x4x1": (2, 4, 1), "2x2x2": (2, 2, 2),
           "1x8x1": (1, 8, 1), "4x2x1": (4, 2, 1)}
+# The meshes whose losses the tests compare; the others are checked for their shardings and
+# bytes (and 4x2x1 as a restore target) from the initialised state, which the step keeps.
+TRAINED = ("1", "8x1x1", "2x4x1", "2x2x2")
 
 
 def config(mesh):
@@ -67,8 +70,10 @@ def main(outdir):
     states = {}
     for name, mesh in MESHES.items():
         run = build(mesh)
-        state, losses = train(run)
-        result["losses"][name] = losses
+        if name in TRAINED:
+            state, result["losses"][name] = train(run)
+        else:
+            state = train_lib.make_init_fn(run)(jax.random.key(0))
         states[name] = (run, state)
         boxed = jax.eval_shape(lambda k: {"params": Decoder(run.model_cfg).init(
             k, np.zeros((1, run.model_cfg.seq_len), np.int32))["params"]}, jax.random.key(0))
