@@ -32,15 +32,19 @@ Usage (on a CUDA GPU; ``pip install -e ".[cuda12]"``)::
 
     python experiments/bench_gpu.py [--out experiments/results/bench_gpu] [--steps 20]
         [--shapes proxy256,proxy1024,proxy2048,proxy4096,1b] [--scan] [--budget-s 500]
-        [--rerun]
+        [--min-row-s 90] [--rerun]
 
 Device time is scarce, so the table fills over as many calls as it takes: rows that feed the
 targets run first (width 4096 BF16 and FP8 ``paper_simple``, our step and the plain Llama,
-then the ~1B model, then the rest of the table); a call with ``--budget-s`` starts no new row
-once that many seconds have passed; and every call merges its rows into the existing
+then the ~1B model, then the rest of the table); a call with ``--budget-s`` ends within that
+many seconds (below); and every call merges its rows into the existing
 ``bench_gpu.csv`` (keyed by shape, model, FP8 preset, attention and scan), skipping rows
 already measured without error unless ``--rerun``.  The plot and the target lines are drawn
 from the merged table.  A row that runs past ``--row-timeout`` is recorded as an error row.
+``--budget-s`` bounds the whole call: no row starts with less than ``--min-row-s`` left, and a
+row still running when the budget ends is stopped and recorded as a timeout error row (it runs
+again on the next call), so the call ends, table, plot and summary written, within the budget
+plus the few seconds those take.
 The parent process never initialises CUDA (a child reports the backend), so it holds no GPU
 memory while the rows run.
 
@@ -245,13 +249,18 @@ def write_rows(rows: list[dict], path: pathlib.Path) -> None:
     tmp.replace(path)  # a crash mid-write never leaves half a table
 
 
-def run_in_subprocess(row: dict, args) -> dict:
+def run_in_subprocess(row: dict, args, timeout: float | None = None) -> dict:
+    """One row in a fresh process, stopped after ``timeout`` seconds (default
+    ``args.row_timeout``; less where the call's ``--budget-s`` ends sooner)."""
     cmd = [sys.executable, __file__, "--row", json.dumps(row), "--steps", str(args.steps),
            "--warmup", str(args.warmup)]
+    limit = args.row_timeout if timeout is None else timeout
+    why = ("--row-timeout" if timeout is None or timeout >= args.row_timeout
+           else "the end of --budget-s")
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.row_timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
     except subprocess.TimeoutExpired:
-        return {**row, "error": f"timeout: no result within --row-timeout={args.row_timeout} s"}
+        return {**row, "error": f"timeout: no result within {limit:g} s ({why})"}
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if proc.returncode == 0 and lines:
         return json.loads(lines[-1])
@@ -339,8 +348,11 @@ def main(argv=None):
     p.add_argument("--row-timeout", type=int, default=600,
                    help="seconds one row (compile + steps) may take before it is an error row")
     p.add_argument("--budget-s", type=float, default=0,
-                   help="start no new row after this many seconds (0: no limit); the rest "
-                        "run on the next call")
+                   help="end the call within this many seconds (0: no limit): no row starts "
+                        "with less than --min-row-s left, a row running at the end is stopped "
+                        "(a timeout error row); the rest run on the next call")
+    p.add_argument("--min-row-s", type=float, default=90,
+                   help="with --budget-s: the least time left in which a row is started")
     p.add_argument("--rerun", action="store_true",
                    help="run rows again that bench_gpu.csv already holds without error")
     p.add_argument("--row", help=argparse.SUPPRESS)  # internal: one row, JSON in and out
@@ -362,14 +374,21 @@ def main(argv=None):
     todo = [r for r in rows_for(shapes, args.scan) if args.rerun or key(r) not in done]
     print(f"{len(todo)} rows to run ({len(done)} already in {table}"
           f"{'; --rerun' if args.rerun else ''})", flush=True)
+    if args.budget_s < 0 or args.min_row_s < 0 or args.row_timeout <= 0:
+        p.error("--budget-s and --min-row-s must be >= 0 and --row-timeout > 0")
     t0 = time.time()
     ran = 0
     for i, row in enumerate(todo):
-        if args.budget_s and time.time() - t0 > args.budget_s:
-            print(f"--budget-s={args.budget_s:g} spent: {len(todo) - i} rows left for the next "
-                  "call", flush=True)
-            break
-        result = run_in_subprocess(row, args)
+        timeout = None
+        if args.budget_s:
+            left = args.budget_s - (time.time() - t0)
+            if left < args.min_row_s:
+                print(f"--budget-s={args.budget_s:g}: {max(left, 0):.0f} s left, less than "
+                      f"--min-row-s={args.min_row_s:g}; {len(todo) - i} rows left for the next "
+                      "call", flush=True)
+                break
+            timeout = min(float(args.row_timeout), left)
+        result = run_in_subprocess(row, args, timeout)
         ran += 1
         rows = merge(rows, [result])
         write_rows(rows, table)  # after each row: a crash loses nothing measured

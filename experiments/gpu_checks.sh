@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Every GPU item of the project in one command, for a CUDA host whose time is short:
 #   1. the GPU tests (`pytest -m gpu`: FP8 GEMMs per matmul group, cuDNN attention calls);
-#   2. the speed table (experiments/bench_gpu.py), target rows first, stopping after a budget
-#      and merging into the table a previous call left (so the next call fills in the rest).
+#   2. the speed table (experiments/bench_gpu.py), target rows first, within what is left of
+#      the budget, merging into the table a previous call left (the next call fills in the rest).
 #
-#   bash experiments/gpu_checks.sh [RESULTS_DIR] [BENCH_BUDGET_S]
+#   bash experiments/gpu_checks.sh [RESULTS_DIR] [TOTAL_S]
 #
 # RESULTS_DIR (default experiments/results) receives gpu_tests.log and bench_gpu/ (csv, png,
 # log); a bench_gpu.csv already in the repository is copied there first, so the rows it holds
-# are not measured again.  BENCH_BUDGET_S (default 420) is how long bench_gpu.py may keep
-# starting rows.
+# are not measured again.  TOTAL_S (default 540) bounds the whole script, for a host that is
+# lent for a fixed time: the tests get at most half of it (then pytest is interrupted and
+# prints what ran), the speed table what is left less 30 s (bench_gpu.py --budget-s: no row
+# starts with under 90 s left, a row running at the end is stopped and recorded as a timeout),
+# so the script ends, logs, table and plot written, within TOTAL_S.
 #
 # A host without grain / ml_collections / tensorboardX and no package index (a stock
 # Python 3.12 with a CUDA JAX): download their wheels elsewhere with
@@ -34,7 +37,10 @@ if [ "${1:-}" = "--download-wheels" ]; then
 fi
 
 RESULTS=${1:-experiments/results}
-BUDGET=${2:-420}
+TOTAL=${2:-540}
+case "$TOTAL" in ''|*[!0-9]*) echo "TOTAL_S must be a whole number of seconds, got '$TOTAL'" >&2; exit 2;; esac
+if [ "$TOTAL" -lt 240 ]; then echo "TOTAL_S=$TOTAL is too short: give at least 240 s" >&2; exit 2; fi
+START=$SECONDS
 mkdir -p "$RESULTS/bench_gpu"
 export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
 
@@ -49,11 +55,12 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 python3 -c "import jax, flax, optax, grain, ml_collections; print('jax', jax.__version__, \
 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" || exit 1
 
-echo "== pytest -m gpu"
-python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8_gpu.py 2>&1 \
-    | tee "$RESULTS/gpu_tests.log"
+echo "== pytest -m gpu (at most $((TOTAL / 2)) s)"
+timeout -s INT -k 20 $((TOTAL / 2)) python3 -m pytest -q -m gpu -p no:cacheprovider \
+    tests/test_fp8_gpu.py 2>&1 | tee "$RESULTS/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
 
+BUDGET=$((TOTAL - (SECONDS - START) - 30))
 echo "== bench_gpu.py (budget ${BUDGET} s)"
 committed=experiments/results/bench_gpu/bench_gpu.csv
 if [ -f "$committed" ] && [ ! -f "$RESULTS/bench_gpu/bench_gpu.csv" ]; then

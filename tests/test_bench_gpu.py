@@ -62,7 +62,7 @@ def test_target_rows_run_first_and_calls_merge_into_one_table(bench, tmp_path):
                 "remat": "none", "params": 123, "compile_s": 1.5, "step_ms": 10.25,
                 "step_ms_min": 10.0, "tokens_per_s": 1.6e6, "mfu": 0.5, "peak_memory_gib": "",
                 "loss": 10.4, "device": "NVIDIA H100 80GB HBM3", "error": ""}
-    failed = {**rows[1], "error": "timeout: no result within --row-timeout=600 s"}
+    failed = {**rows[1], "error": "timeout: no result within 600 s (--row-timeout)"}
     table = tmp_path / "bench_gpu.csv"
     bench.write_rows(bench.merge([], [measured, failed]), table)
     back = bench.read_rows(table)
@@ -82,4 +82,35 @@ def test_a_row_past_its_timeout_is_an_error_row(bench):
     row = dict(shape="proxy256", model="umup", fp8="none", attention="xla", scan=False)
     result = bench.run_in_subprocess(row, argparse.Namespace(steps=1, warmup=0,
                                                              row_timeout=0.01))
-    assert result == {**row, "error": "timeout: no result within --row-timeout=0.01 s"}
+    assert result == {**row, "error": "timeout: no result within 0.01 s (--row-timeout)"}
+    result = bench.run_in_subprocess(row, argparse.Namespace(steps=1, warmup=0, row_timeout=600),
+                                     timeout=0.01)
+    assert result == {**row, "error": "timeout: no result within 0.01 s (the end of --budget-s)"}
+
+
+def test_budget_bounds_the_whole_call(bench, monkeypatch, tmp_path):
+    """With --budget-s 300 and rows of 100 s (a fake clock): each row's timeout is what the
+    budget has left, no row starts with less than --min-row-s left, and the rows measured are
+    in the table."""
+    clock, timeouts = [0.0], []
+
+    def fake_row(row, args, timeout=None):
+        timeouts.append(timeout)
+        clock[0] += 100.0
+        return {**row, "error": "fake"}
+
+    monkeypatch.setattr(bench, "backend_in_a_child", lambda: ("gpu", "NVIDIA H100 80GB HBM3"))
+    monkeypatch.setattr(bench, "require_gpu", lambda backend, devices: None)
+    monkeypatch.setattr(bench, "time", type("Clock", (), {"time": staticmethod(lambda: clock[0])}))
+    monkeypatch.setattr(bench, "run_in_subprocess", fake_row)
+    monkeypatch.setattr(bench, "plot", lambda rows, path: None)
+    bench.main(["--out", str(tmp_path), "--budget-s", "300", "--min-row-s", "90"])
+    assert timeouts == [300.0, 200.0, 100.0]
+    assert len(bench.read_rows(tmp_path / "bench_gpu.csv")) == 3
+    timeouts.clear()
+    clock[0] = 0.0
+    bench.main(["--out", str(tmp_path), "--budget-s", "250", "--min-row-s", "90",
+                "--row-timeout", "120"])
+    assert timeouts == [120.0, 120.0]  # error rows run again; 50 s left is too little
+    with pytest.raises(SystemExit):
+        bench.main(["--out", str(tmp_path), "--budget-s", "-1"])
