@@ -254,9 +254,8 @@ def run_in_subprocess(row: dict, args, timeout: float | None = None) -> dict:
     ``args.row_timeout``; less where the call's ``--budget-s`` ends sooner)."""
     cmd = [sys.executable, __file__, "--row", json.dumps(row), "--steps", str(args.steps),
            "--warmup", str(args.warmup)]
-    limit = args.row_timeout if timeout is None else timeout
-    why = ("--row-timeout" if timeout is None or timeout >= args.row_timeout
-           else "the end of --budget-s")
+    limit = args.row_timeout if timeout is None else min(timeout, args.row_timeout)
+    why = "--row-timeout" if limit == args.row_timeout else "the end of --budget-s"
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
     except subprocess.TimeoutExpired:
@@ -365,6 +364,8 @@ def main(argv=None):
     unknown = sorted(set(shapes) - set(SHAPES))
     if unknown:
         p.error(f"--shapes {unknown} are unknown: choose from {list(SHAPES)}")
+    if args.budget_s < 0 or args.min_row_s < 0 or args.row_timeout <= 0:
+        p.error("--budget-s and --min-row-s must be >= 0 and --row-timeout > 0")
     require_gpu(*backend_in_a_child())
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -374,8 +375,6 @@ def main(argv=None):
     todo = [r for r in rows_for(shapes, args.scan) if args.rerun or key(r) not in done]
     print(f"{len(todo)} rows to run ({len(done)} already in {table}"
           f"{'; --rerun' if args.rerun else ''})", flush=True)
-    if args.budget_s < 0 or args.min_row_s < 0 or args.row_timeout <= 0:
-        p.error("--budget-s and --min-row-s must be >= 0 and --row-timeout > 0")
     t0 = time.time()
     ran = 0
     for i, row in enumerate(todo):

@@ -22,7 +22,7 @@ ARG = ("smoke,model.width=64,model.num_heads=2,model.depth=2,train.batch_size=8,
 MESHES = {"1": None, "8x1x1": (8, 1, 1), "2x4x1": (2, 4, 1), "2x2x2": (2, 2, 2),
           "1x8x1": (1, 8, 1), "4x2x1": (4, 2, 1)}
 # The meshes whose losses the tests compare; the others are checked for their shardings and
-# bytes (and 4x2x1 as a restore target) from the initialised state, which the step keeps.
+# bytes (and 4x2x1 as a restore target) from the initialised state (init and step share the state's shardings).
 TRAINED = ("1", "8x1x1", "2x4x1", "2x2x2")
 
 
