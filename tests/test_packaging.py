@@ -19,8 +19,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-TEST_ONLY = {"torch", "torchvision", "pytest", "unit-scaling", "transformers", "nbclient",
-             "ipykernel"}
+TEST_ONLY = {"torch", "torchvision", "pytest", "pytest-xdist", "unit-scaling", "transformers",
+             "nbclient", "ipykernel"}
 
 
 def quick_start() -> tuple[str, str]:
@@ -76,10 +76,10 @@ def test_readme_first_command_installs_no_torch_and_trains():
 
 def test_readme_second_command_installs_what_the_tests_use():
     _, second = quick_start()
-    assert second.endswith("&& python -m pytest -q"), second
+    assert second.endswith("&& python -m pytest -q -n 2 --dist loadfile"), second
     names = requirement_names(install_target(second))
-    assert {"pytest", "torch", "unit-scaling", "transformers", "safetensors", "datasets", "ray",
-            "nbclient", "nbformat", "ipykernel"} <= names
+    assert {"pytest", "pytest-xdist", "torch", "unit-scaling", "transformers", "safetensors",
+            "datasets", "ray", "nbclient", "nbformat", "ipykernel"} <= names
 
 
 def test_ci_runs_the_readme_test_command():
