@@ -156,6 +156,118 @@ def test_finished_run_rerun_keeps_results(finished, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
+# The tokens a run trains on: the same config keys can name changed files
+# ---------------------------------------------------------------------------------------------
+
+
+def test_token_fingerprint_sees_every_token_and_not_the_dtype(monkeypatch):
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 50000, 10_000).astype(np.uint16)
+    valid = rng.integers(0, 50000, 1_000).astype(np.uint16)
+    fp = data_lib.token_fingerprint(train, valid, 50000)
+    assert len(fp) == 16 and fp == data_lib.token_fingerprint(train, valid, 50000)
+    # The ids count, not how they are stored: a uint16 .bin and int32 ids agree.
+    assert fp == data_lib.token_fingerprint(train.astype(np.int32), valid.astype(np.uint32),
+                                            50000)
+    for i in (0, 4321, 9999):  # one changed token anywhere in a small split
+        edited = train.copy()
+        edited[i] ^= 1
+        assert data_lib.token_fingerprint(edited, valid, 50000) != fp
+    assert data_lib.token_fingerprint(valid, train, 50000) != fp  # splits swapped
+    assert data_lib.token_fingerprint(train[:-1], valid, 50000) != fp  # one token shorter
+    assert data_lib.token_fingerprint(train, valid, 50001) != fp  # another vocabulary
+    # A split longer than FINGERPRINT_FULL_TOKENS is read in evenly spaced blocks.
+    monkeypatch.setattr(data_lib, "FINGERPRINT_FULL_TOKENS", 1000)
+    monkeypatch.setattr(data_lib, "FINGERPRINT_BLOCKS", 8)
+    monkeypatch.setattr(data_lib, "FINGERPRINT_BLOCK_TOKENS", 100)
+    sampled = data_lib.token_fingerprint(train, valid, 50000)
+    starts = np.linspace(0, train.size - 100, 8).astype(int)  # blocks [s, s + 100)
+    for i in (0, int(starts[3]) + 50, train.size - 1):  # first, inside a block, last
+        edited = train.copy()
+        edited[i] ^= 1
+        assert data_lib.token_fingerprint(edited, valid, 50000) != sampled
+    gap = int(starts[1]) + 200  # between blocks 1 and 2: the documented blind spot
+    assert not any(s <= gap < s + 100 for s in starts)
+    edited = train.copy()
+    edited[gap] ^= 1
+    assert data_lib.token_fingerprint(edited, valid, 50000) == sampled
+    assert data_lib.token_fingerprint(train[1:], valid, 50000) != sampled  # exact length
+
+
+def test_check_tokens_rules(tmp_path):
+    train_lib.check_tokens("ab12", "ab12", 3, tmp_path, "text / bytes")
+    train_lib.check_tokens(None, "ab12", 3, tmp_path, "text / bytes")  # an older checkpoint
+    with pytest.raises(identity.RunMismatchError,
+                       match=r"other tokens \(checkpoint step 3: token fingerprint ab12; the "
+                             r"config's data, text / bytes, now gives cd34\)"):
+        train_lib.check_tokens("ab12", "cd34", 3, tmp_path, "text / bytes")
+
+
+def _text_run(tmp_path, **overrides):
+    data = tmp_path / "data"
+    if not data.exists():
+        data.mkdir()
+        (data / "train.txt").write_text(TEXT_A)
+        (data / "valid.txt").write_text(VALID)
+    return smoke(data__source="text", data__train_files=[str(data / "train.txt")],
+                 data__valid_files=[str(data / "valid.txt")],
+                 data__cache_dir=str(tmp_path / "cache"), **overrides)
+
+
+def test_resume_on_changed_data_files_is_refused(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    first = train_lib.train_and_evaluate(_text_run(tmp_path, train__steps=3), str(workdir))
+    store = ckpt.CheckpointStore(workdir / "checkpoints", keep=2)
+    try:
+        assert store.token_fingerprint(3) == first["data_fingerprint"]
+    finally:
+        store.close()
+    # The same config over the same files resumes (and the fingerprint is stored again).
+    second = train_lib.train_and_evaluate(_text_run(tmp_path, train__steps=4), str(workdir))
+    assert second["steps"] == 4 and second["data_fingerprint"] == first["data_fingerprint"]
+    assert "predates token fingerprints" not in capsys.readouterr().out
+    # The train file is edited under the same path: the config is unchanged, the tokens not.
+    (tmp_path / "data" / "train.txt").write_text(TEXT_A.replace("lazy", "lively", 1))
+    before = digest(workdir)
+    with pytest.raises(identity.RunMismatchError) as info:
+        train_lib.train_and_evaluate(_text_run(tmp_path, train__steps=6), str(workdir))
+    msg = str(info.value)
+    assert "other tokens (checkpoint step 4" in msg and first["data_fingerprint"] in msg
+    assert "train.restart=True" in msg and "--workdir" in msg
+    assert digest(workdir) == before  # nothing moved, nothing written
+    # train.restart=True keeps the old run aside and trains on the new tokens from step 0.
+    redone = train_lib.train_and_evaluate(
+        _text_run(tmp_path, train__steps=6, train__restart=True), str(workdir))
+    assert redone["steps"] == 6 and redone["data_fingerprint"] != first["data_fingerprint"]
+    (previous,) = list((workdir / "previous").iterdir())
+    assert json.loads((previous / "results.json").read_text())["steps"] == 4
+    assert rows(workdir, "train")[0]["step"] == 0
+
+
+def test_checkpoint_without_a_token_fingerprint_resumes_with_a_note(tmp_path, monkeypatch,
+                                                                    capsys):
+    """A checkpoint written before fingerprints were stored has none: it resumes, saying so."""
+    save = ckpt.CheckpointStore.save
+    monkeypatch.setattr(ckpt.CheckpointStore, "save",
+                        lambda self, *args: save(self, *args[:4]))  # drops the fingerprint
+    workdir = tmp_path / "run"
+    train_lib.train_and_evaluate(_text_run(tmp_path, train__steps=3), str(workdir))
+    monkeypatch.setattr(ckpt.CheckpointStore, "save", save)
+    capsys.readouterr()
+    results = train_lib.train_and_evaluate(_text_run(tmp_path, train__steps=4), str(workdir))
+    out = capsys.readouterr().out
+    assert "resumed from checkpoint step 3" in out
+    assert "note: checkpoint step 3 predates token fingerprints" in out
+    assert results["steps"] == 4
+    store = ckpt.CheckpointStore(workdir / "checkpoints", keep=2)
+    try:  # the step written after the resume has one again
+        assert store.token_fingerprint(3) is None
+        assert store.token_fingerprint(4) == results["data_fingerprint"]
+    finally:
+        store.close()
+
+
+# ---------------------------------------------------------------------------------------------
 # Checkpoints: finite, damaged, mismatched, transient
 # ---------------------------------------------------------------------------------------------
 

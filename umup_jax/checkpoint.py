@@ -2,8 +2,9 @@
 checksums, with fallback to an older checkpoint only when files are really damaged.
 
 Each checkpoint ``DIR/checkpoints/<step>`` holds three orbax items: ``state`` (params,
-optimizer state, step; sharded arrays), ``data`` (the grain iterator state, JSON) and
-``config`` (the run's config, JSON), plus ``umup_manifest.json``: the size and CRC-32 of every
+optimizer state, step; sharded arrays), ``data`` (the grain iterator state and, under
+:data:`TOKENS_KEY`, the fingerprint of the run's tokens, :func:`umup_jax.data.token_fingerprint`;
+JSON) and ``config`` (the run's config, JSON), plus ``umup_manifest.json``: the size and CRC-32 of every
 file of the checkpoint, written by process 0 once orbax has finished the step.  Orbax writes
 to a temporary directory and renames it when complete, so a run killed mid-save leaves no half
 checkpoint under a step name; a run killed between that rename and the manifest leaves an
@@ -40,6 +41,8 @@ import orbax.checkpoint as ocp
 log = logging.getLogger(__name__)
 
 MANIFEST = "umup_manifest.json"
+# The key of the token fingerprint in a checkpoint's ``data`` item (next to grain's own keys).
+TOKENS_KEY = "umup_token_fingerprint"
 RETRIES = 3
 RETRY_WAIT_S = 1.0
 
@@ -157,10 +160,13 @@ class CheckpointStore:
         return self.directory / str(step)
 
     # -- writing --------------------------------------------------------------------------
-    def save(self, step: int, state: Any, data_state: dict, config: dict) -> bool:
+    def save(self, step: int, state: Any, data_state: dict, config: dict,
+             token_fingerprint: Optional[str] = None) -> bool:
         """Saves ``step`` unless it already exists (a good checkpoint is never rewritten)."""
         if step in self._manager.all_steps():
             return False
+        if token_fingerprint is not None:
+            data_state = {**data_state, TOKENS_KEY: token_fingerprint}
         self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -253,7 +259,19 @@ class CheckpointStore:
         ))
         if restored is None:
             return None
-        return restored["state"], dict(restored["data"])
+        data_state = dict(restored["data"])
+        data_state.pop(TOKENS_KEY, None)
+        return restored["state"], data_state
+
+    def token_fingerprint(self, step: int) -> Optional[str]:
+        """The token fingerprint stored with ``step`` (``None`` for a checkpoint written before
+        fingerprints were stored, or one whose data item turned out damaged: moved aside)."""
+        data = self._read(step, "data", lambda: self._manager.restore(
+            step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"])
+        if data is None:
+            return None
+        value = dict(data).get(TOKENS_KEY)
+        return None if value is None else str(value)
 
     def restore_latest(self, abstract_state: Any) -> Optional[tuple[int, Any, dict]]:
         """(step, state, data_state) of the newest intact checkpoint (damaged ones are moved

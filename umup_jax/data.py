@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
@@ -349,6 +350,38 @@ def make_tokenizer(cfg, train_text: str, cache_dir: pathlib.Path):
 # ---------------------------------------------------------------------------------------------
 
 
+# token_fingerprint: a split of at most this many tokens is hashed whole; a longer one by
+# FINGERPRINT_BLOCKS evenly spaced blocks of FINGERPRINT_BLOCK_TOKENS tokens (64 MiB read).
+FINGERPRINT_FULL_TOKENS = 1 << 26
+FINGERPRINT_BLOCKS = 4096
+FINGERPRINT_BLOCK_TOKENS = 4096
+
+
+def token_fingerprint(train: np.ndarray, valid: np.ndarray, vocab_size: int) -> str:
+    """What a run trains and evaluates on, as 16 hex digits of a sha256: the vocabulary size,
+    each split's length, and its token ids as little-endian uint32 (so a uint16 ``.bin`` and
+    the same ids held as int32 agree).  A split of at most ``FINGERPRINT_FULL_TOKENS`` (64 M)
+    tokens is hashed whole, so any changed token changes the fingerprint; a longer one by
+    ``FINGERPRINT_BLOCKS`` evenly spaced blocks (the first and last included) and its exact
+    length, which bounds the cost at 64 MiB read per split: re-tokenizing, re-shuffling,
+    another tokenizer or another corpus changes nearly every block, but an edit confined to
+    the gaps between blocks of a very large split goes unnoticed.  Checkpoints store it, so a
+    run does not resume on other tokens under the same config (:mod:`umup_jax.train`)."""
+    h = hashlib.sha256(f"umup_jax.tokens/1 vocab_size={int(vocab_size)}".encode())
+    for name, tokens in (("train", train), ("valid", valid)):
+        flat = np.asarray(tokens).reshape(-1)
+        n = int(flat.size)
+        h.update(f";{name}:{n}:".encode())
+        if n <= FINGERPRINT_FULL_TOKENS:
+            spans = [(a, min(a + (1 << 20), n)) for a in range(0, n, 1 << 20)]
+        else:
+            starts = np.linspace(0, n - FINGERPRINT_BLOCK_TOKENS, FINGERPRINT_BLOCKS)
+            spans = [(int(a), int(a) + FINGERPRINT_BLOCK_TOKENS) for a in starts]
+        for a, b in spans:
+            h.update(np.ascontiguousarray(flat[a:b], dtype="<u4").tobytes())
+    return h.hexdigest()[:16]
+
+
 @dataclasses.dataclass
 class TokenData:
     """Tokenized splits and what made them."""
@@ -358,6 +391,11 @@ class TokenData:
     vocab_size: int
     tokenizer: Any  # ByteTokenizer | HFTokenizer | None (memmap)
     description: str
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """:func:`token_fingerprint` of the two splits (computed once)."""
+        return token_fingerprint(self.train, self.valid, self.vocab_size)
 
 
 def _cached_encode(tokenizer, text: str, cache_dir: pathlib.Path, tag: str) -> np.ndarray:

@@ -4,8 +4,11 @@ Order of work: validate the whole config (no compilation yet) → find the newes
 checkpoint in ``workdir`` and check that it was made by the same run (:mod:`umup_jax.identity`:
 a change to a run-defining key is refused before anything is touched; ``train.restart=True``
 moves the old run aside instead) → validate the data, build the model, its metadata and the
-optimizer → place state and batches with ``NamedSharding`` on a mesh of the devices → restore
-→ train with a jitted, buffer-donating step, evaluating, logging, checkpointing →
+optimizer → place state and batches with ``NamedSharding`` on a mesh of the devices → restore,
+and check that the checkpoint was trained on the tokens the config's data holds now (their
+fingerprint, :func:`umup_jax.data.token_fingerprint`, is stored in every checkpoint and in
+``results.json``; other tokens under the same config are refused like a config change) →
+train with a jitted, buffer-donating step, evaluating, logging, checkpointing →
 ``results.json``.  A finished run rerun leaves its ``results.json`` as it is.
 
 A checkpoint is saved only if every parameter and optimizer moment is finite (one on-device
@@ -473,6 +476,40 @@ def check_resume(config_dict: dict, stored: dict, step: int, workdir: pathlib.Pa
     return allowed
 
 
+def check_tokens(stored: Optional[str], current: str, step: int, workdir: pathlib.Path,
+                 description: str) -> None:
+    """Refuses (``identity.RunMismatchError``) to resume checkpoint ``step`` if it was trained
+    on other tokens than the config's data holds now (:func:`umup_jax.data.token_fingerprint`):
+    the same config keys can name changed files (a re-run ``prepare_data``, edited text, a
+    replaced ``.bin``).  ``stored`` is ``None`` for a checkpoint written before fingerprints
+    were stored; that one resumes unchecked."""
+    if stored is None or stored == current:
+        return
+    raise identity_lib.RunMismatchError(
+        f"{workdir} holds a run trained on other tokens (checkpoint step {step}: token "
+        f"fingerprint {stored}; the config's data, {description}, now gives {current}): the "
+        "data files changed under the same config. Nothing was touched. Restore the data, use "
+        "a new --workdir, or pass --config.train.restart=True to move the old run to "
+        f"{workdir / 'previous'}/<time>/ and start from step 0"
+    )
+
+
+def _archive_and_reopen(store: ckpt.CheckpointStore, workdir: pathlib.Path, keep: int,
+                        is_main: bool) -> ckpt.CheckpointStore:
+    """``train.restart=True`` over a different run: moves it aside (process 0; the others
+    wait) and returns a fresh, empty checkpoint store."""
+    store.close()
+    moved = archive_run(workdir) if is_main else None
+    if jax.process_count() > 1:  # the others wait until process 0 has moved the run
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("umup_jax.archive_run")
+    if is_main:
+        print(f"train.restart=True: moved the previous run to {moved}; starting from "
+              "step 0", flush=True)
+    return ckpt.CheckpointStore(workdir / "checkpoints", keep=keep, writer=is_main)
+
+
 def _read_results(workdir: pathlib.Path) -> Optional[dict]:
     try:
         return json.loads((workdir / "results.json").read_text())
@@ -517,17 +554,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if not tcfg.restart:
                 store.close()
                 raise
-            store.close()
-            moved = archive_run(workdir_path) if is_main else None
-            if jax.process_count() > 1:  # the others wait until process 0 has moved the run
-                from jax.experimental import multihost_utils
-
-                multihost_utils.sync_global_devices("umup_jax.archive_run")
-            if is_main:
-                print(f"train.restart=True: moved the previous run to {moved}; starting from "
-                      "step 0", flush=True)
-            store = ckpt.CheckpointStore(workdir_path / "checkpoints",
-                                         keep=tcfg.keep_checkpoints, writer=is_main)
+            store = _archive_and_reopen(store, workdir_path, tcfg.keep_checkpoints, is_main)
             found = None
     if found is not None and found[0] >= steps_total:
         previous = _read_results(workdir_path)
@@ -541,12 +568,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     try:
         run = build_run(config)
+        tokens_fingerprint = run.tokens.fingerprint
     except BaseException:
         store.close()
         raise
-    workdir_path.mkdir(parents=True, exist_ok=True)
-    if is_main and isinstance(run.tokens.tokenizer, data_lib.HFTokenizer):
-        run.tokens.tokenizer.save(workdir_path / "tokenizer.json")  # for sample and export
     tokens_per_step = tcfg.batch_size * run.model_cfg.seq_len
     epochs = data_lib.epochs_covered(run.tokens.train, run.model_cfg.seq_len, tcfg.batch_size,
                                      steps_total)
@@ -577,6 +602,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if found is not None:
             allowed = check_resume(config_dict, found[1], found[0], workdir_path,
                                    config.model.parametrization)
+    if restored is not None:  # the same config; are they the same tokens?
+        stored_tokens = store.token_fingerprint(found[0])
+        try:
+            check_tokens(stored_tokens, tokens_fingerprint, found[0], workdir_path,
+                         run.tokens.description)
+        except identity_lib.RunMismatchError:
+            if not tcfg.restart:
+                store.close()
+                raise
+            store = _archive_and_reopen(store, workdir_path, tcfg.keep_checkpoints, is_main)
+            restored, found, allowed = None, None, []
+        if stored_tokens is None and is_main:
+            print(f"note: checkpoint step {found[0]} predates token fingerprints, so its "
+                  "tokens could not be compared with the config's data", flush=True)
+    workdir_path.mkdir(parents=True, exist_ok=True)
+    if is_main and isinstance(run.tokens.tokenizer, data_lib.HFTokenizer):
+        run.tokens.tokenizer.save(workdir_path / "tokenizer.json")  # for sample and export
     pipeline = data_lib.train_dataset(
         run.tokens.train, run.model_cfg.seq_len, tcfg.batch_size, config.data.shuffle_seed,
         jax.process_index(), jax.process_count(),
@@ -679,7 +721,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if is_main:
                 print(f"WARNING: {msg}", flush=True)
             return
-        if store.save(step_done, state, data_state, config_dict):
+        if store.save(step_done, state, data_state, config_dict, tokens_fingerprint):
             last_good_ckpt = step_done
 
     stop = _StopFlag()
@@ -749,6 +791,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "peak_flops_per_device": peak_flops,
         "interrupted": interrupted,
         "num_params": _count_params(run.abstract_state),
+        "data_fingerprint": tokens_fingerprint,
         "devices": len(jax.devices()),
         "mesh": dict(run.mesh.shape),
         "state_bytes": sharding_lib.per_device_bytes(state),
