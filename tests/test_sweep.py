@@ -256,3 +256,31 @@ def test_cli_failed_runs_end_with_one_line_and_status_1(tmp_path):
     assert rows[3]["error"] == "width=32 is invalid: it must be divisible by num_heads=3"
     assert "Traceback" in (workdir / "error.log").read_text()
     assert (workdir / "run.log").exists()
+
+
+def test_rerun_after_the_data_files_changed_is_refused(tmp_path):
+    """Finished rows record their tokens' fingerprint; a rerun over edited files is refused
+    before anything runs, instead of mixing two corpora in one sweep."""
+    (tmp_path / "train.txt").write_text("the quick brown fox jumps over the lazy dog. " * 300)
+    (tmp_path / "valid.txt").write_text("over the lazy fox the dog jumps quickly. " * 40)
+    cfg = base(f"smoke,train.steps=3,data.source=text,data.cache_dir={tmp_path / 'cache'}")
+    cfg.data.train_files = [str(tmp_path / "train.txt")]
+    cfg.data.valid_files = [str(tmp_path / "valid.txt")]
+    tokens = sweep_lib.data_lib.load_tokens(cfg.data, cache_dir=cfg.data.cache_dir)
+    singles = {"name": "singles", "grid": {"model.width": [16, 32]}}
+    batched = {"name": "batched", "grid": {"optimizer.learning_rate": [1.0, 0.5]}}
+    for spec in (singles, batched):  # one run at a time (results.json), and vmapped
+        sweep_lib.run_sweep(cfg, spec, str(tmp_path / spec["name"]), progress=False)
+        assert [r["data_fingerprint"] for r in rows_of(tmp_path / spec["name"])] == \
+            [tokens.fingerprint] * 2
+    # Unchanged data: the rerun reuses every row.
+    again = sweep_lib.run_sweep(cfg, singles, str(tmp_path / "singles"), progress=False)
+    assert [r["data_fingerprint"] for r in again] == [tokens.fingerprint] * 2
+    (tmp_path / "train.txt").write_text("Of Man's first disobedience, and the fruit. " * 300)
+    for spec in (singles, batched):
+        before = (tmp_path / spec["name"] / "results.csv").read_bytes()
+        with pytest.raises(sweep_lib.SweepError,
+                           match=rf"holds 2 finished run\(s\) trained on other tokens .*"
+                                 rf"{tokens.fingerprint} in .* the data files changed"):
+            sweep_lib.run_sweep(cfg, spec, str(tmp_path / spec["name"]), progress=False)
+        assert (tmp_path / spec["name"] / "results.csv").read_bytes() == before

@@ -32,7 +32,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-STRING_COLUMNS = ("run_id", "sweep", "group", "parametrization", "overrides")
+STRING_COLUMNS = ("run_id", "sweep", "group", "parametrization", "overrides",
+                  "data_fingerprint")
 INT_COLUMNS = ("width", "depth", "steps", "batch_size", "seq_len", "seed")
 # Columns that define a configuration (with every hp.*): runs differing in one are not repeats.
 CONFIG_COLUMNS = ("parametrization", "width", "depth", "steps", "batch_size", "seq_len", "lr",

@@ -38,7 +38,10 @@ again on a rerun, and the command ends with one line counting the failed runs an
 ``DIR/run.log``).  ``sweep.json`` also records the hash of the base config's run-defining keys
 (:func:`umup_jax.identity.identity_hash`): rerunning the sweep in the same workdir over another
 base config (e.g. ``:cpu`` instead of the full proxy) is refused, so old rows and old per-run
-checkpoints are never reused for another setting.
+checkpoints are never reused for another setting.  Each row also records the fingerprint of
+the tokens its run trained on (:func:`umup_jax.data.token_fingerprint`): a rerun after the data
+files changed under the same config is refused before any run starts, instead of mixing two
+corpora in one sweep (:meth:`Runner.check_tokens`).
 
 Runs that differ only in optimizer HPs (learning rate, weight decay) share shapes and compile
 once: the **batched runner** trains them together as one ``jax.vmap``-ed computation (same data,
@@ -87,7 +90,7 @@ HP_COLUMNS = sorted({f"hp.{n}" for name in P.PARAMETRIZATIONS for n in P.hparam_
 COLUMNS = (["run_id", "sweep", "group", "parametrization", "width", "depth", "steps",
             "batch_size", "seq_len", "lr", "weight_decay"] + HP_COLUMNS +
            ["seed", "final_train_loss", "final_eval_loss", "diverged", "wall_time_s",
-            "overrides", "error"])
+            "overrides", "error", "data_fingerprint"])
 
 
 class SweepError(ValueError):
@@ -355,7 +358,8 @@ def make_row(spec, group, overrides, cfg, results: Optional[dict], wall: float) 
     finite = all(v is not None and math.isfinite(v) for v in (train_loss, eval_loss))
     row.update(final_train_loss=train_loss if train_loss is not None else "nan",
                final_eval_loss=eval_loss if eval_loss is not None else "nan",
-               diverged=0 if finite else 1)
+               diverged=0 if finite else 1,
+               data_fingerprint=(results or {}).get("data_fingerprint") or "")
     return row
 
 
@@ -427,7 +431,8 @@ def run_batched(cfg, lrs: list[float], wds: list[float]) -> list[dict]:
                                                             for k, v in b.items()}))
                      for b in valid], axis=0)
     train_losses = np.asarray(losses)
-    return [{"final_train_loss": float(t), "final_eval_loss": float(e)}
+    return [{"final_train_loss": float(t), "final_eval_loss": float(e),
+             "data_fingerprint": run.tokens.fingerprint}
             for t, e in zip(train_losses, evals)]
 
 
@@ -495,14 +500,55 @@ class Runner:
         self.batched = batched
         self.backend = backend or backends.LocalBackend()
         self.context = UnitContext(spec, config.to_json(), str(workdir))
+        self._fingerprints: dict[str, Optional[str]] = {}  # data identity → tokens now
         self.bar = None
         if progress:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, desc=f"sweep {spec['name']}", unit="run")
 
+    def check_tokens(self, done: list[tuple[str, dict]]) -> None:
+        """Refuses (:class:`SweepError`) to reuse finished runs that were trained on other
+        tokens than their data config holds now (:func:`umup_jax.data.token_fingerprint`,
+        recorded in ``results.csv``): data files changed under the same config would mix two
+        corpora in one sweep.  Each distinct data config is loaded once, and only when some
+        finished row has a fingerprint (rows from before fingerprints, and diverged single
+        runs, have none and are not compared).  Where the data cannot be loaded here (a Ray
+        driver without the workers' data), it says so and goes on."""
+        groups: dict[str, tuple[Any, list[tuple[str, str]]]] = {}
+        for _, ov in done:
+            stored = (self.store.get(run_id(ov)) or {}).get("data_fingerprint") or ""
+            if not stored:
+                continue
+            cfg = run_config(self.config, ov)
+            key = json.dumps(identity_lib.identity({"data": cfg.data.to_dict()}),
+                             sort_keys=True, default=str)
+            groups.setdefault(key, (cfg, []))[1].append((run_id(ov), stored))
+        for key, (cfg, rows) in groups.items():
+            if key not in self._fingerprints:
+                try:
+                    tokens = data_lib.load_tokens(cfg.data, cache_dir=cfg.data.cache_dir or None)
+                    self._fingerprints[key] = tokens.fingerprint
+                except data_lib.DataConfigError as e:
+                    print(f"note: the data of the finished runs cannot be loaded here ({e}); "
+                          "their tokens were not compared with the config's data", flush=True)
+                    self._fingerprints[key] = None
+            current = self._fingerprints[key]
+            stale = sorted({rid for rid, fp in rows if current is not None and fp != current})
+            if stale:
+                shown = ", ".join(stale[:6]) + (f" (+{len(stale) - 6} more)" if len(stale) > 6
+                                                else "")
+                old = sorted({fp for rid, fp in rows if fp != current})
+                raise SweepError(
+                    f"{self.workdir} holds {len(stale)} finished run(s) trained on other tokens "
+                    f"than the config's data gives now ({', '.join(old)} in {self.store.path} "
+                    f"vs {current}; runs {shown}): the data files changed under the same "
+                    "config. Restore the data or use another --workdir"
+                )
+
     def run(self, runs: list[tuple[str, dict]]) -> list[dict]:
         todo = [(g, ov) for g, ov in runs if not self.store.done(run_id(ov))]
+        self.check_tokens([(g, ov) for g, ov in runs if self.store.done(run_id(ov))])
         if self.bar is not None:
             self.bar.update(len(runs) - len(todo))
         groups: dict[str, list] = {}
