@@ -414,6 +414,34 @@ def test_sweep_rerun_with_another_base_config_is_refused(tmp_path):
     assert len(sweep_lib.run_sweep(cosmetic, spec, str(tmp_path), progress=False)) == 2
 
 
+def test_legacy_sweep_json_is_checked_against_its_rows(tmp_path, capsys):
+    """A sweep.json written before base-config identity holds only the spec: its rows' config
+    columns decide whether the current base config is the one they were trained with."""
+    spec = {"name": "s", "kind": "grid", "grid": {"optimizer.learning_rate": [0.5, 1.0]}}
+    base = config_lib.proxy_config("umup", "smoke,train.steps=2")
+    sweep_lib.run_sweep(base, spec, str(tmp_path), progress=False)
+    legacy = json.dumps(spec)
+    (tmp_path / "sweep.json").write_text(legacy)
+    rows_before = (tmp_path / "results.csv").read_bytes()
+    for other, match in (
+        ("smoke,train.steps=2,model.width=64,model.num_heads=2", r"width 32 vs 64"),
+        ("smoke,train.steps=4", r"steps 2 vs 4"),
+        ("smoke,train.steps=2,model.hparams.attn_mult=2.0", r"hp.attn_mult 1.0 vs 2.0"),
+    ):
+        with pytest.raises(sweep_lib.SweepError,
+                           match=rf"predates base-config identity, and 2 of its rows .*{match}"):
+            sweep_lib.run_sweep(config_lib.proxy_config("umup", other), spec, str(tmp_path),
+                                progress=False)
+        assert (tmp_path / "sweep.json").read_text() == legacy  # nothing adopted
+        assert (tmp_path / "results.csv").read_bytes() == rows_before
+    capsys.readouterr()
+    rows = sweep_lib.run_sweep(base, spec, str(tmp_path), progress=False)
+    assert "2 row(s) agree with the current base config" in capsys.readouterr().out
+    assert len(rows) == 2 and (tmp_path / "results.csv").read_bytes() == rows_before
+    record = json.loads((tmp_path / "sweep.json").read_text())
+    assert record["base_config_identity"] == identity.identity_hash(base)
+
+
 def test_sweep_rerun_of_finished_single_runs_is_not_diverged(tmp_path):
     spec = {"name": "s", "kind": "grid", "grid": {"model.width": [32]}}
     base = config_lib.proxy_config("umup", "smoke,train.steps=2")

@@ -252,6 +252,47 @@ def random_runs(spec, config) -> list[tuple[str, dict]]:
 # ---------------------------------------------------------------------------------------------
 
 
+# The columns of a row that its run's config determines (compared for a legacy sweep.json).
+CONFIG_COLUMNS = (["parametrization", "width", "depth", "steps", "batch_size", "seq_len", "lr",
+                   "weight_decay", "seed"] + HP_COLUMNS)
+
+
+def _same_cell(recorded: str, value: Any) -> bool:
+    if str(recorded) == str(value):
+        return True
+    try:
+        return math.isclose(float(recorded), float(value), rel_tol=1e-9, abs_tol=0.0)
+    except (TypeError, ValueError):
+        return False
+
+
+def _check_legacy_rows(spec, config, rows: list[dict], spec_file: pathlib.Path) -> None:
+    """A ``sweep.json`` written before base-config identity does not say which base config its
+    rows were trained with; what the rows record (shapes, steps, batch, LR, weight decay, seed,
+    every HP) must be what the current base config gives for their overrides, else
+    :class:`SweepError`.  Rows whose overrides no longer build a config are skipped (they
+    failed, and run again)."""
+    bad = []
+    for row in rows:
+        try:
+            cfg = run_config(config, json.loads(row.get("overrides") or "{}"))
+            expected = make_row(spec, row.get("group", ""), {}, cfg, None, 0.0)
+        except Exception:  # an override the config refuses: a failed row, rerun anyway
+            continue
+        for key in CONFIG_COLUMNS:
+            want = expected.get(key, "")
+            if not _same_cell(row.get(key, ""), want) and not (row.get(key, "") == "" and
+                                                              key.startswith("hp.")):
+                bad.append((row["run_id"], key, row.get(key, ""), want))
+    if bad:
+        shown = "; ".join(f"run {rid}: {key} {old} vs {new}" for rid, key, old, new in bad[:6])
+        raise SweepError(
+            f"{spec_file} predates base-config identity, and {len({b[0] for b in bad})} of its "
+            f"rows were trained with another base config than the current one ({shown}"
+            f"{'; …' if len(bad) > 6 else ''}); use another --workdir"
+        )
+
+
 class ResultsStore:
     """``results.csv`` of a sweep and ``sweep.json``, the identity of what it holds: the sweep
     spec and the hash of the base config's run-defining keys (:mod:`umup_jax.identity`).  A
@@ -260,6 +301,7 @@ class ResultsStore:
     def __init__(self, workdir: pathlib.Path, spec: dict, config: ml_collections.ConfigDict):
         self.workdir = workdir
         self.path = workdir / "results.csv"
+        adopt = None  # the record to write for a sweep.json that predates base-config identity
         workdir.mkdir(parents=True, exist_ok=True)
         spec_file = workdir / "sweep.json"
         record = {"spec": spec, "base_config_identity": identity_lib.identity_hash(config),
@@ -274,10 +316,8 @@ class ResultsStore:
                     f"{workdir} holds results of a different sweep ({old_spec.get('name')!r}, "
                     f"see {spec_file}); use another --workdir"
                 )
-            if legacy:
-                print(f"note: {spec_file} predates base-config identity; recording the "
-                      "current base config for it", flush=True)
-                spec_file.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+            if legacy:  # checked against the rows' recorded config columns below
+                adopt = record
             elif previous["base_config_identity"] != record["base_config_identity"]:
                 changes = identity_lib.diff(identity_lib.identity(previous["base_config"]),
                                             identity_lib.identity(config))
@@ -309,6 +349,12 @@ class ResultsStore:
                 self.rows[row["run_id"]] = {k: row.get(k, "") or "" for k in COLUMNS}
         else:
             self._rewrite([])
+        if adopt is not None:
+            _check_legacy_rows(spec, config, list(self.rows.values()), spec_file)
+            print(f"note: {spec_file} predates base-config identity; its {len(self.rows)} "
+                  "row(s) agree with the current base config on every config column they "
+                  "record, so it is recorded as this sweep's base config", flush=True)
+            spec_file.write_text(json.dumps(adopt, indent=2, sort_keys=True, default=str))
 
     def _rewrite(self, rows: list[dict]) -> None:
         tmp = self.path.with_suffix(".csv.tmp")
