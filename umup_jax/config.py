@@ -57,8 +57,10 @@ def base_config(parametrization: str = "umup") -> ml_collections.ConfigDict:
                                 "readout": ""},
         # GPU scale: blocks under nn.scan (params stacked on a leading `layers` axis; changes
         # the checkpoint layout), rematerialisation (none | full | dots_saveable) and the
-        # attention kernel (xla | cudnn | auto: cudnn on a GPU for bf16 where it can run).
-        scan_layers=False, remat="none", attention_impl="auto",
+        # attention kernel (xla | cudnn | auto: cudnn on a GPU for bf16 where it can run);
+        # loss_chunks: the readout and loss over this many sequence chunks, one at a time, so
+        # the (batch, seq, vocab) logits never exist whole (must divide seq_len).
+        scan_layers=False, remat="none", attention_impl="auto", loss_chunks=1,
     ))
     c.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=DEFAULT_LR[parametrization], b1=0.9, b2=0.999, eps=1e-8,

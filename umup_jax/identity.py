@@ -8,9 +8,9 @@ executed or observed; they may change freely between a run and its resumption:
 
 * :data:`EXECUTION_KEYS`: logging/evaluation/checkpoint cadence, the progress bar, the device
   mesh (checkpoints reshard on restore), multi-host settings, input prefetch depth, the cache
-  directory and the restart switch itself; rematerialisation, the attention kernel and
-  gradient accumulation (each computes the same function and the same update, up to float
-  rounding).  ``model.scan_layers`` is *not* among them: it changes the checkpoint's layout
+  directory and the restart switch itself; rematerialisation, the attention kernel, the
+  loss chunks and gradient accumulation (each computes the same function and the same update,
+  up to float rounding).  ``model.scan_layers`` is *not* among them: it changes the checkpoint's layout
   (convert one with :mod:`umup_jax.layer_stack`);
 * ``train.steps`` may grow on resume (the run is continued; with the cosine schedule the decay
   is re-stretched to the new total from the resume point on, which the resume message says).
@@ -45,6 +45,7 @@ EXECUTION_KEYS = (
     "distributed.*",
     "model.remat",
     "model.attention_impl",
+    "model.loss_chunks",
     "train.grad_accum_steps",
 )
 

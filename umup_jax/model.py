@@ -29,6 +29,15 @@ Scale options (they compute the same function):
   rest in the backward pass) or ``dots_saveable`` (keeps the matmul outputs, recomputes the
   elementwise ops): ``nn.remat`` with ``jax.checkpoint_policies``.
 * ``attention_impl``: ``xla | cudnn | auto``, the kernel of :func:`umup_jax.ops.attention_core`.
+* ``loss_chunks``: c > 1 computes the readout and the loss (:meth:`Decoder.loss`) over c
+  chunks of the sequence, one after another under ``jax.checkpoint`` (a ``lax.scan``), so that
+  only a (B, S/c, V) block of logits exists at a time, forward and backward, instead of the
+  full (B, S, V) fp32 logits, their softmax and their gradient (at the proxy's 16384 tokens ×
+  32000 vocabulary, 2 GiB each).  The readout matmul runs twice (the backward recomputes each
+  chunk's logits).  The loss is the sum of the chunks' :meth:`~P.Parametrization.loss_sum`
+  made a mean by :meth:`~P.Parametrization.loss_from_sum`, so loss and gradients are the
+  unchunked ones up to the order of summation; u-μP's readout weight-gradient scale uses the
+  token count of the whole call (or ``grad_tokens``), not the chunk's.
 """
 
 from __future__ import annotations
@@ -79,6 +88,8 @@ class ModelConfig:
       remat: ``none | full | dots_saveable``, the rematerialisation policy of each block.
       attention_impl: ``xla | cudnn | auto``, the attention kernel
         (:func:`umup_jax.ops.resolve_attention_impl`).
+      loss_chunks: c ≥ 1 dividing ``seq_len``: the readout and loss of :meth:`Decoder.loss`
+        over c sequence chunks, one at a time (see the module docstring).
     """
 
     vocab_size: int = 256
@@ -98,6 +109,7 @@ class ModelConfig:
     scan_layers: bool = False
     remat: str = "none"
     attention_impl: str = "auto"
+    loss_chunks: int = 1
 
     def __post_init__(self) -> None:
         policy = self.fp8 if isinstance(self.fp8, str) else tuple(sorted(dict(self.fp8).items()))
@@ -145,6 +157,15 @@ class ModelConfig:
         if self.attention_impl not in ops.ATTENTION_IMPLS:
             raise ValueError(f"attention_impl={self.attention_impl!r} is invalid: allowed are "
                              f"{ops.ATTENTION_IMPLS}")
+        _positive_int("loss_chunks", self.loss_chunks)
+        if self.seq_len % self.loss_chunks:
+            raise ValueError(f"loss_chunks={self.loss_chunks} is invalid: it must divide "
+                             f"seq_len={self.seq_len}")
+        if self.loss_chunks > 1 and self.fp8_policy["readout"] == "fp8_dynamic":
+            raise ValueError(
+                f"loss_chunks={self.loss_chunks} with the readout in fp8_dynamic is refused: "
+                "its input scale is the RMS of the whole readout input, which a chunk does not "
+                "see (use loss_chunks=1, or another FP8 mode for the readout)")
         self.rule  # validates parametrization and hparams
 
     @functools.cached_property
@@ -410,7 +431,8 @@ class Decoder(nn.Module):
     grad_tokens: Optional[int] = None
 
     @nn.compact
-    def __call__(self, tokens):
+    def __call__(self, tokens, targets=None):
+        """Logits (B, S, V) fp32; with ``targets`` the loss of :meth:`loss` instead."""
         cfg = self.config
         rule = cfg.rule
         if tokens.ndim != 2:
@@ -431,15 +453,52 @@ class Decoder(nn.Module):
         x = block_stack(cfg, self.grad_tokens)(x)
         x = ops.rms_norm(x, cfg.norm_eps)
         self.sow("intermediates", "final_norm", x)
-        logits = linear_for(self, cfg, "readout", rule.readout,
-                            x, w_out.astype(cfg.compute_dtype), m_out,
+        w_out = w_out.astype(cfg.compute_dtype)
+        if targets is not None and cfg.loss_chunks > 1:
+            return self._chunked_loss(x, w_out, m_out, targets)
+        logits = linear_for(self, cfg, "readout", rule.readout, x, w_out, m_out,
                             tokens=self.grad_tokens).astype(jnp.float32)
         self.sow("intermediates", "logits", logits)
-        return logits
+        return logits if targets is None else rule.loss(logits, targets)
+
+    def _chunked_loss(self, x, w_out, m_out, targets):
+        """:meth:`loss` over ``loss_chunks`` sequence chunks, each chunk's readout and loss
+        under ``jax.checkpoint`` inside a ``lax.scan``.  An FP8 readout's probe is split into
+        c probes of weight 1/c, so its statistics are the mean of the chunks' fractions (equal
+        chunks: the whole call's).  The sown ``logits`` is their RMS as a scalar (what the
+        metrics read of it), not the logits."""
+        cfg, rule = self.config, self.config.rule
+        b, s, d = x.shape
+        c = cfg.loss_chunks
+        if s % c or targets.shape != (b, s):
+            raise ValueError(f"loss_chunks={c} needs targets of shape {(b, s)} and a sequence "
+                             f"length divisible by {c}; got targets {targets.shape}, length {s}")
+        tokens = self.grad_tokens if self.grad_tokens is not None else b * s
+        mode = cfg.fp8_policy[PARAM_GROUPS["readout"]]
+        probe = self.get_variable(PROBES, "readout") if self.has_variable(PROBES, "readout") \
+            else None
+        probes = None if probe is None else jnp.broadcast_to(probe / c, (c, *probe.shape))
+        chunks = lambda a: jnp.swapaxes(a.reshape(b, c, s // c, *a.shape[2:]), 0, 1)
+
+        @jax.checkpoint
+        def chunk(total, inputs):
+            xc, tc, pc = inputs
+            dot = None if mode == "bf16" else functools.partial(fp8_lib.fp8_dot, mode=mode,
+                                                                probe=pc)
+            with jax.named_scope(f"fp8_{PARAM_GROUPS['readout']}"):
+                logits = rule.readout(xc, w_out, m_out, dot=dot, tokens=tokens)
+            logits = logits.astype(jnp.float32)
+            mean_square = jax.lax.stop_gradient(jnp.mean(jnp.square(logits)))
+            return total + rule.loss_sum(logits, tc), mean_square
+
+        total, mean_squares = jax.lax.scan(chunk, jnp.zeros((), jnp.float32),
+                                           (chunks(x), chunks(targets), probes))
+        self.sow("intermediates", "logits", jnp.sqrt(jnp.mean(mean_squares)))
+        return rule.loss_from_sum(total, b * s)
 
     def loss(self, tokens, targets):
         """The parametrization's mean cross-entropy of next-token ``targets`` (fp32)."""
-        return self.config.rule.loss(self(tokens), targets)
+        return self(tokens, targets)
 
 
 def init_params(model: Decoder, key, batch_size: int = 1):

@@ -624,7 +624,11 @@ def cross_entropy(logits, targets, mult: float = 1.0, reduction: str = "mean"):
     return scale_fwd(loss, 1.0 / n) if reduction == "mean" else loss
 
 
-def plain_cross_entropy(logits, targets):
-    """Ordinary mean softmax cross-entropy in fp32 (SP and μP)."""
+def plain_cross_entropy(logits, targets, reduction: str = "mean"):
+    """Ordinary softmax cross-entropy in fp32 (SP and μP): the mean over tokens, or with
+    ``reduction="sum"`` the sum."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction={reduction!r} is invalid: allowed are ('mean', 'sum')")
     logits, targets = _flatten_logits(logits, targets)
-    return _sum_cross_entropy(logits, targets) / targets.shape[0]
+    total = _sum_cross_entropy(logits, targets)
+    return total / targets.shape[0] if reduction == "mean" else total

@@ -303,7 +303,19 @@ class Parametrization(metaclass=_abc.ABCMeta):
         return None
 
     def loss(self, logits, targets):
-        return ops.plain_cross_entropy(logits, targets)
+        """The mean cross-entropy: ``loss_from_sum(loss_sum(logits, targets), N)``."""
+        return self.loss_from_sum(self.loss_sum(logits, targets), targets.size)
+
+    def loss_sum(self, logits, targets):
+        """Σ over tokens of the cross-entropy, with the backward of :meth:`loss` per logit up
+        to its 1/N: summed over chunks of tokens and passed to :meth:`loss_from_sum`, it is
+        :meth:`loss` of all of them (``model.loss_chunks``)."""
+        return ops.plain_cross_entropy(logits, targets, reduction="sum")
+
+    def loss_from_sum(self, total, num_tokens: int):
+        """The mean loss from :meth:`loss_sum` over ``num_tokens`` tokens: ``total / N`` (the
+        gradient too is divided by N)."""
+        return total / num_tokens
 
     def grad_accumulation_weight(self, num_micro_batches: int) -> float:
         """w such that w·Σ_j ∇L_j over k equal micro-batches is the full batch's gradient ∇L.
@@ -486,8 +498,12 @@ class UMuP(Parametrization):
     def residual_taus(self, num_layers: int) -> list[float]:
         return residual_taus(num_layers, self.residual_mult, self.residual_attn_ratio)
 
-    def loss(self, logits, targets):
-        return ops.cross_entropy(logits, targets, mult=self.loss_softmax_mult)
+    def loss_sum(self, logits, targets):
+        return ops.cross_entropy(logits, targets, mult=self.loss_softmax_mult, reduction="sum")
+
+    def loss_from_sum(self, total, num_tokens: int):
+        """``scale_fwd(total, 1/N)``: the mean in the forward pass only (spec §5.14)."""
+        return ops.scale_fwd(total, 1.0 / num_tokens)
 
     def grad_accumulation_weight(self, num_micro_batches: int) -> float:
         """1: u-μP's mean loss scales only its forward by 1/N (spec §5.14), so its backward,
