@@ -3,12 +3,13 @@ checksums, with fallback to an older checkpoint only when files are really damag
 
 Each checkpoint ``DIR/checkpoints/<step>`` holds three orbax items: ``state`` (params,
 optimizer state, step; sharded arrays), ``data`` (the grain iterator state and, under
-:data:`TOKENS_KEY`, the fingerprint of the run's tokens, :func:`umup_jax.data.token_fingerprint`;
-JSON) and ``config`` (the run's config, JSON), plus ``umup_manifest.json``: the size and CRC-32 of every
-file of the checkpoint, written by process 0 once orbax has finished the step.  Orbax writes
-to a temporary directory and renames it when complete, so a run killed mid-save leaves no half
-checkpoint under a step name; a run killed between that rename and the manifest leaves an
-intact checkpoint without a manifest, which is read normally.
+:data:`TOKENS_KEY`, the fingerprint of the run's tokens,
+:func:`umup_jax.data.token_fingerprint`; JSON) and ``config`` (the run's config, JSON), plus
+``umup_manifest.json``: the size and CRC-32 of every file of the checkpoint, written by process
+0 once orbax has finished the step.  Orbax writes to a temporary directory and renames it when
+complete, so a run killed mid-save leaves no half checkpoint under a step name; a run killed
+between that rename and the manifest leaves an intact checkpoint without a manifest, which is
+read normally.
 
 Restoring distinguishes three kinds of failure:
 

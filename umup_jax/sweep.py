@@ -253,8 +253,8 @@ def random_runs(spec, config) -> list[tuple[str, dict]]:
 
 
 # The columns of a row that its run's config determines (compared for a legacy sweep.json).
-CONFIG_COLUMNS = (["parametrization", "width", "depth", "steps", "batch_size", "seq_len", "lr",
-                   "weight_decay", "seed"] + HP_COLUMNS)
+RUN_CONFIG_COLUMNS = (["parametrization", "width", "depth", "steps", "batch_size", "seq_len", "lr",
+                       "weight_decay", "seed"] + HP_COLUMNS)
 
 
 def _same_cell(recorded: str, value: Any) -> bool:
@@ -279,7 +279,7 @@ def _check_legacy_rows(spec, config, rows: list[dict], spec_file: pathlib.Path) 
             expected = make_row(spec, row.get("group", ""), {}, cfg, None, 0.0)
         except Exception:  # an override the config refuses: a failed row, rerun anyway
             continue
-        for key in CONFIG_COLUMNS:
+        for key in RUN_CONFIG_COLUMNS:
             want = expected.get(key, "")
             if not _same_cell(row.get(key, ""), want) and not (row.get(key, "") == "" and
                                                               key.startswith("hp.")):
