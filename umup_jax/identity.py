@@ -10,8 +10,8 @@ executed or observed; they may change freely between a run and its resumption:
   mesh (checkpoints reshard on restore), multi-host settings, input prefetch depth, the cache
   directory and the restart switch itself; rematerialisation, the attention kernel, the
   loss chunks and gradient accumulation (each computes the same function and the same update,
-  up to float rounding).  ``model.scan_layers`` is *not* among them: it changes the checkpoint's layout
-  (convert one with :mod:`umup_jax.layer_stack`);
+  up to float rounding).  ``model.scan_layers`` is *not* among them: it changes the
+  checkpoint's layout (convert one with :mod:`umup_jax.layer_stack`);
 * ``train.steps`` may grow on resume (the run is continued; with the cosine schedule the decay
   is re-stretched to the new total from the resume point on, which the resume message says).
 
