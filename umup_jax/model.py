@@ -227,14 +227,16 @@ def linear_for(module: nn.Module, cfg: "ModelConfig", name: str, linear, *args, 
     A ``bf16`` group passes ``dot=None`` (the rule's own, fused matmul); an FP8 group passes
     :func:`umup_jax.fp8.fp8_dot`, which reports its cast statistics if the ``fp8_probe``
     collection holds a probe for ``name``."""
-    group = PARAM_GROUPS[name]
-    mode = cfg.fp8_policy[group]
     probe = module.get_variable(PROBES, name) if module.has_variable(PROBES, name) else None
-    dot = None
-    if mode != "bf16":
-        dot = functools.partial(fp8_lib.fp8_dot, mode=mode, probe=probe)
-    with jax.named_scope(f"fp8_{group}"):
-        return linear(*args, dot=dot, **kwargs)
+    with jax.named_scope(f"fp8_{PARAM_GROUPS[name]}"):
+        return linear(*args, dot=dot_for(cfg, name, probe), **kwargs)
+
+
+def dot_for(cfg: "ModelConfig", name: str, probe=None):
+    """The ``dot`` of parameter ``name``'s matmul under the FP8 policy: ``None`` for a
+    ``bf16`` group, else :func:`umup_jax.fp8.fp8_dot` in the group's mode with ``probe``."""
+    mode = cfg.fp8_policy[PARAM_GROUPS[name]]
+    return None if mode == "bf16" else functools.partial(fp8_lib.fp8_dot, mode=mode, probe=probe)
 
 
 def fp8_probes(cfg: "ModelConfig") -> dict:
@@ -474,7 +476,6 @@ class Decoder(nn.Module):
             raise ValueError(f"loss_chunks={c} needs targets of shape {(b, s)} and a sequence "
                              f"length divisible by {c}; got targets {targets.shape}, length {s}")
         tokens = self.grad_tokens if self.grad_tokens is not None else b * s
-        mode = cfg.fp8_policy[PARAM_GROUPS["readout"]]
         probe = self.get_variable(PROBES, "readout") if self.has_variable(PROBES, "readout") \
             else None
         probes = None if probe is None else jnp.broadcast_to(probe / c, (c, *probe.shape))
@@ -483,10 +484,9 @@ class Decoder(nn.Module):
         @jax.checkpoint
         def chunk(total, inputs):
             xc, tc, pc = inputs
-            dot = None if mode == "bf16" else functools.partial(fp8_lib.fp8_dot, mode=mode,
-                                                                probe=pc)
             with jax.named_scope(f"fp8_{PARAM_GROUPS['readout']}"):
-                logits = rule.readout(xc, w_out, m_out, dot=dot, tokens=tokens)
+                logits = rule.readout(xc, w_out, m_out, dot=dot_for(cfg, "readout", pc),
+                                      tokens=tokens)
             logits = logits.astype(jnp.float32)
             mean_square = jax.lax.stop_gradient(jnp.mean(jnp.square(logits)))
             return total + rule.loss_sum(logits, tc), mean_square
