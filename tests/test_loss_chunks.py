@@ -135,3 +135,24 @@ def test_loss_chunks_may_change_when_a_run_resumes():
     assert identity.is_execution_key("model.loss_chunks")
     a, b = smoke("umup"), smoke("umup", **{"model.loss_chunks": 4})
     assert identity.identity_hash(a) == identity.identity_hash(b)
+
+
+def test_bench_script_writes_its_table(tmp_path):
+    """``experiments/bench_loss_chunks.py`` on a tiny shape: one row per c, equal losses, and
+    less temporary memory with more chunks."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "bench_loss_chunks.py"
+    spec = importlib.util.spec_from_file_location("bench_loss_chunks", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--vocab", "1024", "--width", "32", "--depth", "1", "--heads", "2",
+                       "--seq", "64", "--batch", "4", "--chunks", "1,4", "--steps", "1",
+                       "--rounds", "1", "--out", str(tmp_path)])
+    assert [r["chunks"] for r in rows] == [1, 4]
+    assert rows[1]["loss"] == pytest.approx(rows[0]["loss"], rel=1e-5)
+    assert rows[0]["temp_ratio"] == 1.0 and rows[1]["temp_ratio"] < 0.6
+    assert (tmp_path / "bench_loss_chunks.csv").read_text().startswith("rule,vocab,width")
+    with pytest.raises(SystemExit):
+        bench.main(["--seq", "64", "--chunks", "1,3", "--out", str(tmp_path)])
