@@ -58,8 +58,9 @@ def base_config(parametrization: str = "umup") -> ml_collections.ConfigDict:
         # GPU scale: blocks under nn.scan (params stacked on a leading `layers` axis; changes
         # the checkpoint layout), rematerialisation (none | full | dots_saveable) and the
         # attention kernel (xla | cudnn | auto: cudnn on a GPU for bf16 where it can run);
-        # loss_chunks: the readout and loss over this many sequence chunks, one at a time, so
-        # the (batch, seq, vocab) logits never exist whole (must divide seq_len).
+        # loss_chunks: the readout and loss over this many sequence chunks, one at a time, with
+        # their gradients, so the (batch, seq, vocab) logits never exist whole (must divide
+        # seq_len; umup_jax/loss_chunks.py).
         scan_layers=False, remat="none", attention_impl="auto", loss_chunks=1,
     ))
     c.optimizer = ml_collections.ConfigDict(dict(

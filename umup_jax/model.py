@@ -30,14 +30,12 @@ Scale options (they compute the same function):
   elementwise ops): ``nn.remat`` with ``jax.checkpoint_policies``.
 * ``attention_impl``: ``xla | cudnn | auto``, the kernel of :func:`umup_jax.ops.attention_core`.
 * ``loss_chunks``: c > 1 computes the readout and the loss (:meth:`Decoder.loss`) over c
-  chunks of the sequence, one after another under ``jax.checkpoint`` (a ``lax.scan``), so that
-  only a (B, S/c, V) block of logits exists at a time, forward and backward, instead of the
-  full (B, S, V) fp32 logits, their softmax and their gradient (at the proxy's 16384 tokens ×
-  32000 vocabulary, 2 GiB each).  The readout matmul runs twice (the backward recomputes each
-  chunk's logits).  The loss is the sum of the chunks' :meth:`~P.Parametrization.loss_sum`
-  made a mean by :meth:`~P.Parametrization.loss_from_sum`, so loss and gradients are the
-  unchunked ones up to the order of summation; u-μP's readout weight-gradient scale uses the
-  token count of the whole call (or ``grad_tokens``), not the chunk's.
+  chunks of the sequence, one after another, each chunk's gradients computed with its loss
+  (:mod:`umup_jax.loss_chunks`), so that only a (B, S/c, V) block of logits exists at a time
+  instead of the full (B, S, V) fp32 logits, their softmax and their gradient (at the proxy's
+  16384 tokens × 32000 vocabulary, 2 GiB each), with no recomputation.  Loss and gradients are
+  the unchunked ones up to the order of summation; u-μP's readout weight-gradient scale uses
+  the token count of the whole call (or ``grad_tokens``), not the chunk's.
 """
 
 from __future__ import annotations
@@ -52,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from umup_jax import fp8 as fp8_lib
+from umup_jax import loss_chunks as loss_chunks_lib
 from umup_jax import ops
 from umup_jax import parametrization as P
 
@@ -464,37 +463,25 @@ class Decoder(nn.Module):
         return logits if targets is None else rule.loss(logits, targets)
 
     def _chunked_loss(self, x, w_out, m_out, targets):
-        """:meth:`loss` over ``loss_chunks`` sequence chunks, each chunk's readout and loss
-        under ``jax.checkpoint`` inside a ``lax.scan``.  An FP8 readout's probe is split into
-        c probes of weight 1/c, so its statistics are the mean of the chunks' fractions (equal
-        chunks: the whole call's).  The sown ``logits`` is their RMS as a scalar (what the
-        metrics read of it), not the logits."""
+        """:meth:`loss` over ``loss_chunks`` sequence chunks, readout and loss fused with their
+        backward (:func:`umup_jax.loss_chunks.chunked_readout_loss`).  The sown ``logits`` is
+        their RMS as a scalar (what the metrics read of it), not the logits."""
         cfg, rule = self.config, self.config.rule
-        b, s, d = x.shape
-        c = cfg.loss_chunks
-        if s % c or targets.shape != (b, s):
-            raise ValueError(f"loss_chunks={c} needs targets of shape {(b, s)} and a sequence "
-                             f"length divisible by {c}; got targets {targets.shape}, length {s}")
+        b, s = targets.shape
         tokens = self.grad_tokens if self.grad_tokens is not None else b * s
         probe = self.get_variable(PROBES, "readout") if self.has_variable(PROBES, "readout") \
             else None
-        probes = None if probe is None else jnp.broadcast_to(probe / c, (c, *probe.shape))
-        chunks = lambda a: jnp.swapaxes(a.reshape(b, c, s // c, *a.shape[2:]), 0, 1)
 
-        @jax.checkpoint
-        def chunk(total, inputs):
-            xc, tc, pc = inputs
+        def readout(xc, w, pc):
             with jax.named_scope(f"fp8_{PARAM_GROUPS['readout']}"):
-                logits = rule.readout(xc, w_out, m_out, dot=dot_for(cfg, "readout", pc),
-                                      tokens=tokens)
-            logits = logits.astype(jnp.float32)
-            mean_square = jax.lax.stop_gradient(jnp.mean(jnp.square(logits)))
-            return total + rule.loss_sum(logits, tc), mean_square
+                return rule.readout(xc, w, m_out, dot=dot_for(cfg, "readout", pc),
+                                    tokens=tokens)
 
-        total, mean_squares = jax.lax.scan(chunk, jnp.zeros((), jnp.float32),
-                                           (chunks(x), chunks(targets), probes))
-        self.sow("intermediates", "logits", jnp.sqrt(jnp.mean(mean_squares)))
-        return rule.loss_from_sum(total, b * s)
+        loss, logits_rms = loss_chunks_lib.chunked_readout_loss(
+            x, w_out, targets, probe, chunks=cfg.loss_chunks, readout=readout,
+            loss_sum=rule.loss_sum, loss_from_sum=rule.loss_from_sum)
+        self.sow("intermediates", "logits", logits_rms)
+        return loss
 
     def loss(self, tokens, targets):
         """The parametrization's mean cross-entropy of next-token ``targets`` (fp32)."""

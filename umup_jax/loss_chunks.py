@@ -1,0 +1,96 @@
+"""The readout and loss over sequence chunks, fused with their backward (``model.loss_chunks``).
+
+At the proxy's shapes the (B, S, V) fp32 logits, their softmax and their gradient are most of
+a train step's temporary memory (16384 tokens × 32000 vocabulary: 2 GiB each).
+:func:`chunked_readout_loss` never holds them whole: the sequence is cut into c chunks and a
+``lax.scan`` goes through them one at a time.  When the loss is differentiated, each chunk's
+gradients (w.r.t. its readout input, the readout weight and an FP8 probe) are computed right
+after its loss, inside the same scan step, by ``jax.vjp`` of exactly the function the unchunked
+model computes (the rule's readout and :meth:`~umup_jax.parametrization.Parametrization.loss_sum`
+made a mean by :meth:`~umup_jax.parametrization.Parametrization.loss_from_sum`, custom VJPs,
+unit scales and FP8 casts included); the backward pass then only scales them by the incoming
+cotangent.  So a chunk's logits live for one scan step, and the readout's three matmuls
+(forward, input gradient, weight gradient) run once each, as without chunks: no
+recomputation (the idea of fused linear cross-entropy kernels).
+
+Because ``loss_from_sum`` is linear, the sum over chunks of ``loss_from_sum(chunk's sum)`` is
+the mean loss, and each chunk's vjp at cotangent 1 is its exact share of the gradient: the same
+per-logit gradient (u-μP: (softmax(m·z) − onehot)·V/√(V−1); SP/μP: the same over N) and the
+same readout backward scales (u-μP's weight-gradient scale uses the whole call's token count,
+which the caller passes to the readout).  Loss and gradients equal the unchunked ones up to the
+order of summation.  An FP8 readout's cast statistics (its probe's gradient) are the mean of
+the chunks' fractions, which for equal chunks are the whole call's.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+
+def chunked_readout_loss(x, w, targets, probe: Optional[jax.Array], *, chunks: int,
+                         readout: Callable, loss_sum: Callable, loss_from_sum: Callable):
+    """(mean loss, RMS of the logits) of ``loss_from_sum(Σ_c loss_sum(readout(x_c, w, p), t_c),
+    B·S)`` over ``chunks`` equal chunks of the sequence axis of ``x`` (B, S, D) and
+    ``targets`` (B, S).
+
+    ``readout(x_c, w, probe)`` gives a chunk's logits (``probe`` is ``None`` when ``probe`` is);
+    ``loss_sum(logits, targets)`` and ``loss_from_sum(total, num_tokens)`` are the rule's.  The
+    RMS (a scalar, no gradient) is what the activation metrics read of the logits.
+    """
+    b, s, d = x.shape
+    if s % chunks or targets.shape != (b, s):
+        raise ValueError(f"loss_chunks={chunks} needs targets of shape {(b, s)} and a sequence "
+                         f"length divisible by {chunks}; got targets {targets.shape}, length {s}")
+    n = b * s
+    has_probe = probe is not None
+    p0 = probe if has_probe else jnp.zeros((0,), jnp.float32)
+
+    def split(a):  # (B, S, …) → (c, B, S/c, …): each chunk keeps the batch axis (and sharding)
+        return jnp.swapaxes(a.reshape(b, chunks, s // chunks, *a.shape[2:]), 0, 1)
+
+    def unsplit(a):
+        return jnp.swapaxes(a, 0, 1).reshape(b, s, *a.shape[3:])
+
+    def chunk_loss(xc, w, tc, p):
+        logits = readout(xc, w, p if has_probe else None).astype(jnp.float32)
+        mean_square = jax.lax.stop_gradient(jnp.mean(jnp.square(logits)))
+        return loss_from_sum(loss_sum(logits, tc), n), mean_square
+
+    @jax.custom_vjp
+    def fused(x, w, targets, p):
+        def body(total, inputs):
+            xc, tc = inputs
+            loss, mean_square = chunk_loss(xc, w, tc, p)
+            return total + loss, mean_square
+
+        total, mean_squares = jax.lax.scan(body, jnp.zeros((), jnp.float32),
+                                           (split(x), split(targets)))
+        return total, jnp.sqrt(jnp.mean(mean_squares))
+
+    def fused_fwd(x, w, targets, p):
+        def body(carry, inputs):
+            total, dw, dp = carry
+            xc, tc = inputs
+            (loss, mean_square), vjp = jax.vjp(lambda xc_, w_, p_: chunk_loss(xc_, w_, tc, p_),
+                                               xc, w, p)
+            dxc, dwc, dpc = vjp((jnp.ones_like(loss), jnp.zeros_like(mean_square)))
+            carry = (total + loss, dw + dwc.astype(jnp.float32), dp + dpc)
+            return carry, (dxc, mean_square)
+
+        init = (jnp.zeros((), jnp.float32), jnp.zeros(w.shape, jnp.float32), jnp.zeros_like(p))
+        (total, dw, dp), (dx, mean_squares) = jax.lax.scan(body, init,
+                                                            (split(x), split(targets)))
+        out = (total, jnp.sqrt(jnp.mean(mean_squares)))
+        return out, (unsplit(dx), dw.astype(w.dtype), dp / chunks)
+
+    def fused_bwd(res, cotangents):
+        dx, dw, dp = res
+        g = cotangents[0]  # the RMS output carries no gradient
+        # The probe's gradient is its statistics, whatever the cotangent (as fp8.fp8_dot's).
+        return (g.astype(dx.dtype) * dx, g.astype(dw.dtype) * dw, None, dp)
+
+    fused.defvjp(fused_fwd, fused_bwd)
+    return fused(x, w, targets, p0)
