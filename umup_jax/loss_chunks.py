@@ -20,6 +20,9 @@ same readout backward scales (u-μP's weight-gradient scale uses the whole call'
 which the caller passes to the readout).  Loss and gradients equal the unchunked ones up to the
 order of summation.  An FP8 readout's cast statistics (its probe's gradient) are the mean of
 the chunks' fractions, which for equal chunks are the whole call's.
+
+A custom VJP has no forward-mode rule: ``jax.jvp`` through the chunked loss fails (nothing in
+umup-jax uses forward mode; with ``loss_chunks=1`` the model is plain autodiff again).
 """
 
 from __future__ import annotations
