@@ -244,6 +244,44 @@ def test_resume_on_changed_data_files_is_refused(tmp_path, capsys):
     assert rows(workdir, "train")[0]["step"] == 0
 
 
+def test_finished_run_rerun_on_changed_data_files_is_refused(tmp_path, capsys):
+    """A finished run's results stand for the tokens it trained on: after its data files
+    changed, a rerun refuses instead of reporting them; with the data gone it keeps them."""
+    workdir = tmp_path / "run"
+    first = train_lib.train_and_evaluate(_text_run(tmp_path, train__steps=3), str(workdir))
+    capsys.readouterr()
+    again = train_lib.train_and_evaluate(_text_run(tmp_path, train__steps=3), str(workdir))
+    assert _same(again, first) and "is finished (step 3 of 3)" in capsys.readouterr().out
+    (tmp_path / "data" / "train.txt").write_text(TEXT_A.replace("lazy", "lively", 1))
+    before = digest(workdir)
+    with pytest.raises(identity.RunMismatchError) as info:
+        train_lib.train_and_evaluate(_text_run(tmp_path, train__steps=3), str(workdir))
+    assert "other tokens (checkpoint step 3" in str(info.value)
+    assert first["data_fingerprint"] in str(info.value)
+    assert digest(workdir) == before
+    # Data that cannot be read any more: the finished results come back, with a note.
+    (tmp_path / "data" / "train.txt").unlink()
+    capsys.readouterr()
+    kept = train_lib.train_and_evaluate(_text_run(tmp_path, train__steps=3), str(workdir))
+    out = capsys.readouterr().out
+    assert _same(kept, first) and "is finished (step 3 of 3)" in out
+    assert "note: the config's data could not be read (DataConfigError" in out
+    assert digest(workdir) == before
+    # train.restart=True over the changed data moves the finished run aside and retrains.
+    (tmp_path / "data" / "train.txt").write_text(TEXT_A.replace("lazy", "lively", 1))
+    redone = train_lib.train_and_evaluate(
+        _text_run(tmp_path, train__steps=3, train__restart=True), str(workdir))
+    assert redone["data_fingerprint"] != first["data_fingerprint"]
+    (previous,) = list((workdir / "previous").iterdir())
+    assert _same(json.loads((previous / "results.json").read_text()), first)
+    assert rows(workdir, "train")[0]["step"] == 0
+
+
+def _same(a: dict, b: dict) -> bool:
+    """Equal results dicts (NaN, e.g. the MFU on CPU, equal to itself)."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
 def test_checkpoint_without_a_token_fingerprint_resumes_with_a_note(tmp_path, monkeypatch,
                                                                     capsys):
     """A checkpoint written before fingerprints were stored has none: it resumes, saying so."""
@@ -253,6 +291,19 @@ def test_checkpoint_without_a_token_fingerprint_resumes_with_a_note(tmp_path, mo
     workdir = tmp_path / "run"
     train_lib.train_and_evaluate(_text_run(tmp_path, train__steps=3), str(workdir))
     monkeypatch.setattr(ckpt.CheckpointStore, "save", save)
+    # Rerun as finished: results.json's fingerprint stands in for the checkpoint's; with
+    # neither, the results come back with a note.
+    capsys.readouterr()
+    train_lib.train_and_evaluate(_text_run(tmp_path, train__steps=3), str(workdir))
+    assert "predates token fingerprints" not in capsys.readouterr().out
+    results_path = workdir / "results.json"
+    old_results = json.loads(results_path.read_text())
+    results_path.write_text(json.dumps({k: v for k, v in old_results.items()
+                                        if k != "data_fingerprint"}))
+    train_lib.train_and_evaluate(_text_run(tmp_path, train__steps=3), str(workdir))
+    out = capsys.readouterr().out
+    assert "is finished (step 3 of 3)" in out
+    assert "the finished run in" in out and "predates token fingerprints" in out
     capsys.readouterr()
     results = train_lib.train_and_evaluate(_text_run(tmp_path, train__steps=4), str(workdir))
     out = capsys.readouterr().out

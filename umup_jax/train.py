@@ -60,7 +60,14 @@ NAN_POLICIES = ("stop", "ignore")
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss (or the state to be checkpointed) became NaN/Inf (``train.nan_policy='stop'``)."""
+    """The loss (or the state to be checkpointed) became NaN/Inf (``train.nan_policy='stop'``).
+
+    ``data_fingerprint`` is the :func:`umup_jax.data.token_fingerprint` of the tokens the run
+    diverged on (a sweep records it with the diverged row)."""
+
+    def __init__(self, message: str, data_fingerprint: Optional[str] = None):
+        super().__init__(message)
+        self.data_fingerprint = data_fingerprint
 
 
 # ---------------------------------------------------------------------------------------------
@@ -510,6 +517,30 @@ def _archive_and_reopen(store: ckpt.CheckpointStore, workdir: pathlib.Path, keep
     return ckpt.CheckpointStore(workdir / "checkpoints", keep=keep, writer=is_main)
 
 
+def _check_finished_tokens(config: ml_collections.ConfigDict, store: ckpt.CheckpointStore,
+                           step: int, previous: dict, workdir: pathlib.Path,
+                           is_main: bool) -> None:
+    """Before a finished run's results are returned unchanged: :func:`check_tokens` of its
+    last checkpoint's token fingerprint (else the one ``results.json`` records) against the
+    tokens the config's data gives now.  Data that can no longer be read (moved, deleted)
+    does not make the finished results wrong: they are returned with a note saying the
+    tokens were not compared, as are those of a run that predates fingerprints."""
+    stored = store.token_fingerprint(step) or previous.get("data_fingerprint")
+    if stored is None:
+        if is_main:
+            print(f"note: the finished run in {workdir} predates token fingerprints, so its "
+                  "tokens could not be compared with the config's data", flush=True)
+        return
+    try:
+        tokens = data_lib.load_tokens(config.data, cache_dir=config.data.cache_dir or None)
+    except Exception as e:  # noqa: BLE001 - any failure to read it: say so, keep the results
+        if is_main:
+            print(f"note: the config's data could not be read ({type(e).__name__}: {e}), so "
+                  f"the finished run's tokens were not compared with it", flush=True)
+        return
+    check_tokens(stored, tokens.fingerprint, step, workdir, tokens.description)
+
+
 def _read_results(workdir: pathlib.Path) -> Optional[dict]:
     try:
         return json.loads((workdir / "results.json").read_text())
@@ -559,12 +590,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if found is not None and found[0] >= steps_total:
         previous = _read_results(workdir_path)
         if previous is not None and previous.get("steps") == found[0]:
-            store.close()
-            if is_main:
-                print(f"the run in {workdir_path} is finished (step {found[0]} of "
-                      f"{steps_total}); results unchanged in {workdir_path / 'results.json'}",
-                      flush=True)
-            return previous
+            try:  # a finished run's results stand only for the tokens it trained on
+                _check_finished_tokens(config, store, found[0], previous, workdir_path,
+                                       is_main)
+            except identity_lib.RunMismatchError:
+                if not tcfg.restart:
+                    store.close()
+                    raise
+                store = _archive_and_reopen(store, workdir_path, tcfg.keep_checkpoints,
+                                            is_main)
+                found = None
+            else:
+                store.close()
+                if is_main:
+                    print(f"the run in {workdir_path} is finished (step {found[0]} of "
+                          f"{steps_total}); results unchanged in "
+                          f"{workdir_path / 'results.json'}", flush=True)
+                return previous
 
     try:
         run = build_run(config)
@@ -685,7 +727,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if not math.isfinite(loss) and tcfg.nan_policy == "stop":
             raise NonFiniteLossError(
                 f"non-finite loss ({loss}) at step {step}; stopping (train.nan_policy='stop'); "
-                f"{where_good()}"
+                f"{where_good()}", data_fingerprint=tokens_fingerprint
             )
         last_train_loss = loss
         interval_steps += 1
@@ -716,7 +758,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                    "not saved as a checkpoint")
             if tcfg.nan_policy == "stop":
                 raise NonFiniteLossError(f"{msg}; stopping (train.nan_policy='stop'); "
-                                         f"{where_good()}")
+                                         f"{where_good()}", data_fingerprint=tokens_fingerprint)
             log.warning(msg)
             if is_main:
                 print(f"WARNING: {msg}", flush=True)
