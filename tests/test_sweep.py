@@ -138,6 +138,8 @@ def test_diverged_runs_are_recorded_and_the_sweep_goes_on(tmp_path):
         base(), spec, str(tmp_path), batched=False, progress=False)}
     assert rows[1e30]["diverged"] in (1, "1") and math.isnan(float(rows[1e30]["final_eval_loss"]))
     assert rows[1.0]["diverged"] in (0, "0") and math.isfinite(float(rows[1.0]["final_eval_loss"]))
+    # The diverged run records the tokens it diverged on, so a rerun can compare them too.
+    assert rows[1e30]["data_fingerprint"] == rows[1.0]["data_fingerprint"] != ""
     # The batched runner records the same divergence.
     b = sweep_lib.run_batched(sweep_lib.run_config(base(), spec["base"]), [1e30, 1.0],
                               [0.0, 0.0])

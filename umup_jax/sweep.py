@@ -424,13 +424,14 @@ def run_config(base: ml_collections.ConfigDict, overrides: dict) -> ml_collectio
     return cfg
 
 
-def run_single(cfg, workdir: pathlib.Path) -> Optional[dict]:
-    """One run via train_and_evaluate; ``None`` if its loss became non-finite."""
+def run_single(cfg, workdir: pathlib.Path) -> dict:
+    """One run via train_and_evaluate; if its loss became non-finite, only the fingerprint of
+    the tokens it diverged on (no losses: :func:`make_row` marks it diverged)."""
     try:
         return train_lib.train_and_evaluate(cfg, str(workdir))
     except train_lib.NonFiniteLossError as e:
         print(f"  diverged: {e}", flush=True)
-        return None
+        return {"data_fingerprint": e.data_fingerprint}
 
 
 def run_batched(cfg, lrs: list[float], wds: list[float]) -> list[dict]:
@@ -558,8 +559,8 @@ class Runner:
         tokens than their data config holds now (:func:`umup_jax.data.token_fingerprint`,
         recorded in ``results.csv``): data files changed under the same config would mix two
         corpora in one sweep.  Each distinct data config is loaded once, and only when some
-        finished row has a fingerprint (rows from before fingerprints, and diverged single
-        runs, have none and are not compared).  Where the data cannot be loaded here (a Ray
+        finished row has a fingerprint (rows from before fingerprints have none and are not
+        compared).  Where the data cannot be loaded here (a Ray
         driver without the workers' data), it says so and goes on."""
         groups: dict[str, tuple[Any, list[tuple[str, str]]]] = {}
         for _, ov in done:
