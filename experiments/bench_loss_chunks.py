@@ -56,7 +56,7 @@ class Step:
         key = jax.random.key(0)
         self.tokens = jax.random.randint(key, (batch, cfg.seq_len), 0, cfg.vocab_size)
         self.targets = jnp.roll(self.tokens, -1, axis=1)
-        boxed = model.init(key, self.tokens)
+        boxed = jax.jit(model.init)(key, self.tokens)  # eager init dispatches op by op
         tx = make_optimizer(OptimizerConfig(warmup_steps=2, total_steps=100), boxed, cfg.rule)
         self.params = flax_meta.unbox(boxed)
         self.opt_state = tx.init(self.params)
