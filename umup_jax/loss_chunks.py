@@ -21,6 +21,14 @@ which the caller passes to the readout).  Loss and gradients equal the unchunked
 order of summation.  An FP8 readout's cast statistics (its probe's gradient) are the mean of
 the chunks' fractions, which for equal chunks are the whole call's.
 
+Under data parallelism each chunk's readout weight gradient (and loss) is a partial sum over
+the local batch rows.  XLA's CPU pipeline all-reduces it inside the scan, once per chunk
+(8 forced CPU devices, mesh (8, 1, 1), c = 4: one (f32[], D×V) all-reduce in the loop body
+besides the step's single gradient all-reduce); XLA's GPU pipeline runs
+``WhileLoopAllReduceCodeMotion``, which moves an all-reduce whose result is only accumulated
+into a loop carry out of the loop, so there it should be one all-reduce per step (not yet
+measured on a multi-GPU host).
+
 A custom VJP has no forward-mode rule: ``jax.jvp`` through the chunked loss fails (nothing in
 umup-jax uses forward mode; with ``loss_chunks=1`` the model is plain autodiff again).
 """
