@@ -7,6 +7,7 @@ Every (parametrization, width) trains its 8 learning rates as one vmapped comput
 
     python experiments/width_transfer.py [--steps=240] [--out=experiments/results/width_transfer]
     python experiments/width_transfer.py --small   # a 2-minute version (the notebook's rerun)
+    python experiments/width_transfer.py --verify  # 3 runs against the committed table
     python experiments/width_transfer.py --backend=ray [--ray_address=HOST:PORT]
         [--gpus_per_task=1]   # each (parametrization, width) group a Ray task (BUILD.md)
 
@@ -112,6 +113,60 @@ def run(out: pathlib.Path, steps: int, widths: list[int], n_lrs: int, progress: 
     print(f"wall time {wall / 60:.1f} min; wrote {out}")
 
 
+def verify(out: pathlib.Path, width: int = 128, rtol: float = 1e-5) -> list[dict]:
+    """Retrains, in a temporary directory, each parametrization's run at the smallest learning
+    rate of its grid at ``width`` (one run each, separately, not vmapped) and compares its final
+    train and validation losses with the rows in ``OUT/<parametrization>/results.csv``: a check
+    that this install reproduces committed results in minutes instead of the sweep's 40.
+
+    The smallest LR because training there is not chaotic: measured on the committed table
+    (240 steps, width 128), its runs and the optima of u-μP and SP reproduce to ≤ 2e-7
+    relative, while at the high-LR edge (u-μP η = 16, SP η = 2⁻⁴) and at μP's optimum
+    (η = 2⁻⁶) a change of summation order alone (``model.loss_chunks=2``, the same function)
+    moves the validation loss by 2%, 1% and 3e-4.  Returns one dict per run; ``ok`` is whether
+    both losses agree within ``rtol``."""
+    import tempfile
+
+    from umup_jax import train as train_lib
+
+    checked = []
+    for parametrization in LR_GRIDS:
+        path = out / parametrization / "results.csv"
+        if not path.exists():
+            continue
+        rows = [r for r in analysis.read_results(path)
+                if not r.get("error") and not r["diverged"]]
+        at_width = [r for r in rows if r["width"] == width]
+        if not at_width:
+            raise SystemExit(f"{path} has no run at width {width} (widths: "
+                             f"{sorted({r['width'] for r in rows})}); pass --verify_width")
+        row = min(at_width, key=lambda r: r["lr"])
+        cfg = sweep_lib.run_config(
+            base_config(parametrization, int(row["steps"]), min(r["width"] for r in rows)),
+            json.loads(row["overrides"]))
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.time()
+            new = train_lib.train_and_evaluate(cfg, tmp)
+        result = {"parametrization": parametrization, "width": width, "lr": row["lr"],
+                  "wall_s": round(time.time() - t0, 1)}
+        ok = True
+        for key in ("final_train_loss", "final_eval_loss"):
+            rel = abs(new[key] - row[key]) / abs(row[key])
+            result.update({f"{key}_committed": row[key], f"{key}_now": new[key],
+                           f"{key}_rel": rel})
+            ok = ok and rel <= rtol
+        result["ok"] = ok
+        checked.append(result)
+        print(f"{parametrization:5s} width {width} η {row['lr']:.4g}: eval loss "
+              f"{row['final_eval_loss']:.6f} in {path}, {new['final_eval_loss']:.6f} now "
+              f"(rel {result['final_eval_loss_rel']:.1e}; train "
+              f"{result['final_train_loss_rel']:.1e}) {'ok' if ok else f'DIFFERS (> {rtol:g})'}"
+              f" [{result['wall_s']:.0f} s]", flush=True)
+    if not checked:
+        raise SystemExit(f"{out} holds no <parametrization>/results.csv to verify")
+    return checked
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--steps", type=int, default=240)
@@ -127,7 +182,16 @@ def main() -> None:
     p.add_argument("--gpus_per_task", type=float, default=None,
                    help="with --backend=ray: GPUs per task (default 1 when the cluster has "
                         "GPUs, else 0)")
+    p.add_argument("--verify", action="store_true",
+                   help="retrain one run per parametrization (its smallest LR at "
+                        "--verify_width) and compare with the results in --out; exit 1 if "
+                        "they differ by more than --verify_rtol")
+    p.add_argument("--verify_width", type=int, default=128)
+    p.add_argument("--verify_rtol", type=float, default=1e-5)
     args = p.parse_args()
+    if args.verify:
+        checked = verify(pathlib.Path(args.out), args.verify_width, args.verify_rtol)
+        raise SystemExit(0 if all(c["ok"] for c in checked) else 1)
     on = dict(backend=args.backend, ray_address=args.ray_address,
               gpus_per_task=args.gpus_per_task)
     if args.small:

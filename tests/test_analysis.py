@@ -156,10 +156,10 @@ def _row(p, width, lr, loss, diverged=False, seed=0, **hps):
 
 CSV_TEXT = (
     "run_id,sweep,group,parametrization,width,depth,steps,batch_size,seq_len,lr,hp.attn_mult,"
-    "seed,final_train_loss,final_eval_loss,diverged,wall_time_s,overrides\n"
-    'a,lr,g,umup,256,4,100,8,64,0.5,1.0,0,3.5,3.25,0,12.5,"{""lr"": 0.5}"\n'
-    "b,lr,g,umup,256,4,100,8,64,8.0,1.0,0,nan,,1,3.0,\n"
-    "c,lr,g,sp,512,4,100,8,64,0.0009765625,,1,inf,inf,1,4,\n"
+    "seed,final_train_loss,final_eval_loss,diverged,wall_time_s,overrides,error\n"
+    'a,lr,g,umup,256,4,100,8,64,0.5,1.0,0,3.5,3.25,0,12.5,"{""lr"": 0.5}",\n'
+    "b,lr,g,umup,256,4,100,8,64,8.0,1.0,0,nan,,1,3.0,,\n"
+    "c,lr,g,sp,512,4,100,8,64,0.0009765625,,1,inf,inf,1,4,,ValueError: 1.5\n"
 )
 
 
@@ -176,6 +176,7 @@ def test_read_results_parses_types(tmp_path):
     assert math.isnan(b["final_train_loss"]) and math.isnan(b["final_eval_loss"])
     assert c["final_eval_loss"] == INF and c["lr"] == 2**-10 and math.isnan(c["hp.attn_mult"])
     assert a["overrides"] == '{"lr": 0.5}' and b["overrides"] == ""
+    assert a["error"] == "" and c["error"] == "ValueError: 1.5"  # text, never a number
     assert [an.run_loss(r) for r in rows] == [3.25, INF, INF]
 
 

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 STRING_COLUMNS = ("run_id", "sweep", "group", "parametrization", "overrides",
-                  "data_fingerprint")
+                  "data_fingerprint", "error")
 INT_COLUMNS = ("width", "depth", "steps", "batch_size", "seq_len", "seed")
 # Columns that define a configuration (with every hp.*): runs differing in one are not repeats.
 CONFIG_COLUMNS = ("parametrization", "width", "depth", "steps", "batch_size", "seq_len", "lr",
@@ -52,7 +52,8 @@ Where = Mapping[str, Any] | Callable[[Mapping[str, Any]], bool] | None
 def read_results(path) -> list[dict]:
     """Reads ``results.csv`` into one dict per run.
 
-    Parsing: ``run_id, sweep, group, parametrization`` stay strings; ``diverged`` becomes a
+    Parsing: ``run_id, sweep, group, parametrization, overrides, data_fingerprint, error``
+    stay strings (an empty ``error``: the run did not fail); ``diverged`` becomes a
     bool ('1'/'true'/'yes' → True, '0'/'' → False); every other cell is a float ('' and 'nan'
     → nan, 'inf' → inf), and ``width, depth, steps, batch_size, seq_len, seed`` are ints when
     integral.  A cell that is not a number stays a string.
