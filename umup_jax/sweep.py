@@ -560,8 +560,8 @@ class Runner:
         recorded in ``results.csv``): data files changed under the same config would mix two
         corpora in one sweep.  Each distinct data config is loaded once, and only when some
         finished row has a fingerprint (rows from before fingerprints have none and are not
-        compared).  Where the data cannot be loaded here (a Ray
-        driver without the workers' data), it says so and goes on."""
+        compared).  Where the data cannot be loaded here (a Ray driver without the workers'
+        data), it says so and goes on."""
         groups: dict[str, tuple[Any, list[tuple[str, str]]]] = {}
         for _, ov in done:
             stored = (self.store.get(run_id(ov)) or {}).get("data_fingerprint") or ""
