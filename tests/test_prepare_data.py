@@ -377,8 +377,14 @@ def test_hf_local_dataset_through_prepare_data_and_source_hf(tmp_path, hf_datase
     cfg = config_lib.proxy_config("umup", f"data.source=hf,data.hf_name={disk},"
                                   "data.tokenizer=bytes").data
     cache = tmp_path / "cache"
+    # prepare=False (a finished run's token check) refuses to prepare it, writing nothing.
+    with pytest.raises(DataConfigError, match=r"is not prepared in .*\(prepare=False\)"):
+        data_lib.load_tokens(cfg, str(cache), prepare=False)
+    assert not (cache / "prepared").exists() or not list((cache / "prepared").iterdir())
     tokens = data_lib.load_tokens(cfg, str(cache))
     np.testing.assert_array_equal(tokens.train, want)
+    at_hand = data_lib.load_tokens(cfg, str(cache), prepare=False)
+    assert at_hand.fingerprint == tokens.fingerprint
     assert tokens.vocab_size == 257 and len(list((cache / "prepared").iterdir())) == 1
     again = data_lib.load_tokens(cfg, str(cache))  # from the cache
     np.testing.assert_array_equal(again.valid, tokens.valid)

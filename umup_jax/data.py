@@ -531,8 +531,12 @@ def load_prepared(directory: Union[str, pathlib.Path], field: str = "data.prepar
                      f"prepared {root} ({what}, {meta['tokenizer'].get('spec', '?')})")
 
 
-def load_tokens(cfg, cache_dir: Optional[str] = None) -> TokenData:
-    """Loads (and caches) the tokenized train and validation splits of ``config.data``."""
+def load_tokens(cfg, cache_dir: Optional[str] = None, prepare: bool = True) -> TokenData:
+    """Loads (and caches) the tokenized train and validation splits of ``config.data``.
+
+    ``prepare=False``: a ``data.source='hf'`` dataset that is not yet prepared in the cache is
+    a :class:`DataConfigError` instead of being streamed and tokenized (hours for a large
+    corpus); the other sources are read as always."""
     cache = pathlib.Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     if cfg.source not in SOURCES:
         raise DataConfigError(f"data.source={cfg.source!r} is invalid: allowed are {SOURCES}")
@@ -562,7 +566,8 @@ def load_tokens(cfg, cache_dir: Optional[str] = None) -> TokenData:
     if cfg.source == "hf":
         from umup_jax import prepare_data  # imports this module; deferred to avoid a cycle
 
-        return load_prepared(prepare_data.prepare_hf_cached(cfg, cache), "data.hf_name")
+        return load_prepared(prepare_data.prepare_hf_cached(cfg, cache, make=prepare),
+                             "data.hf_name")
     texts = load_texts(cfg)
     tokenizer = make_tokenizer(cfg, texts["train"], cache)
     arrays = {s: _cached_encode(tokenizer, t, cache, s) for s, t in texts.items()}

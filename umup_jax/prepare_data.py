@@ -1028,7 +1028,7 @@ def _training_tokenizer_spec(cfg) -> tuple[str, str]:
     return str(path), data_lib.sha256_file(path)
 
 
-def prepare_hf_cached(cfg, cache_dir: pathlib.Path) -> pathlib.Path:
+def prepare_hf_cached(cfg, cache_dir: pathlib.Path, make: bool = True) -> pathlib.Path:
     """``data.source='hf'``: the prepared directory of (dataset, splits, text field, documents,
     tokenizer) in ``cache_dir/prepared/``, made on first use, streaming the dataset when
     ``data.hf_streaming`` (a ``save_to_disk`` directory is read from disk either way).
@@ -1036,7 +1036,9 @@ def prepare_hf_cached(cfg, cache_dir: pathlib.Path) -> pathlib.Path:
     The directory's key holds :func:`hf_data_identity`, not ``data.hf_streaming``: streamed
     or downloaded, the rows and so the tokens are the same, and one cache entry serves both.
     The identity is resolved before any data is read, so a cached entry is used without
-    streaming or downloading the dataset again."""
+    streaming or downloading the dataset again.  ``make=False``: a missing entry is a
+    :class:`~umup_jax.data.DataConfigError` instead of being made (a finished run's rerun
+    compares its tokens only if they are at hand)."""
     spec, identity = _training_tokenizer_spec(cfg)
     key = hashlib.sha256(json.dumps([
         "hf-prepared-v2", cfg.hf_name, cfg.hf_config, cfg.hf_train_split, cfg.hf_valid_split,
@@ -1048,6 +1050,9 @@ def prepare_hf_cached(cfg, cache_dir: pathlib.Path) -> pathlib.Path:
     out = pathlib.Path(cache_dir) / "prepared" / f"hf-{stem}-{key}"
     if (out / "meta.json").is_file():
         return out
+    if not make:
+        raise data_lib.DataConfigError(
+            f"data.hf_name={cfg.hf_name!r} is not prepared in {out.parent} (prepare=False)")
     streaming = bool(cfg.hf_streaming)
     splits = open_hf(cfg.hf_name, cfg.hf_config, streaming=streaming, prefix="data.")
     common = dict(text_field=cfg.hf_text_field, documents_mode=cfg.hf_documents,

@@ -522,8 +522,9 @@ def _check_finished_tokens(config: ml_collections.ConfigDict, store: ckpt.Checkp
                            is_main: bool) -> None:
     """Before a finished run's results are returned unchanged: :func:`check_tokens` of its
     last checkpoint's token fingerprint (else the one ``results.json`` records) against the
-    tokens the config's data gives now.  Data that can no longer be read (moved, deleted)
-    does not make the finished results wrong: they are returned with a note saying the
+    tokens the config's data gives now.  Data that can no longer be read (moved, deleted, a
+    Hugging Face dataset no longer prepared in the cache, which is not prepared again for
+    this) does not make the finished results wrong: they are returned with a note saying the
     tokens were not compared, as are those of a run that predates fingerprints."""
     stored = store.token_fingerprint(step) or previous.get("data_fingerprint")
     if stored is None:
@@ -532,7 +533,8 @@ def _check_finished_tokens(config: ml_collections.ConfigDict, store: ckpt.Checkp
                   "tokens could not be compared with the config's data", flush=True)
         return
     try:
-        tokens = data_lib.load_tokens(config.data, cache_dir=config.data.cache_dir or None)
+        tokens = data_lib.load_tokens(config.data, cache_dir=config.data.cache_dir or None,
+                                      prepare=False)  # never prepare a corpus just to compare
     except Exception as e:  # noqa: BLE001 - any failure to read it: say so, keep the results
         if is_main:
             print(f"note: the config's data could not be read ({type(e).__name__}: {e}), so "
