@@ -43,13 +43,18 @@ def rms(x) -> float:
 def unit_backward(fn, *args, key=None):
     """Runs ``fn(*args)`` and back-propagates a fresh N(0, 1) cotangent; returns (y, grads)."""
     key = jax.random.key(SEED + 1) if key is None else key
-    y, vjp = jax.vjp(fn, *args)
-    leaves, tree = jax.tree.flatten(y)
-    keys = jax.random.split(key, len(leaves))
-    cot = jax.tree.unflatten(
-        tree, [jax.random.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)]
-    )
-    return y, vjp(cot)
+
+    def forward_backward(args, key):
+        y, vjp = jax.vjp(fn, *args)
+        leaves, tree = jax.tree.flatten(y)
+        keys = jax.random.split(key, len(leaves))
+        cot = jax.tree.unflatten(
+            tree, [jax.random.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)]
+        )
+        return y, vjp(cot)
+
+    # Jitted: one compile instead of one per op run eagerly.
+    return jax.jit(forward_backward)(args, key)
 
 
 def assert_unit(*tensors, tol=0.1, stat=std):

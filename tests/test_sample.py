@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -58,12 +59,12 @@ def test_greedy_is_the_argmax_of_the_model_and_slides_past_the_training_length(r
     new = sample_lib.generate(r, prompt, S + 5, temperature=0.0)
     assert len(new) == S + 5
     ids = prompt + new
-    model = r.model
+    forward = jax.jit(r.model.apply)
     for t in (0, S - len(prompt), S + 4):  # first token, window full, window slid
         window = ids[: len(prompt) + t][-S:]
         buffer = np.zeros((1, S), np.int32)
         buffer[0, : len(window)] = window
-        logits = np.asarray(model.apply(r.params, buffer))[0, len(window) - 1]
+        logits = np.asarray(forward(r.params, buffer))[0, len(window) - 1]
         assert new[t] == int(np.argmax(logits))
 
 

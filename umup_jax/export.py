@@ -56,6 +56,7 @@ import shutil
 import tempfile
 from typing import Any, Optional
 
+import jax
 import numpy as np
 
 from umup_jax import data as data_lib
@@ -220,7 +221,7 @@ def reference_logits(model_cfg: ModelConfig, params: Any, tokens: np.ndarray) ->
     """What the exported model must output: our fp32 forward (no FP8 casts) times the loss's
     softmax multiplier, in float64."""
     ref_cfg = model_cfg.replace(dtype="float32", fp8="none")
-    z = Decoder(ref_cfg).apply(params, tokens)
+    z = jax.jit(Decoder(ref_cfg).apply)(params, tokens)
     return np.asarray(z, np.float64) * model_cfg.rule.loss_logit_mult()
 
 

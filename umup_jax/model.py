@@ -489,7 +489,22 @@ class Decoder(nn.Module):
 
 
 def init_params(model: Decoder, key, batch_size: int = 1):
-    """Boxed params (``{'params': …}`` with :class:`ParamMeta` leaves) for ``model``."""
+    """Boxed params (``{'params': …}`` with :class:`ParamMeta` leaves) for ``model``.
+
+    Jitted: flax's ``init`` runs the whole forward pass to create the params, and XLA drops it
+    because only the params leave; run eagerly it executes op by op, compiling each op (about
+    5 s for the tests' width-64 decoder on 2 CPU cores).  One compile per model where the
+    model hashes; a config holding a dict (μP's ``shift``) compiles per call."""
+    try:
+        hash(model)
+    except (TypeError, ValueError):
+        tokens = jnp.zeros((batch_size, model.config.seq_len), jnp.int32)
+        return jax.jit(lambda k: {"params": model.init(k, tokens)["params"]})(key)
+    return _init_params_cached(model, key, batch_size)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init_params_cached(model: Decoder, key, batch_size: int):
     tokens = jnp.zeros((batch_size, model.config.seq_len), jnp.int32)
     return {"params": model.init(key, tokens)["params"]}
 
