@@ -138,7 +138,7 @@ def run_row(row: dict, steps: int, warmup: int) -> dict:
     if row["model"] == "umup":
         model = Decoder(cfg)
         # bench_overhead's Runner applies {"params": params}: the inner tree, as there.
-        boxed = jax.jit(lambda k: init_params(model, k))(jax.random.key(0))["params"]
+        boxed = init_params(model, jax.random.key(0))["params"]
         opt = make_optimizer(OptimizerConfig(warmup_steps=100, total_steps=1000),
                              boxed, cfg.rule)
         params = flax_meta.unbox(boxed)

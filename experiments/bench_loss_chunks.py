@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import optax
 from flax.core import meta as flax_meta
 
-from umup_jax import Decoder, ModelConfig, OptimizerConfig, make_optimizer
+from umup_jax import Decoder, ModelConfig, OptimizerConfig, init_params, make_optimizer
 
 MiB = 2**20
 COLUMNS = ["rule", "vocab", "width", "depth", "seq", "batch", "dtype", "backend", "chunks",
@@ -56,7 +56,7 @@ class Step:
         key = jax.random.key(0)
         self.tokens = jax.random.randint(key, (batch, cfg.seq_len), 0, cfg.vocab_size)
         self.targets = jnp.roll(self.tokens, -1, axis=1)
-        boxed = jax.jit(model.init)(key, self.tokens)  # eager init dispatches op by op
+        boxed = init_params(model, key)
         tx = make_optimizer(OptimizerConfig(warmup_steps=2, total_steps=100), boxed, cfg.rule)
         self.params = flax_meta.unbox(boxed)
         self.opt_state = tx.init(self.params)
