@@ -2,6 +2,7 @@
 training, metadata declarations and config validation."""
 
 import functools
+import logging
 import math
 
 import jax
@@ -177,6 +178,35 @@ def test_abc_symmetry_umup():
     a = _train_losses(config(64), opt=opt)
     b = _train_losses(config(64, hparams={"shift": shift}), opt=opt)
     np.testing.assert_allclose(b, a, rtol=1e-5)
+
+
+def test_config_with_a_shift_dict_hashes_and_init_compiles_once():
+    """μP's ``shift`` is a ``{role: θ}`` dict; the config freezes it so that the model can be a
+    static jit argument: equal configs hash alike, and a second init reuses the compile."""
+    shift = {P.HIDDEN: 4.0, P.EMBEDDING: 2.0}
+    a = config(64, "mup", hparams={"base_width": 32, "shift": shift})
+    b = config(64, "mup", hparams={"shift": dict(reversed(shift.items())), "base_width": 32})
+    assert a == b and hash(Decoder(a)) == hash(Decoder(b))
+    assert dict(a.rule.shift) == shift  # the rule still reads the θ's
+    assert a != config(64, "mup", hparams={"base_width": 32, "shift": {P.HIDDEN: 4.0}})
+    init_params(Decoder(a), jax.random.key(0))
+    assert _compiles(lambda: init_params(Decoder(b), jax.random.key(1))) == 0
+    assert _compiles(lambda: init_params(Decoder(b), jax.random.key(1), batch_size=2)) >= 1
+
+
+def _compiles(fn) -> int:
+    """How many programs JAX compiles while ``fn()`` runs (from ``jax.log_compiles``)."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        with jax.log_compiles():
+            fn()
+    finally:
+        logger.removeHandler(handler)
+    return sum("Compiling" in r.getMessage() for r in records)
 
 
 def test_bfloat16_compute_close_to_float32():

@@ -60,6 +60,17 @@ REMAT_POLICIES = ("none", "full", "dots_saveable")
 LAYERS_AXIS = "layers"
 
 
+def _frozen_pairs(mapping: Any) -> tuple:
+    """``mapping`` (a dict or ``(key, value)`` pairs) as sorted pairs, nested mappings too.
+
+    The config is a static argument of jitted functions, so it must hash: μP's ``shift``
+    hparam, a ``{role: θ}`` dict, becomes ``(("role", θ), …)``, which the rule accepts as is."""
+    pairs = mapping.items() if isinstance(mapping, Mapping) else mapping
+    return tuple(sorted(
+        (key, _frozen_pairs(value) if isinstance(value, Mapping) else value)
+        for key, value in pairs))
+
+
 def _positive_int(field: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
         raise ValueError(f"{field}={value!r} is invalid: it must be an integer > 0")
@@ -114,10 +125,7 @@ class ModelConfig:
         policy = self.fp8 if isinstance(self.fp8, str) else tuple(sorted(dict(self.fp8).items()))
         object.__setattr__(self, "fp8", policy)
         fp8_lib.resolve_policy(policy if isinstance(policy, str) else dict(policy))
-        hp = self.hparams
-        if isinstance(hp, Mapping):
-            hp = tuple(sorted(dict(hp).items()))
-        object.__setattr__(self, "hparams", tuple(tuple(kv) for kv in hp))
+        object.__setattr__(self, "hparams", _frozen_pairs(self.hparams))
         for field in ("vocab_size", "width", "depth", "num_heads", "seq_len"):
             _positive_int(field, getattr(self, field))
         if self.vocab_size < 2:
@@ -494,13 +502,8 @@ def init_params(model: Decoder, key, batch_size: int = 1):
     Jitted: flax's ``init`` runs the whole forward pass to create the params, and XLA drops it
     because only the params leave; run eagerly it executes op by op, compiling each op (the
     tests' width-64 decoder on 2 CPU cores, first call: 4.2-4.7 s eager, 2.8 s jitted with its
-    compile).  One compile per model where the
-    model hashes; a config holding a dict (μP's ``shift``) compiles per call."""
-    try:
-        hash(model)
-    except (TypeError, ValueError):
-        tokens = jnp.zeros((batch_size, model.config.seq_len), jnp.int32)
-        return jax.jit(lambda k: {"params": model.init(k, tokens)["params"]})(key)
+    compile).  One compile per model and batch size: the model is a static argument, which
+    :class:`ModelConfig` makes hashable by freezing its mappings."""
     return _init_params_cached(model, key, batch_size)
 
 
