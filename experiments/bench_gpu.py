@@ -14,7 +14,9 @@ XLA attention; with ``nn.remat`` blocks for the ~1B model) against our u-μP ste
 XLA attention, the same math FLOPs.
 
 Each row runs in a fresh subprocess (``--row JSON``), so that its peak device memory
-(``memory_stats()['peak_bytes_in_use']``) is its own and an out-of-memory row fails alone.  A row
+(``memory_stats()['peak_bytes_in_use']``, ``peak_memory_gib``, which includes what the GEMM
+autotuner held while compiling) is its own and an out-of-memory row fails alone;
+``step_memory_gib`` is the compiled step's own plan (arguments, outputs, temporaries).  A row
 compiles the jitted train step (forward, backward, optimizer update, donated state), runs
 ``--warmup`` untimed steps, then ``--steps`` timed steps (``block_until_ready`` after each)
 and reports the median.  MFU = tokens/s × model FLOPs per token (:mod:`umup_jax.throughput`:
@@ -61,6 +63,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Optional
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.append(str(ROOT))
@@ -79,7 +82,7 @@ ATTENTION = ("xla", "cudnn")
 HEAD_DIM = 64
 COLUMNS = ("shape", "model", "fp8", "attention", "width", "depth", "heads", "seq", "batch",
            "remat", "scan", "params", "compile_s", "step_ms", "step_ms_min", "tokens_per_s",
-           "mfu", "peak_memory_gib", "loss", "device", "error")
+           "mfu", "peak_memory_gib", "step_memory_gib", "loss", "device", "error")
 
 
 def require_gpu(backend: str, devices: str) -> None:
@@ -158,7 +161,8 @@ def run_row(row: dict, steps: int, warmup: int) -> dict:
     tokens_per_s = batch * seq / step_s
     device = jax.devices()[0]
     peak = throughput.peak_flops(device.device_kind, "bfloat16")
-    memory = throughput.peak_memory_bytes([device])
+    memory = throughput.peak_memory_bytes([device])  # the process's high-water mark
+    step_memory = compiled_step_bytes(runner.compiled)
     return {
         **row, "width": width, "depth": depth, "heads": heads, "seq": seq, "batch": batch,
         "remat": shape["remat"], "params": runner.num_params,
@@ -168,8 +172,25 @@ def run_row(row: dict, steps: int, warmup: int) -> dict:
         "mfu": round(throughput.mfu(tokens_per_s, throughput.train_flops_per_token(cfg),
                                     peak, 1), 4),
         "peak_memory_gib": round(memory / 2**30, 3) if memory is not None else "",
+        "step_memory_gib": round(step_memory / 2**30, 3) if step_memory is not None else "",
         "loss": round(loss, 4), "device": device.device_kind, "error": "",
     }
+
+
+def compiled_step_bytes(compiled) -> Optional[int]:
+    """What XLA planned for one step: arguments + outputs + temporaries − donated aliases.
+
+    ``peak_memory_gib`` is the allocator's high-water mark for the whole process, which also
+    holds what the GEMM autotuner allocated while compiling; this is the step alone.  ``None``
+    where the backend gives no memory analysis."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - a backend without the analysis
+        return None
+    if m is None:
+        return None
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+               - m.alias_size_in_bytes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,7 +230,8 @@ def rows_for(shapes: list[str], scan: bool) -> list[dict]:
 
 
 _INTS = ("width", "depth", "heads", "seq", "batch", "params")
-_FLOATS = ("compile_s", "step_ms", "step_ms_min", "tokens_per_s", "mfu", "peak_memory_gib", "loss")
+_FLOATS = ("compile_s", "step_ms", "step_ms_min", "tokens_per_s", "mfu", "peak_memory_gib",
+           "step_memory_gib", "loss")
 
 
 def read_rows(path: pathlib.Path) -> list[dict]:

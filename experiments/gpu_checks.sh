@@ -45,19 +45,22 @@ mkdir -p "$RESULTS/bench_gpu"
 export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
 
 if compgen -G ".whl/*.whl" >/dev/null; then
+    # A failed install is not fatal: the GPU tests and the bench need only jax, flax and optax.
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl || exit 1
+        --target /tmp/site .whl/*.whl || echo "warning: installing .whl/ failed" >&2
     export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 else
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-python3 -c "import jax, flax, optax, grain, ml_collections; print('jax', jax.__version__, \
+python3 -c "import jax, flax, optax; print('jax', jax.__version__, \
 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" || exit 1
+python3 -c "import grain, ml_collections" \
+    || echo "warning: grain / ml_collections do not import (needed by training, not here)" >&2
 
 echo "== pytest -m gpu (at most $((TOTAL / 2)) s)"
 timeout -s INT -k 20 $((TOTAL / 2)) python3 -m pytest -q -m gpu -p no:cacheprovider \
-    tests/test_fp8_gpu.py 2>&1 | tee "$RESULTS/gpu_tests.log"
+    --durations=0 tests/test_fp8_gpu.py 2>&1 | tee "$RESULTS/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
 
 BUDGET=$((TOTAL - (SECONDS - START) - 30))

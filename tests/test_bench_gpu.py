@@ -8,6 +8,7 @@ import pathlib
 import sys
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -29,6 +30,17 @@ def test_refuses_without_a_gpu(bench):
         bench.main([])
 
 
+def test_step_memory_counts_arguments_outputs_and_temporaries(bench):
+    x = jax.ShapeDtypeStruct((1024,), jnp.float32)
+    compiled = jax.jit(lambda a: jnp.cumsum(a * 2.0)).lower(x).compile()
+    m = compiled.memory_analysis()
+    assert bench.compiled_step_bytes(compiled) == (
+        m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+        - m.alias_size_in_bytes) >= 2 * 4096  # a 4 KiB input and a 4 KiB output at least
+    donated = jax.jit(lambda a: a * 2.0, donate_argnums=0).lower(x).compile()
+    assert bench.compiled_step_bytes(donated) <= bench.compiled_step_bytes(compiled)
+
+
 @pytest.mark.slow
 def test_rows_summary_and_plot_on_a_tiny_shape(bench, monkeypatch, tmp_path):
     monkeypatch.setitem(bench.SHAPES, "proxy4096",
@@ -40,6 +52,7 @@ def test_rows_summary_and_plot_on_a_tiny_shape(bench, monkeypatch, tmp_path):
                                  scan=False), steps=2, warmup=1)
         assert row["error"] == "" and row["tokens_per_s"] > 0 and math.isfinite(row["loss"])
         assert (row["width"], row["heads"], row["remat"]) == (64, 1, "full")
+        assert isinstance(row["step_memory_gib"], float) and row["step_memory_gib"] >= 0
         rows.append(row)
     assert rows[0]["params"] == rows[1]["params"]  # the same shapes
     rows.append({**rows[0], "fp8": "paper_simple", "step_ms": rows[0]["step_ms"] / 1.5})
