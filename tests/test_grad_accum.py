@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import xla_flags
 from umup_jax import config as config_lib
 from umup_jax import train as train_lib
 
@@ -151,7 +152,7 @@ def test_accumulation_on_a_sharded_mesh_equals_one_device(tmp_path):
     runs = {"one": (arg, {}),
             "four": (arg + ",train.grad_accum_steps=2,model.remat=dots_saveable,mesh.data=2,"
                            "mesh.fsdp=2",
-                     {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})}
+                     {"XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=4")})}
     rows = {}
     for name, (config_arg, env) in runs.items():
         subprocess.run([sys.executable, "-m", "umup_jax.main",

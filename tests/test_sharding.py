@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import xla_flags
 from umup_jax import sharding as sharding_lib
 from umup_jax.metrics import read_metrics
 
@@ -21,7 +22,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharded")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=8")}
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "sharded_worker.py"), str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

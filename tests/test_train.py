@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 
+from conftest import xla_flags
 from umup_jax import config as config_lib
 from umup_jax import train as train_lib
 from umup_jax.checkpoint import NoUsableCheckpointError
@@ -226,7 +227,7 @@ def test_one_device_and_four_devices_agree(tmp_path):
     arg = "smoke,train.steps=3"
     run_main(tmp_path / "one", arg)
     run_main(tmp_path / "four", arg,
-             env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+             env={"XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=4")})
     four = json.loads((tmp_path / "four" / "results.json").read_text())
     assert four["devices"] == 4
     a, b = losses(tmp_path / "one"), losses(tmp_path / "four")
