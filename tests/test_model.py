@@ -33,9 +33,8 @@ def batch(key=SEED):
     return ids[:, :-1], ids[:, 1:]
 
 
-@functools.lru_cache(maxsize=None)
-def init_stats(width, parametrization):
-    """(loss, intermediates RMS, grad RMS per param) at init for one width."""
+def _loss_at_init(width, parametrization):
+    """(params at init, params -> (loss, intermediates)) for one width, on ``batch()``."""
     model = Decoder(config(width, parametrization))
     params = flax_meta.unbox(init_params(model, jax.random.key(SEED)))
     tokens, targets = batch()
@@ -45,12 +44,20 @@ def init_stats(width, parametrization):
                                   mutable=["intermediates"])
         return loss, state["intermediates"]
 
+    return params, loss_fn
+
+
+def _rms_by_path(tree):
+    return {jax.tree_util.keystr(k): rms(v) for k, v in
+            jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@functools.lru_cache(maxsize=None)
+def init_stats(width, parametrization):
+    """(loss, intermediates RMS, grad RMS per param) at init for one width."""
+    params, loss_fn = _loss_at_init(width, parametrization)
     (loss, inter), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
-    acts = {jax.tree_util.keystr(k): rms(v) for k, v in
-            jax.tree_util.tree_flatten_with_path(inter)[0]}
-    grad_rms = {jax.tree_util.keystr(k): rms(v) for k, v in
-                jax.tree_util.tree_flatten_with_path(grads)[0]}
-    return float(loss), acts, grad_rms
+    return float(loss), _rms_by_path(inter), _rms_by_path(grads)
 
 
 @functools.lru_cache(maxsize=None)
@@ -59,18 +66,8 @@ def init_activations(width, parametrization):
     entry without the backward pass (half the compile), for the drift test's SP and μP."""
     if parametrization == "umup":  # already computed, with gradients, by the unit-scale test
         return init_stats(width, parametrization)[1]
-    model = Decoder(config(width, parametrization))
-    params = flax_meta.unbox(init_params(model, jax.random.key(SEED)))
-    tokens, targets = batch()
-
-    def intermediates(p):
-        _, state = model.apply(p, tokens, targets, method=Decoder.loss,
-                               mutable=["intermediates"])
-        return state["intermediates"]
-
-    inter = jax.jit(intermediates)(params)
-    return {jax.tree_util.keystr(k): rms(v) for k, v in
-            jax.tree_util.tree_flatten_with_path(inter)[0]}
+    params, loss_fn = _loss_at_init(width, parametrization)
+    return _rms_by_path(jax.jit(lambda p: loss_fn(p)[1])(params))
 
 
 def _select(acts, name):
