@@ -28,10 +28,10 @@ if (os.environ["JAX_PLATFORMS"] == "cpu" and "JAX_COMPILATION_CACHE_DIR" not in 
 # LLVM at -O1 instead of XLA's default -O2 for the CPU backend: the suite's programs are small
 # and compiled once or twice each, so compile time dominates their run time.  On 2 cores the
 # default suite took 549 s instead of 724 s (user CPU 876 s instead of 1192 s); -O0 was slower
-# than either (815 s: unoptimised kernels run too long).  The flag changes no HLO pass, only
-# how the fused kernels are optimised by LLVM, so results are the same to rounding (and each
-# comparison in the suite is between programs compiled alike).  Subprocesses inherit it; a
-# flag of your own in XLA_FLAGS wins, UMUP_TEST_XLA_OPT=0 leaves XLA's default.
+# than either (815 s: unoptimised kernels run too long).  It is the level XLA's CPU backend
+# gives LLVM for the code it emits; every comparison in the suite is between programs compiled
+# alike.  Subprocesses inherit it; a level of your own in XLA_FLAGS wins, UMUP_TEST_XLA_OPT=0
+# leaves XLA's default.
 if (os.environ["JAX_PLATFORMS"] == "cpu" and os.environ.get("UMUP_TEST_XLA_OPT", "1") != "0"
         and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", "")):
     os.environ["XLA_FLAGS"] = (
@@ -40,8 +40,11 @@ if (os.environ["JAX_PLATFORMS"] == "cpu" and os.environ.get("UMUP_TEST_XLA_OPT",
 
 def xla_flags(*flags: str) -> str:
     """The session's XLA_FLAGS (the optimisation level above) with ``flags`` added, for the
-    environment of a subprocess that needs more, e.g. forced host devices."""
-    return " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
+    environment of a subprocess that needs more, e.g. forced host devices; a flag given here
+    replaces the session's flag of the same name."""
+    by_name = {f.split("=", 1)[0]: f for f in os.environ.get("XLA_FLAGS", "").split()}
+    by_name.update({f.split("=", 1)[0]: f for f in flags})
+    return " ".join(by_name.values())
 
 
 import jax

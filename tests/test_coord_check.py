@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import xla_flags
 from umup_jax import config as config_lib
 from umup_jax import coord_check as cc
 
@@ -32,7 +33,7 @@ def runs(tmp_path_factory):
     """{parametrization: (out dir, rows, stdout)} for u-μP and SP, run by the CLI."""
     procs = {}
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+    env["XLA_FLAGS"] = xla_flags("--xla_backend_optimization_level=0")
     for par in ("umup", "sp"):
         out = tmp_path_factory.mktemp(f"cc_{par}")
         cmd = [sys.executable, "-m", "umup_jax.coord_check",
