@@ -43,6 +43,9 @@ def test_model_flops_hand_counted():
     ("NVIDIA H100 NVL", "bfloat16", 835.0),
     ("NVIDIA H200", "bfloat16", 989.4),
     ("NVIDIA GH200 480GB", "bfloat16", 989.4),
+    ("NVIDIA B200", "bfloat16", 2250.0),
+    ("NVIDIA B200", "float8", 4500.0),
+    ("NVIDIA GB200", "bfloat16", 2500.0),  # not the B200 row its name contains
     ("NVIDIA A100-SXM4-80GB", "bfloat16", 312.0),
     ("NVIDIA A100-SXM4-80GB", "float32", 156.0),  # TF32, XLA's default fp32 matmul precision
     ("NVIDIA L4", "bfloat16", 121.0),

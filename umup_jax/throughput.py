@@ -56,6 +56,12 @@ PEAK_TFLOPS: tuple[tuple[str, str, dict[str, float]], ...] = (
                           "float32": 494.7}),
     ("H100", "H100 SXM", {"bfloat16": 989.4, "float16": 989.4, "float8": 1978.9,
                           "float32": 494.7}),
+    # Blackwell (NVIDIA Blackwell architecture technical brief, dense): the GB200 superchip's
+    # B200 (1200 W) before the HGX B200 (1000 W), whose name it contains.
+    ("GB200", "GB200 (B200 at 1200 W)", {"bfloat16": 2500.0, "float16": 2500.0,
+                                          "float8": 5000.0, "float32": 1250.0}),
+    ("B200", "B200 (HGX, 1000 W)", {"bfloat16": 2250.0, "float16": 2250.0, "float8": 4500.0,
+                                    "float32": 1100.0}),
     ("A100", "A100", {"bfloat16": 312.0, "float16": 312.0, "float32": 156.0}),
     ("L40S", "L40S", {"bfloat16": 362.05, "float16": 362.05, "float8": 733.0,
                       "float32": 183.0}),
