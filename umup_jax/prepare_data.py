@@ -401,8 +401,13 @@ class HFSplit:
     def _batches(self) -> Iterator[dict]:
         """The split's rows in batches.  A stream learns its columns from its first file, so a
         later file with other columns (say, without the text field) fails only when it is read,
-        with a ``datasets`` CastError: that becomes a message naming the field and the split."""
-        from datasets.table import CastError
+        with a ``datasets`` CastError: that becomes a message naming the field and the split.
+        Any object with ``iter(batch_size=)`` serves; without ``datasets`` installed there is
+        no CastError to catch."""
+        try:
+            from datasets.table import CastError
+        except ImportError:
+            CastError = ()  # an `except ()` clause catches nothing
 
         batches = iter(self.dataset.iter(batch_size=1000))
         while True:
