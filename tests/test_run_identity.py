@@ -344,15 +344,41 @@ def test_state_is_finite():
     assert not bool(train_lib.state_is_finite({**ok, "a": jnp.array([jnp.inf, 0.0, 0.0])}))
 
 
-def test_shape_mismatch_is_not_treated_as_damage(finished, tmp_path):
+def test_shape_mismatch_is_not_treated_as_damage(finished, tmp_path, monkeypatch):
     workdir = copy_run(finished, tmp_path / "run")
     before = digest(workdir / "checkpoints")
     other = train_lib.build_run(smoke(model__width=64, model__num_heads=2))
     store = ckpt.CheckpointStore(workdir / "checkpoints", keep=3)
-    with pytest.raises(ckpt.CheckpointMismatchError, match="does not fit this model"):
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("the arrays were read; the metadata should have refused them")
+
+    # The stored shapes are compared from the metadata, before any array is read, and the
+    # message names the arrays that differ (the smoke model has width 32, one head).
+    monkeypatch.setattr(store._manager, "restore", no_read)
+    with pytest.raises(ckpt.CheckpointMismatchError,
+                       match=r"does not fit this model \(21 array\(s\) differ in shape: "
+                             r"params\.params\.embedding: stored \(256, 32\), this model "
+                             r"\(256, 64\); params\.params\.layer_0\.attn_out: .*; and 17 more\)"):
         store.restore(6, other.abstract_state)
     store.close()
     assert digest(workdir / "checkpoints") == before
+
+
+def test_shape_mismatches_names_the_arrays_both_sides_hold():
+    sds = jax.ShapeDtypeStruct
+    stored = {"params": {"a": sds((4, 8), jnp.float32), "b": sds((3,), jnp.float32)},
+              "opt_state": ({"count": sds((), jnp.int32)},), "old": sds((2,), jnp.float32)}
+    model = {"params": {"a": sds((4, 16), jnp.float32), "b": sds((3,), jnp.bfloat16)},
+             "opt_state": ({"count": sds((), jnp.int32)},), "new": sds((5,), jnp.float32)}
+    # Only shapes of arrays on both sides count: a dtype is cast by orbax, and arrays one side
+    # lacks are orbax's structure check (so a naming difference can never refuse a restore).
+    assert ckpt.shape_mismatches(stored, model) == ["params.a: stored (4, 8), this model (4, 16)"]
+    assert ckpt.shape_mismatches(stored, stored) == []
+    stored["opt_state"][0]["count"] = sds((1,), jnp.int32)  # parameters are named first
+    assert ckpt.shape_mismatches(stored, model) == [
+        "params.a: stored (4, 8), this model (4, 16)",
+        "opt_state.0.count: stored (1,), this model ()"]
 
 
 def test_transient_errors_are_retried_then_fail_leaving_the_checkpoint(finished, tmp_path,

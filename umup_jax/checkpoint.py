@@ -18,7 +18,10 @@ Restoring distinguishes three kinds of failure:
   *moved aside* to ``DIR/checkpoints/corrupt/<step>-<time>`` (never deleted, so it can be
   inspected) and the next newest is used;
 * **a checkpoint that does not fit the model** (a shape mismatch): nothing is moved; the run
-  stops with :class:`CheckpointMismatchError`;
+  stops with :class:`CheckpointMismatchError`.  The stored shapes are compared with the model's
+  from the checkpoint's metadata *before* any array is read (:func:`shape_mismatches`), so the
+  error names the arrays that differ (``params.params.layer_0.attn_qkv: stored (32, 3, 1,
+  32), this model (64, 3, 2, 32)``) and no read is started and abandoned;
 * **transient errors** (I/O, out of memory): retried a few times, then
   :class:`CheckpointReadError`; nothing is moved.
 
@@ -37,6 +40,7 @@ import time
 import zlib
 from typing import Any, Optional
 
+import jax
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -125,6 +129,41 @@ def _looks_damaged(exc: BaseException) -> bool:
                                          "Unexpected end", "unexpected end", "checksum"))
 
 
+def _leaf_name(path: tuple) -> str:
+    """A pytree key path as orbax names the array: ``opt_state.0.mu.params.embedding`` (dict
+    keys, attribute names and sequence indices joined by dots)."""
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return ".".join(parts)
+
+
+def _shapes(tree: Any) -> dict[str, Optional[tuple]]:
+    """{array name: shape (``None`` where a leaf has none)} of a pytree."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {_leaf_name(path): (tuple(leaf.shape) if hasattr(leaf, "shape") else None)
+            for path, leaf in leaves}
+
+
+def shape_mismatches(stored_metadata: Any, abstract_state: Any) -> list[str]:
+    """``'name: stored S, this model M'`` for every array that both the checkpoint's metadata
+    (``CheckpointManager.item_metadata(step)['state']``) and ``abstract_state`` hold, with
+    different shapes, the parameters (``params.…``) before the optimizer state's copies of
+    them; empty if none differ.  Arrays only one side holds are left to orbax's own structure
+    check, so a naming difference here can never refuse a checkpoint that restores."""
+    tree = getattr(stored_metadata, "tree", stored_metadata)
+    stored, model = _shapes(tree), _shapes(abstract_state)
+    differ = [name for name, shape in model.items()
+              if shape is not None and stored.get(name) is not None and stored[name] != shape]
+    differ.sort(key=lambda name: not name.startswith("params."))  # stable: tree order within
+    return [f"{name}: stored {stored[name]}, this model {model[name]}" for name in differ]
+
+
 def _is_mismatch(exc: BaseException) -> bool:
     text = str(exc)
     return isinstance(exc, ValueError) and any(
@@ -146,8 +185,13 @@ class CheckpointStore:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=self.keep, create=True, enable_async_checkpointing=False
         )
+        # Handlers named up front (not inferred from the first save's or restore's args), so
+        # that a freshly opened store can read a step's metadata before restoring it.
         return ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data", "config")
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "data": ocp.JsonCheckpointHandler(),
+                           "config": ocp.JsonCheckpointHandler()},
         )
 
     def steps(self) -> list[int]:
@@ -207,12 +251,7 @@ class CheckpointStore:
                     self.quarantine(step, f"{what} unreadable: {first_line(e)}")
                     return None
                 if _is_mismatch(e):
-                    raise CheckpointMismatchError(
-                        f"checkpoint step {step} in {self.directory} does not fit this model "
-                        f"({first_line(e)}); it was left in place. Train this config in a new "
-                        "--workdir, or pass --config.train.restart=True to keep the old "
-                        "checkpoints aside and start from step 0"
-                    ) from e
+                    raise self._mismatch(step, first_line(e)) from e
                 if attempt + 1 == RETRIES:
                     raise CheckpointReadError(
                         f"could not read the {what} of checkpoint step {step} in "
@@ -222,6 +261,29 @@ class CheckpointStore:
                 log.warning("reading checkpoint %s failed (%s); retrying", step, first_line(e))
                 time.sleep(RETRY_WAIT_S * (attempt + 1))
         return None  # unreachable
+
+    def _mismatch(self, step: int, why: str) -> CheckpointMismatchError:
+        return CheckpointMismatchError(
+            f"checkpoint step {step} in {self.directory} does not fit this model ({why}); it "
+            "was left in place. Train this config in a new --workdir, or pass "
+            "--config.train.restart=True to keep the old checkpoints aside and start from "
+            "step 0")
+
+    def _check_shapes(self, step: int, abstract_state: Any) -> None:
+        """Raises :class:`CheckpointMismatchError` naming the arrays whose stored shape differs
+        from the model's, read from the checkpoint's metadata before any array is.  Metadata
+        that cannot be read is left to the restore itself to classify (damage, transient)."""
+        try:
+            stored = self._manager.item_metadata(step)["state"]
+        except Exception:  # the restore below reports what is wrong with the files
+            return
+        if stored is None:
+            return
+        differ = shape_mismatches(stored, abstract_state)
+        if differ:
+            shown = "; ".join(differ[:4]) + (f"; and {len(differ) - 4} more"
+                                              if len(differ) > 4 else "")
+            raise self._mismatch(step, f"{len(differ)} array(s) differ in shape: {shown}")
 
     def newest_intact(self) -> Optional[tuple[int, dict]]:
         """(step, stored config) of the newest checkpoint whose files verify and whose config
@@ -250,7 +312,9 @@ class CheckpointStore:
 
     def restore(self, step: int, abstract_state: Any) -> Optional[tuple[Any, dict]]:
         """(state, data_state) of ``step``; ``None`` if its files turned out damaged (then
-        it was moved aside)."""
+        it was moved aside); :class:`CheckpointMismatchError` naming the arrays whose shapes
+        differ from ``abstract_state``'s, before anything is read."""
+        self._check_shapes(step, abstract_state)
         restored = self._read(step, "state", lambda: self._manager.restore(
             step,
             args=ocp.args.Composite(
