@@ -129,25 +129,13 @@ def _looks_damaged(exc: BaseException) -> bool:
                                          "Unexpected end", "unexpected end", "checksum"))
 
 
-def _leaf_name(path: tuple) -> str:
-    """A pytree key path as orbax names the array: ``opt_state.0.mu.params.embedding`` (dict
-    keys, attribute names and sequence indices joined by dots)."""
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return ".".join(parts)
-
-
 def _shapes(tree: Any) -> dict[str, Optional[tuple]]:
-    """{array name: shape (``None`` where a leaf has none)} of a pytree."""
+    """{array name: shape (``None`` where a leaf has none)} of a pytree, each name its key path
+    as orbax names the array: dict keys, attribute names and indices joined by dots
+    (``opt_state.0.mu.params.embedding``)."""
     leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
-    return {_leaf_name(path): (tuple(leaf.shape) if hasattr(leaf, "shape") else None)
-            for path, leaf in leaves}
+    return {jax.tree_util.keystr(path, simple=True, separator="."):
+            (tuple(leaf.shape) if hasattr(leaf, "shape") else None) for path, leaf in leaves}
 
 
 def shape_mismatches(stored_metadata: Any, abstract_state: Any) -> list[str]:
