@@ -258,6 +258,47 @@ def test_gated_silu_keeps_only_its_two_inputs():
     assert full.count((8, 64)) >= 4
 
 
+def _silu_glu_half(up, gate):
+    return ops.silu_glu(up, gate, mult=0.5)
+
+
+def _unit_linear_times(h, w, p):
+    # u-μP's unconstrained linear (its own custom VJP), and a traced factor that needs a
+    # gradient of its own, as an FP8 probe does.
+    return ops.linear(h, w, constraint=None, tokens=h.shape[0]) * (1.0 + p)
+
+
+def test_recompute_middle_equals_the_composition_bit_for_bit():
+    up, gate, w = normal(0, (16, 96)), 2.0 * normal(1, (16, 96)), normal(2, (96, 24))
+    probe = jnp.float32(0.25)
+    fused = lambda u, v, w, p: ops.recompute_middle(
+        _silu_glu_half, _unit_linear_times, (u, v), (w, p))
+    plain = lambda u, v, w, p: _unit_linear_times(_silu_glu_half(u, v), w, p)
+    y, grads = _vjp(fused, up, gate, w, probe)
+    y_ref, grads_ref = _vjp(plain, up, gate, w, probe)
+    assert len(grads) == 4
+    np.testing.assert_array_equal(y, y_ref)
+    for got, ref in zip(grads, grads_ref):
+        np.testing.assert_array_equal(got, ref)
+
+
+def test_recompute_middle_keeps_the_inputs_not_the_middle_value():
+    up, gate, w = normal(0, (8, 64)), normal(1, (8, 64)), normal(2, (64, 16))
+    act = lambda a, b: ops.silu_glu(a, b, mult=2.0)
+    down = lambda h, w, probe: ops.linear(h, w, constraint=None)
+    fused = lambda u, v, w: ops.recompute_middle(act, down, (u, v), (w, None))
+    plain = lambda u, v, w: down(act(u, v), w, None)
+    # Both keep up, gate and the weight; the plain composition also keeps h = act(up, gate).
+    assert _saved(fused, up, gate, w) == [((8, 64), "float32")] * 2 + [((64, 16), "float32")]
+    assert _saved(plain, up, gate, w).count(((8, 64), "float32")) == 3
+    # A None among the params gets a None cotangent; the others match the composition.
+    _, pullback = jax.vjp(lambda u, v, w: ops.recompute_middle(act, down, (u, v), (w, None)),
+                          up, gate, w)
+    g = normal(3, (8, 16))
+    for got, ref in zip(pullback(g), jax.vjp(plain, up, gate, w)[1](g)):
+        np.testing.assert_array_equal(got, ref)
+
+
 # --- attention ---------------------------------------------------------------------------------
 
 

@@ -234,9 +234,14 @@ def linear_for(module: nn.Module, cfg: "ModelConfig", name: str, linear, *args, 
     A ``bf16`` group passes ``dot=None`` (the rule's own, fused matmul); an FP8 group passes
     :func:`umup_jax.fp8.fp8_dot`, which reports its cast statistics if the ``fp8_probe``
     collection holds a probe for ``name``."""
-    probe = module.get_variable(PROBES, name) if module.has_variable(PROBES, name) else None
     with jax.named_scope(f"fp8_{PARAM_GROUPS[name]}"):
-        return linear(*args, dot=dot_for(cfg, name, probe), **kwargs)
+        return linear(*args, dot=dot_for(cfg, name, probe_for(module, name)), **kwargs)
+
+
+def probe_for(module: nn.Module, name: str):
+    """The FP8 probe of parameter ``name`` in ``module``'s ``fp8_probe`` collection, or
+    ``None``."""
+    return module.get_variable(PROBES, name) if module.has_variable(PROBES, name) else None
 
 
 def dot_for(cfg: "ModelConfig", name: str, probe=None):
@@ -378,9 +383,15 @@ class Block(nn.Module):
                             r, w_up.astype(dt), m_up, constrained=False, tokens=tokens)
             gate = linear_for(self, cfg, "ffn_gate", rule.linear,
                               r, w_gate.astype(dt), m_gate, constrained=False, tokens=tokens)
-            a = rule.ffn_activation(up, gate)
-            o = linear_for(self, cfg, "ffn_down", rule.linear,
-                           a, w_down.astype(dt), m_down, constrained=False, tokens=tokens)
+            # down(a(up, gate)) with a recomputed in the backward: the block keeps up and gate
+            # (for the activation's gradient) but not a, one (B, S, F) array fewer.
+            def down(a, w, probe):
+                with jax.named_scope(f"fp8_{PARAM_GROUPS['ffn_down']}"):
+                    return rule.linear(a, w, m_down, constrained=False, tokens=tokens,
+                                       dot=dot_for(cfg, "ffn_down", probe))
+
+            o = ops.recompute_middle(rule.ffn_activation, down, (up, gate),
+                                     (w_down.astype(dt), probe_for(self, "ffn_down")))
             self.sow("intermediates", "ffn_branch", o)
             return o
 

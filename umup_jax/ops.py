@@ -334,6 +334,45 @@ def _gated_silu_bwd(mult, scale, res, g):
 _gated_silu.defvjp(_gated_silu_fwd, _gated_silu_bwd)
 
 
+def recompute_middle(producer, consumer, inputs: tuple, params: tuple):
+    """``consumer(producer(*inputs), *params)`` whose backward recomputes the middle value
+    ``h = producer(*inputs)`` from ``inputs`` instead of keeping it.
+
+    The FFN's down-projection keeps its input ``h = up·a(gate)`` (B, S, F) for its weight
+    gradient ``hᵀ·g``, while the gated SiLU before it keeps ``up`` and ``gate``, from which
+    ``h`` is one elementwise pass: composed this way the block keeps two (B, S, F) arrays
+    instead of three (under an FP8 down-projection, two instead of two plus h's FP8 copy).
+    Both functions' own VJPs run unchanged: the backward is ``jax.vjp`` of ``producer`` at
+    ``inputs`` and of ``consumer`` at ``(h, *params)``, so their scales, casts and probe
+    statistics are those of the uncomposed call; the consumer's forward output that
+    ``jax.vjp`` re-evaluates is unused and XLA removes it.  ``producer`` and ``consumer``
+    must close over no traced value (pass arrays through ``inputs`` and ``params``; a
+    ``None`` in ``params`` gets a ``None`` cotangent)."""
+    return _recompute_middle(producer, consumer, tuple(inputs), tuple(params))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _recompute_middle(producer, consumer, inputs, params):
+    return consumer(producer(*inputs), *params)
+
+
+def _recompute_middle_fwd(producer, consumer, inputs, params):
+    return consumer(producer(*inputs), *params), (inputs, params)
+
+
+def _recompute_middle_bwd(producer, consumer, res, g):
+    inputs, params = res
+    # Without the barrier XLA's CSE merges the recomputed h with the forward's, keeping it.
+    inputs = jax.lax.optimization_barrier(inputs)
+    h, producer_vjp = jax.vjp(producer, *inputs)
+    _, consumer_vjp = jax.vjp(consumer, h, *params)
+    dh, *dparams = consumer_vjp(g)
+    return tuple(producer_vjp(dh)), tuple(dparams)
+
+
+_recompute_middle.defvjp(_recompute_middle_fwd, _recompute_middle_bwd)
+
+
 # ---------------------------------------------------------------------------------------------
 # Attention (spec §5.9)
 # ---------------------------------------------------------------------------------------------
