@@ -4,6 +4,7 @@ map every forward and backward matmul to its FP8 group)."""
 
 import jax
 import jax.numpy as jnp
+import pytest
 from flax.core import meta as flax_meta
 
 from umup_jax import fp8 as fp8_lib
@@ -56,6 +57,23 @@ def test_parses_gemms_and_groups():
     assert hlo_check.cudnn_attention_calls(PAPER_LARGE_OK) == {"forward": 1, "backward": 1}
     (fwd,) = [i for i in hlo_check.instructions(PAPER_LARGE_OK) if i.name == "cc.1"]
     assert fwd.operand_types == ("f8e4m3fn", "f8e4m3fn", "f32", "f32") and fwd.group == "qkv"
+
+
+@pytest.mark.parametrize("op_name, group", [
+    (f"{LAYER}/fp8_ffn_down/dot_general", "ffn_down"),
+    # The down-projection's backward, traced anew inside ops.recompute_middle's custom VJP.
+    (f"{BWD}/transpose(transpose(jvp(Decoder.loss)))/Decoder/layer_0/jvp(fp8_ffn_down)/dot_general",
+     "ffn_down"),
+    (f"{BWD}/transpose(jvp(fp8_qkv))/dot_general", "qkv"),
+    (f"{LAYER}/fp8_ffn_in", "ffn_in"),
+    # Not a scope: a longer name, or the text inside another segment.
+    (f"{LAYER}/fp8_ffn_inner/dot_general", None),
+    (f"{LAYER}/my_fp8_qkv/dot_general", None),
+    (f"{LAYER}/attention/dot_general", None),
+])
+def test_group_scope_is_read_inside_transform_wrappers(op_name, group):
+    inst = hlo_check.Instruction("d", "dot", "f32[2,2]", ("f32", "f32"), None, op_name)
+    assert inst.group == group
 
 
 def test_policy_mismatches_are_reported():

@@ -11,8 +11,10 @@ with :data:`CUDNN_ATTENTION_PREFIX` (``__cudnn$fmhaSoftmax`` forward,
 
 Each custom call keeps the ``op_name`` metadata of the dot it replaced, and the model runs every
 linear inside a ``jax.named_scope('fp8_<group>')`` (:func:`umup_jax.model.linear_for`), in the
-forward pass and in its transpose (``…/transpose(jvp(…))/…/fp8_qkv/dot_general``), so the
-group of each GEMM is read from its op_name.
+forward pass and in its transpose (``…/transpose(jvp(…))/…/fp8_qkv/dot_general``, or
+``…/jvp(fp8_ffn_down)/dot_general`` for the down-projection, whose backward
+:func:`umup_jax.ops.recompute_middle` traces anew), so the group of each GEMM is read from its
+op_name.
 
 These are plain functions of the HLO text (``jax.jit(f).lower(…).compile().as_text()``),
 unit-tested on CPU with synthetic HLO; ``tests/test_fp8_gpu.py`` applies them on a GPU.
@@ -35,7 +37,9 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([\w\-]+)
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _TYPE = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[")
-_GROUP = re.compile(r"(?:^|/)fp8_(" + "|".join(fp8_lib.GROUPS) + r")(?=/|$)")
+# A scope is a path segment, possibly inside a transform's wrapper: ``…/fp8_qkv/…``, or
+# ``…/jvp(fp8_ffn_down)/…`` where a custom VJP's backward re-traces the scoped function.
+_GROUP = re.compile(r"(?:^|/|\()fp8_(" + "|".join(fp8_lib.GROUPS) + r")(?=/|\)|$)")
 
 
 @dataclasses.dataclass(frozen=True)
