@@ -1,7 +1,8 @@
 """What the backward pass keeps, and costs: our custom-VJP ops against autodiff of the same
 formulas.
 
-Three ops decide most of a block's saved activations, and a fourth SP's and μP's speed:
+Four ops decide most of a block's saved activations (all but the plain rules' matmul, which
+decides SP's and μP's speed):
 
 * ``ops.rms_norm``: autodiff of ``x/√(mean(x²)+ε)`` keeps x, x², √, 1/√ and 1/√²; the custom
   VJP keeps the output y (which the next matmul keeps anyway) and one value per token;
@@ -13,12 +14,16 @@ Three ops decide most of a block's saved activations, and a fourth SP's and μP'
   ``ops.attention_core``) keeps the probabilities;
 * ``ops.matmul``, the plain rules' (SP, μP) linear ``A·(x @ w)``: autodiff of a 3-D product
   transposes the (tokens × fan_out) gradient before the weight-gradient matmul; the custom VJP
-  (u-μP's ``_scaled_matmul``) does one flat 2-D product.  u-μP's linears use it in both arms.
+  (u-μP's ``_scaled_matmul``) does one flat 2-D product.  u-μP's linears use it in every arm;
+* ``ops.recompute_middle`` around the FFN's activation and down-projection: the plain
+  composition keeps the activation h = up·a(gate) for the down-projection's weight gradient;
+  the custom VJP recomputes h from up and gate, which the activation keeps anyway.
 
-For each rule this builds the train step (forward, backward, AdamW) twice in one process, once
-as committed ("custom") and once with the three replaced by their autodiff formulas
-("autodiff", swapped in on the module ``umup_jax.ops`` for that arm only), and reports, side by
-side:
+For each rule this builds the train step (forward, backward, AdamW) once per arm in one
+process: as committed ("custom"), with only the FFN's activation kept ("keep_h",
+``recompute_middle`` replaced by the plain composition), and with all five replaced by their
+autodiff formulas ("autodiff"), each swapped in on the module ``umup_jax.ops`` for that arm
+only, and reports, side by side:
 
 * ``saved_MB_per_layer``: bytes of the arrays the loss's pullback closes over, depth L+1 minus
   depth L (exact, from shapes; nothing runs);
@@ -27,15 +32,16 @@ side:
   backend;
 * ``step_ms``: median step time over ``--steps`` timed steps after one warm-up, arms
   interleaved per round;
-* ``max_rel_grad_diff``: the largest relative difference of any gradient leaf between the two
-  arms at the initial parameters (the ops compute the same function).
+* ``max_rel_grad_diff_vs_custom``: the largest relative difference of any gradient leaf from
+  the custom arm's at the initial parameters (the ops compute the same function).
 
 Usage::
 
     python experiments/bench_residuals.py [--rules sp,umup --width 256 --depth 4 --heads 4
-        --seq 256 --batch 64 --steps 5 --rounds 2 --out experiments/results/residuals]
+        --seq 256 --batch 64 --steps 5 --rounds 2 --arms custom,keep_h,autodiff
+        --out experiments/results/residuals]
 
-Writes ``OUT/bench_residuals.csv`` and prints the table with the custom/autodiff ratios.
+Writes ``OUT/bench_residuals.csv`` and prints the table with the custom/<arm> ratios.
 """
 
 from __future__ import annotations
@@ -78,21 +84,33 @@ def autodiff_matmul(x, w, scale: float = 1.0):
     return y if scale == 1.0 else y * scale
 
 
+def composition(producer, consumer, inputs, params):
+    return consumer(producer(*inputs), *params)
+
+
 def default_softmax_rule():
     flag = getattr(jax, "softmax_custom_jvp", None)
     return flag(False) if flag is not None else contextlib.nullcontext()
 
 
+# What each arm swaps in on ``umup_jax.ops``: "custom" is the code as committed, "keep_h" the
+# same but for the FFN's activation kept as in a plain composition, "autodiff" all five ops.
+ARMS = {
+    "custom": {},
+    "keep_h": {"recompute_middle": composition},
+    "autodiff": {"rms_norm": autodiff_rms_norm, "gated_silu": autodiff_gated_silu,
+                 "matmul": autodiff_matmul,
+                 "_softmax_saving_probabilities": default_softmax_rule,
+                 "recompute_middle": composition},
+}
+
+
 @contextlib.contextmanager
 def arm(name: str):
-    """Inside ``arm('autodiff')`` the model runs the four ops as plain autodiff formulas."""
-    if name == "custom":
-        yield
-        return
-    names = ("rms_norm", "gated_silu", "matmul", "_softmax_saving_probabilities")
-    saved = {n: getattr(ops, n) for n in names}
-    for n, f in zip(names, (autodiff_rms_norm, autodiff_gated_silu, autodiff_matmul,
-                            default_softmax_rule)):
+    """Inside ``arm(name)`` the model runs with that arm's ops (:data:`ARMS`)."""
+    swaps = ARMS[name]
+    saved = {n: getattr(ops, n) for n in swaps}
+    for n, f in swaps.items():
         setattr(ops, n, f)
     try:
         yield
@@ -177,25 +195,32 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--arms", default="custom,keep_h,autodiff",
+                   help=f"comma-separated, from {', '.join(ARMS)}; 'custom' is required")
     p.add_argument("--out", default="experiments/results/residuals")
     args = p.parse_args(argv)
     rules = [r.strip() for r in args.rules.split(",") if r.strip()]
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown or "custom" not in arms:
+        p.error(f"--arms {args.arms!r}: need 'custom' and names from {', '.join(ARMS)}")
     load_before = os.getloadavg()
 
     rows = []
     for rule in rules:
         per_layer = {}
-        for name in ("custom", "autodiff"):
+        for name in arms:
             with arm(name):
                 per_layer[name] = (saved_bytes(model_config(args, rule, args.depth + 1), args.batch)
                                    - saved_bytes(model_config(args, rule, args.depth), args.batch))
         steps = {name: Step(model_config(args, rule, args.depth), args.batch, name)
-                 for name in ("custom", "autodiff")}
-        grad_diff = max_rel_diff(steps["custom"].grads, steps["autodiff"].grads)
+                 for name in arms}
+        grad_diff = {name: max_rel_diff(s.grads, steps["custom"].grads)
+                     for name, s in steps.items()}
         for s in steps.values():
             s.run(1, timed=False)
         for r in range(args.rounds):
-            for name in (("custom", "autodiff") if r % 2 == 0 else ("autodiff", "custom")):
+            for name in (arms if r % 2 == 0 else arms[::-1]):
                 steps[name].run(args.steps, timed=True)
         for name, s in steps.items():
             rows.append({
@@ -204,7 +229,7 @@ def main(argv=None):
                 "saved_MB_per_layer": round(per_layer[name] / MB, 2),
                 "temp_MB": round(s.temp_bytes / MB, 1),
                 "step_ms": round(1e3 * statistics.median(s.times), 1),
-                "max_rel_grad_diff": f"{grad_diff:.2e}",
+                "max_rel_grad_diff_vs_custom": f"{grad_diff[name]:.2e}",
             })
             print(f"{rule:5s} {name:8s} saved/layer {rows[-1]['saved_MB_per_layer']:8.2f} MB  "
                   f"XLA temp {rows[-1]['temp_MB']:8.1f} MB  step {rows[-1]['step_ms']:8.1f} ms",
@@ -224,12 +249,14 @@ def main(argv=None):
           f"{args.batch}, vocab {args.vocab}, fp32; {args.rounds} rounds × {args.steps} steps")
     print(f"load average (1 min) before {load_before[0]:.1f}, after {load_after[0]:.1f}")
     for rule in rules:
-        c, a = (next(r for r in rows if r["rule"] == rule and r["arm"] == n)
-                for n in ("custom", "autodiff"))
-        print(f"{rule}: custom/autodiff  saved per layer {c['saved_MB_per_layer'] / a['saved_MB_per_layer']:.3f}"
-              f"  XLA temp {c['temp_MB'] / a['temp_MB']:.3f}  step time "
-              f"{c['step_ms'] / a['step_ms']:.3f}  (max relative gradient difference "
-              f"{c['max_rel_grad_diff']})")
+        row = {r["arm"]: r for r in rows if r["rule"] == rule}
+        c = row["custom"]
+        for name in arms[1:]:
+            o = row[name]
+            print(f"{rule}: custom/{name}  saved per layer "
+                  f"{c['saved_MB_per_layer'] / o['saved_MB_per_layer']:.3f}  XLA temp "
+                  f"{c['temp_MB'] / o['temp_MB']:.3f}  step time {c['step_ms'] / o['step_ms']:.3f}"
+                  f"  (max relative gradient difference {o['max_rel_grad_diff_vs_custom']})")
     print(f"wrote {out / 'bench_residuals.csv'}")
     return rows
 
