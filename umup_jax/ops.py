@@ -341,7 +341,8 @@ def recompute_middle(producer, consumer, inputs: tuple, params: tuple):
     The FFN's down-projection keeps its input ``h = up·a(gate)`` (B, S, F) for its weight
     gradient ``hᵀ·g``, while the gated SiLU before it keeps ``up`` and ``gate``, from which
     ``h`` is one elementwise pass: composed this way the block keeps two (B, S, F) arrays
-    instead of three (under an FP8 down-projection, two instead of two plus h's FP8 copy).
+    instead of three (under an FP8 down-projection, which keeps h's FP8 cast, not h, the cast
+    is what is no longer kept).
     Both functions' own VJPs run unchanged: the backward is ``jax.vjp`` of ``producer`` at
     ``inputs`` and of ``consumer`` at ``(h, *params)``, so their scales, casts and probe
     statistics are those of the uncomposed call; the consumer's forward output that
