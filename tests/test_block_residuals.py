@@ -56,6 +56,16 @@ def test_each_block_keeps_two_ffn_hidden_arrays(scan, monkeypatch):
     assert saved_shapes(cfg)[hidden] == 3 * per_block  # and h
 
 
+def test_an_fp8_down_projection_no_longer_keeps_the_cast_of_h(monkeypatch):
+    cfg = config(depth=1, fp8="paper_simple", dtype="bfloat16")
+    shape = (BATCH, SEQ, cfg.ffn_hidden)
+    fused = saved_shapes(cfg)
+    monkeypatch.setattr(ops, "recompute_middle", composed)
+    plain = saved_shapes(cfg)
+    assert fused[(shape, "bfloat16")] == plain[(shape, "bfloat16")] == 2  # up and gate
+    assert plain[(shape, "float8_e4m3fn")] == 1 and fused[(shape, "float8_e4m3fn")] == 0
+
+
 def _loss_and_grads(cfg, tok):
     model = Decoder(cfg)
     params = flax_meta.unbox(model.init(jax.random.key(0), tok[:1]))
