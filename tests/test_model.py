@@ -282,6 +282,9 @@ def test_prefix_outputs_do_not_change_when_the_sequence_is_extended(parametrizat
         (dict(position="alibi"), "position='alibi' is invalid"),
         (dict(dtype="float16"), "dtype='float16' is invalid"),
         (dict(ffn_expansion=0.3), "ffn_expansion=0.3 is invalid"),
+        (dict(parametrization="mup", head_dim=16),
+         r"head_dim=16 with num_heads=2 is refused for parametrization='mup': "
+         r"num_heads·head_dim = 32 must equal width=64"),
     ],
 )
 def test_bad_model_config_raises(kwargs, match):
@@ -289,6 +292,15 @@ def test_bad_model_config_raises(kwargs, match):
     base.update(kwargs)
     with pytest.raises(ValueError, match=match):
         ModelConfig(**base)
+
+
+def test_mup_accepts_an_explicit_head_dim_that_spans_the_width():
+    """μP's refusal is only for num_heads·head_dim ≠ width; SP and u-μP take any head_dim
+    (u-μP's hidden rule reads each weight's own fan-in, 1/√(H·D_h) for the attention output)."""
+    base = dict(vocab_size=256, width=64, depth=2, num_heads=2, seq_len=16)
+    assert ModelConfig(**base, parametrization="mup", head_dim=32).attn_dim == 64
+    for rule in ("sp", "umup"):
+        assert ModelConfig(**base, parametrization=rule, head_dim=16).attn_dim == 32
 
 
 def test_too_long_sequence_raises():

@@ -174,6 +174,18 @@ class ModelConfig:
                 "its input scale is the RMS of the whole readout input, which a chunk does not "
                 "see (use loss_chunks=1, or another FP8 mode for the readout)")
         self.rule  # validates parametrization and hparams
+        if self.parametrization == "mup" and self.attn_dim != self.width:
+            # μP's hidden rule (spec §2.3) is B = σ·√(base_fan_in/fan_in), C = base_fan_in/
+            # fan_in, which the rule applies as m = width/base_width for every hidden weight.
+            # The attention output's fan-in is num_heads·head_dim: with it ≠ width nothing says
+            # how it scales with width (fixed heads of a fixed size do not), so the LR and init
+            # of that weight would silently follow m.  u-μP's rule uses each fan-in itself.
+            raise ValueError(
+                f"head_dim={self.head_dim} with num_heads={self.num_heads} is refused for "
+                f"parametrization='mup': num_heads·head_dim = {self.attn_dim} must equal "
+                f"width={self.width}, because μP's hidden rule scales every hidden fan-in by "
+                "width/base_width (leave head_dim unset, or use parametrization='umup', whose "
+                "rule reads each weight's own fan-in)")
 
     @functools.cached_property
     def rule(self) -> P.Parametrization:

@@ -394,7 +394,8 @@ class SP(Parametrization):
 class MuP(Parametrization):
     """μP for Adam with base shapes (Tensor Programs V; u-μP paper §2.3, spec §2.3).
 
-    With width multiplier m = width/base_width (every hidden fan-in grows ∝ width):
+    With width multiplier m = width/base_width (every hidden fan-in grows ∝ width, which
+    ``ModelConfig`` enforces for μP by requiring num_heads·head_dim = width):
     embedding A=α_emb, B=σ_init, C=η̂_emb; hidden A=1, B=σ_init·√(1/m), C=1/m; output
     A=α_output/m, B=σ_init, C=1; attention logits α_attn/d_head.  At the base width (m = 1)
     every weight's (A, B, C) is SP's times μP's multipliers, but μP is still not SP there: its
