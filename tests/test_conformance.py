@@ -62,7 +62,7 @@ import unit_scaling.functional as U  # noqa: E402
 import unit_scaling.optim  # noqa: E402
 from unit_scaling.core.functional import transformer_residual_scaling_rule  # noqa: E402
 
-from umup_jax.model import Decoder, ModelConfig  # noqa: E402
+from umup_jax.model import Decoder, ModelConfig, init_params  # noqa: E402
 from umup_jax.optim import OptimizerConfig, make_optimizer  # noqa: E402
 
 WIDTH, VOCAB, LAYERS, HEADS = 64, 256, 2, 4
@@ -391,3 +391,112 @@ def test_conformance_with_scanned_layers():
           f"grad rms-rel max {max(errs.values()):.2e}")
     bad = {"/".join(p): e for p, e in errs.items() if not e <= GRAD_RTOL}
     assert not bad, f"gradients differ from the library's (rms-rel error): {bad}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Every HP off its default at once, with RoPE, a head dim not width/heads, and the model's
+# other execution paths, against the library's functional ops in float64
+# ---------------------------------------------------------------------------------------------
+
+ALL_HPARAMS = {"attn_mult": 2.0, "ffn_act_mult": 0.5, "residual_mult": 1.7,
+               "residual_attn_ratio": 0.4, "loss_softmax_mult": 1.5}
+ALL_V, ALL_D, ALL_H, ALL_HD, ALL_EXP, ALL_S, ALL_B = 128, 32, 2, 8, 2, 16, 3
+
+
+def _rope_reference(x, theta=10000.0):
+    """Rotate-half RoPE on (B, H, S, D), frequencies θ^(−i/(D/2)) (spec §5.10)."""
+    seq, half = x.shape[-2], x.shape[-1] // 2
+    inv = theta ** (-torch.arange(half, dtype=torch.float64) / half)
+    ang = torch.arange(seq, dtype=torch.float64)[:, None] * inv[None]
+    cos, sin = torch.cos(ang), torch.sin(ang)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+
+def _reference_loss_all_hparams(w, ids, targets, depth, train_seq):
+    """The decoder of spec §5.16 from ``unit_scaling.functional`` ops, with every α of
+    ``ALL_HPARAMS``, RoPE after the QKV projection, and the attention's output scale taken at
+    the *training* length ``train_seq`` whatever the call's length (spec §5.9)."""
+    from unit_scaling.core.functional import logarithmic_interpolation
+    from unit_scaling.scale import scale_bwd, scale_fwd
+
+    hp = ALL_HPARAMS
+    rule = transformer_residual_scaling_rule(hp["residual_mult"], hp["residual_attn_ratio"])
+    s_attn = 1.0 / logarithmic_interpolation(
+        alpha=1.0 / (1.0 + 4.0 * ALL_HD / hp["attn_mult"] ** 2),
+        lower=(math.log(train_seq) / train_seq) ** 0.5, upper=1.0)
+    x = U.embedding(ids, w["embedding"])
+    for i in range(depth):
+        tau = rule(2 * i, 2 * depth)
+        r, skip = U.residual_split(x, tau=tau)
+        r = U.rms_norm(r, (ALL_D,), eps=1e-5)
+        qkv = U.linear(r, w[f"qkv{i}"], None)
+        q, k, v = einops.rearrange(qkv, "b s (z h d) -> z b h s d", h=ALL_H, z=3)
+        q, k = _rope_reference(q), _rope_reference(k)
+        q, k, v = (scale_bwd(t, s_attn) for t in (q, k, v))
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=hp["attn_mult"] / ALL_HD)
+        o = einops.rearrange(scale_fwd(o, s_attn), "b h s d -> b s (h d)")
+        x = U.residual_add(U.linear(o, w[f"o{i}"], None), skip, tau=tau)
+        tau = rule(2 * i + 1, 2 * depth)
+        r, skip = U.residual_split(x, tau=tau)
+        r = U.rms_norm(r, (ALL_D,), eps=1e-5)
+        up = U.linear(r, w[f"up{i}"], None, constraint=None)
+        gate = U.linear(r, w[f"gate{i}"], None, constraint=None)
+        z = U.silu_glu(up, gate, mult=hp["ffn_act_mult"])
+        x = U.residual_add(U.linear(z, w[f"down{i}"], None, constraint=None), skip, tau=tau)
+    logits = U.linear_readout(U.rms_norm(x, (ALL_D,), eps=1e-5), w["readout"], None)
+    return U.cross_entropy(logits.flatten(end_dim=-2), targets.flatten(),
+                           mult=hp["loss_softmax_mult"])
+
+
+def _reference_layout(params, depth) -> dict:
+    """Our params (or gradients), looped or stacked, as float64 torch (out, in) weights."""
+    p = params["params"]
+    out = {"embedding": np.asarray(p["embedding"]), "readout": np.asarray(p["readout"]).T}
+    for i in range(depth):
+        layer = ({k: np.asarray(v)[i] for k, v in p["layers"].items()} if "layers" in p else
+                 {k: np.asarray(v) for k, v in p[f"layer_{i}"].items()})
+        out[f"qkv{i}"] = layer["attn_qkv"].reshape(ALL_D, -1).T
+        out[f"o{i}"] = layer["attn_out"].reshape(-1, ALL_D).T
+        for ours, theirs in (("ffn_up", "up"), ("ffn_gate", "gate"), ("ffn_down", "down")):
+            out[f"{theirs}{i}"] = layer[ours].T
+    return {k: torch.tensor(v.astype(np.float64), requires_grad=True) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("depth, variant", [
+    (1, "loop"), (3, "loop"), (3, "scan"), (3, "loss_chunks"), (3, "shorter_call"),
+])
+def test_conformance_all_hparams_rope_and_paths(depth, variant):
+    """Loss and every gradient of our u-μP decoder with all five α's ≠ 1 (α_attn,
+    α_ffn-act, α_loss-softmax *and* the residual α's together, which the cases above never
+    combine), RoPE, heads of 8 in width 32 (H·D_h ≠ width), FFN expansion 2, against a float64
+    reference from the library's functional ops: looped and scanned, with ``loss_chunks=4``,
+    and called on S/2 tokens (the attention scale still at the training S)."""
+    cfg = ModelConfig(vocab_size=ALL_V, width=ALL_D, depth=depth, num_heads=ALL_H,
+                      head_dim=ALL_HD, ffn_expansion=ALL_EXP, seq_len=ALL_S, position="rope",
+                      parametrization="umup", hparams=ALL_HPARAMS, dtype="float32",
+                      scan_layers=variant == "scan",
+                      loss_chunks=4 if variant == "loss_chunks" else 1)
+    seq = ALL_S // 2 if variant == "shorter_call" else ALL_S
+    rng = np.random.default_rng(SEED)
+    ids, targets = (rng.integers(0, ALL_V, (ALL_B, seq)) for _ in range(2))
+    model = Decoder(cfg)
+    params = nn.meta.unbox(init_params(model, jax.random.key(SEED)))
+    with jax.default_matmul_precision("highest"):
+        loss, grads = jax.jit(jax.value_and_grad(lambda p: model.apply(
+            p, jnp.asarray(ids), jnp.asarray(targets), method=Decoder.loss)))(params)
+
+    weights = _reference_layout(params, depth)
+    t_loss = _reference_loss_all_hparams(weights, torch.tensor(ids), torch.tensor(targets),
+                                         depth, train_seq=ALL_S)
+    t_loss.backward()
+    t_loss = float(t_loss.detach())
+    ours = _reference_layout(grads, depth)
+    errs = {k: _rms_rel(ours[k].detach().numpy(), w.grad.numpy()) for k, w in weights.items()}
+    loss_err = abs(float(loss) - t_loss) / abs(t_loss)
+    print(f"\n[all α, {variant}, L={depth}] loss rel {loss_err:.1e}, grad rms-rel max "
+          f"{max(errs.values()):.1e}")
+    assert loss_err <= LOSS_RTOL
+    bad = {k: e for k, e in errs.items() if not e <= GRAD_RTOL}
+    assert not bad, f"gradients differ from the reference (rms-rel error): {bad}"

@@ -282,6 +282,7 @@ def test_prefix_outputs_do_not_change_when_the_sequence_is_extended(parametrizat
         (dict(position="alibi"), "position='alibi' is invalid"),
         (dict(dtype="float16"), "dtype='float16' is invalid"),
         (dict(ffn_expansion=0.3), "ffn_expansion=0.3 is invalid"),
+        (dict(seq_len=1), r"seq_len=1 is invalid for parametrization='umup'.*S >= 2"),
         (dict(parametrization="mup", head_dim=16),
          r"head_dim=16 with num_heads=2 is refused for parametrization='mup': "
          r"num_heads·head_dim = 32 must equal width=64"),

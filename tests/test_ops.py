@@ -310,6 +310,15 @@ def test_attention_scale_constants():
     assert ops.attention_scale(256, 64, 1.0, causal=False) == pytest.approx(15.83, abs=1e-2)
 
 
+def test_attention_scale_refuses_a_causal_sequence_of_one():
+    """At S = 1 the causal flat-attention std √(ln S/S) is 0: a clear error, not math's
+    'domain error'.  Non-causal S = 1 (ℓ = 1) is finite."""
+    with pytest.raises(ValueError, match=r"seq_len=1 is invalid .* S >= 2"):
+        ops.attention_scale(1, 64, 1.0, causal=True)
+    assert math.isfinite(ops.attention_scale(1, 64, 1.0, causal=False))
+    assert math.isfinite(ops.attention_scale(2, 64, 1.0, causal=True))
+
+
 def test_attention_non_causal_matches_reference_test():
     # Authors' test: shape (2^8, 2^6, 2^6) = (batch, seq, head_dim), non-causal.
     q, k, v = (normal(i, (2**8, 2**6, 1, 2**6)) for i in range(3))

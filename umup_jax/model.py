@@ -88,7 +88,9 @@ class ModelConfig:
         uses this S for every call, whatever its length (spec §5.9).
       position: ``rope`` (default) or ``none`` (NoPE).  rope_theta: RoPE base.
       parametrization: ``sp | mup | umup``.  hparams: that rule's HPs (a mapping).
-      dtype: compute dtype ``float32 | bfloat16``; params, logits and the loss stay fp32.
+      dtype: compute dtype ``float32 | bfloat16``; params stay fp32.  The readout matmul
+        runs in the compute dtype (as under torch autocast in the authors' library) and
+        its logits are cast to fp32, where the softmax cross-entropy and the loss are.
       norm_eps: RMSNorm ε.
       fp8: FP8 policy: a preset (``none | paper_simple | paper_large``) or a mapping from
         matmul groups (``qkv, attn_out, ffn_in, ffn_down, readout``) to modes
@@ -174,6 +176,10 @@ class ModelConfig:
                 "its input scale is the RMS of the whole readout input, which a chunk does not "
                 "see (use loss_chunks=1, or another FP8 mode for the readout)")
         self.rule  # validates parametrization and hparams
+        if self.parametrization == "umup" and self.seq_len < 2:
+            raise ValueError(
+                f"seq_len={self.seq_len} is invalid for parametrization='umup': its causal "
+                "attention scale 1/logint(α, √(ln S/S), 1) needs S >= 2 (spec §5.9)")
         if self.parametrization == "mup" and self.attn_dim != self.width:
             # μP's hidden rule (spec §2.3) is B = σ·√(base_fan_in/fan_in), C = base_fan_in/
             # fan_in, which the rule applies as m = width/base_width for every hidden weight.

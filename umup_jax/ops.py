@@ -492,8 +492,12 @@ def attention_scale(seq_len: int, head_dim: int, mult: float = 1.0, causal: bool
         s = 1 / logint(α = 1/(1 + 4·d_head/m²), ℓ, 1),   ℓ = √(ln S/S) causal, √(1/S) not.
 
     ℓ is the output std of flat attention over unit values; 1 that of one-hot attention.
-    s = 3.90204 at S=64, d_head=64, m=1, causal.
+    s = 3.90204 at S=64, d_head=64, m=1, causal.  Causal attention needs S ≥ 2: at S = 1
+    ℓ = 0 and the interpolation (ℓ^α) is 0, so the scale would be infinite.
     """
+    if causal and seq_len < 2:
+        raise ValueError(f"seq_len={seq_len} is invalid for the unit-scaled causal attention: "
+                         "it needs S >= 2 (its flat-attention std √(ln S/S) is 0 at S = 1)")
     lower = ((math.log(seq_len) if causal else 1.0) / seq_len) ** 0.5
     return 1.0 / logarithmic_interpolation(1.0 / (1.0 + 4.0 * head_dim / mult**2), lower, 1.0)
 
