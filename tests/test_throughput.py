@@ -50,6 +50,8 @@ def test_model_flops_hand_counted():
     ("NVIDIA A100-SXM4-80GB", "float32", 156.0),  # TF32, XLA's default fp32 matmul precision
     ("NVIDIA L4", "bfloat16", 121.0),
     ("NVIDIA L40S", "bfloat16", 362.05),
+    ("NVIDIA L40", "bfloat16", 181.05),  # not the L4 row its name begins with
+    ("NVIDIA L40", "float8", 362.0),
 ])
 def test_peak_table(kind, dtype, tflops):
     assert throughput.peak_flops(kind, dtype) == pytest.approx(tflops * 1e12)

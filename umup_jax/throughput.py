@@ -35,14 +35,16 @@ XLA computes fp32 matmuls with TF32 tensor cores at JAX's default precision on A
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Optional, Sequence
 
 import jax
 
 from umup_jax.model import ModelConfig
 
-# (substring of jax's device_kind, name, dense peak TFLOP/s by compute dtype); first match
-# wins, so a more specific name comes before a shorter one it contains.
+# (name as a whole word of jax's device_kind, name, dense peak TFLOP/s by compute dtype);
+# first match wins, so a more specific name comes before a shorter one it begins with.  Whole
+# words: "L4" is not found in "NVIDIA L40", nor "H200" in "NVIDIA GH200".
 PEAK_TFLOPS: tuple[tuple[str, str, dict[str, float]], ...] = (
     ("H100 PCIe", "H100 PCIe", {"bfloat16": 756.0, "float16": 756.0, "float8": 1513.0,
                                 "float32": 378.0}),
@@ -65,6 +67,8 @@ PEAK_TFLOPS: tuple[tuple[str, str, dict[str, float]], ...] = (
     ("A100", "A100", {"bfloat16": 312.0, "float16": 312.0, "float32": 156.0}),
     ("L40S", "L40S", {"bfloat16": 362.05, "float16": 362.05, "float8": 733.0,
                       "float32": 183.0}),
+    ("L40", "L40", {"bfloat16": 181.05, "float16": 181.05, "float8": 362.0,
+                    "float32": 90.5}),
     ("L4", "L4", {"bfloat16": 121.0, "float16": 121.0, "float8": 242.5, "float32": 60.0}),
 )
 
@@ -73,7 +77,8 @@ def peak_flops(device_kind: str, dtype: str) -> float:
     """Dense peak FLOP/s of one device of ``device_kind`` (``jax.Device.device_kind``, e.g.
     ``'NVIDIA H100 80GB HBM3'``) for compute dtype ``dtype``; ``nan`` if unknown."""
     for pattern, _, peaks in PEAK_TFLOPS:
-        if pattern.lower() in device_kind.lower():
+        if re.search(rf"(?<![a-z0-9]){re.escape(pattern.lower())}(?![a-z0-9])",
+                     device_kind.lower()):
             tflops = peaks.get(dtype)
             return float("nan") if tflops is None else tflops * 1e12
     return float("nan")
