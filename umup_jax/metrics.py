@@ -41,6 +41,15 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _ends_mid_line(path: pathlib.Path) -> bool:
+    """Whether the non-empty file ``path`` does not end with a newline."""
+    with open(path, "rb") as f:
+        if f.seek(0, 2) == 0:
+            return False
+        f.seek(-1, 2)
+        return f.read(1) != b"\n"
+
+
 class MetricsWriter:
     def __init__(self, workdir: pathlib.Path, enabled: bool = True):
         self.enabled = enabled
@@ -49,7 +58,11 @@ class MetricsWriter:
         if not enabled:
             return
         workdir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+        path = workdir / "metrics.jsonl"
+        self._jsonl = open(path, "a", encoding="utf-8")
+        if _ends_mid_line(path):  # a killed run's last row, cut short: end it, so that the
+            self._jsonl.write("\n")  # first row appended on resume is a line of its own
+            self._jsonl.flush()
         try:
             from tensorboardX import SummaryWriter
 

@@ -1,0 +1,34 @@
+"""metrics.jsonl across a kill: a row cut short does not swallow the next one written."""
+
+from __future__ import annotations
+
+import json
+
+from umup_jax.metrics import MetricsWriter, read_metrics
+
+
+def test_a_row_cut_short_by_a_kill_does_not_swallow_the_resumed_runs_first_row(tmp_path):
+    writer = MetricsWriter(tmp_path)
+    writer.write(0, "train", {"loss": 5.0})
+    writer.write(1, "train", {"loss": 4.0})
+    writer.close()
+    path = tmp_path / "metrics.jsonl"
+    text = path.read_text()
+    path.write_text(text[:-7])  # the kill: the step-1 row half written, no newline
+    writer = MetricsWriter(tmp_path)  # the resumed run
+    writer.write(1, "config_change", {"key": "train.log_every", "old": 1, "new": 2})
+    writer.write(1, "train", {"loss": 4.0})
+    writer.close()
+    assert [r["step"] for r in read_metrics(path, "train")] == [0, 1]
+    assert read_metrics(path, "config_change")[0]["key"] == "train.log_every"
+    lines = path.read_text().splitlines()
+    assert len(lines) == 4 and json.loads(lines[-1])["loss"] == 4.0
+
+
+def test_an_intact_file_gets_no_blank_line(tmp_path):
+    for step, loss in enumerate((5.0, 4.0)):
+        writer = MetricsWriter(tmp_path)
+        writer.write(step, "train", {"loss": loss})
+        writer.close()
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n\n") == 0
+    assert [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [5.0, 4.0]
