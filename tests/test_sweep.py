@@ -102,6 +102,28 @@ def test_sweep_resume_runs_only_what_is_missing(tmp_path, monkeypatch):
     assert sorted(r["width"] for r in rows_of(tmp_path)) == ["16", "32", "48"]
 
 
+def test_a_run_stopped_by_a_signal_stops_the_sweep_and_is_not_recorded(tmp_path, monkeypatch):
+    """train_and_evaluate returns normally after SIGINT/SIGTERM (it checkpointed), with
+    ``interrupted``: that is no result, so the sweep stops there and records no row for it,
+    and a rerun trains it (from its checkpoint) instead of skipping it as finished."""
+    spec = {"name": "signal", "grid": {"model.width": [16, 32]}}
+    real = train_lib.train_and_evaluate
+
+    def stopped_at_width_32(cfg, workdir):
+        results = real(cfg, workdir)
+        if cfg.model.width == 32:
+            results.update(interrupted=True, signal=2)
+        return results
+
+    monkeypatch.setattr(train_lib, "train_and_evaluate", stopped_at_width_32)
+    with pytest.raises(KeyboardInterrupt, match="stopped by signal 2 at step 3 of 3"):
+        sweep_lib.run_sweep(base(), spec, str(tmp_path), batched=False, progress=False)
+    assert [r["width"] for r in rows_of(tmp_path)] == ["16"]
+    monkeypatch.setattr(train_lib, "train_and_evaluate", real)
+    rows = sweep_lib.run_sweep(base(), spec, str(tmp_path), batched=False, progress=False)
+    assert sorted(r["width"] for r in rows_of(tmp_path)) == ["16", "32"] and len(rows) == 2
+
+
 def test_results_of_a_different_sweep_are_refused(tmp_path):
     sweep_lib.run_sweep(base(), {"name": "a", "grid": {"model.width": [16]}}, str(tmp_path),
                         progress=False)

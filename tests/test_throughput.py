@@ -130,3 +130,41 @@ def test_evaluation_and_checkpoints_are_outside_the_throughput_interval(tmp_path
     for r in logged:
         seconds = 2 * tokens_per_step / r["tokens_per_s"]  # two steps per logged interval
         assert seconds < 1.0, (r, seconds)
+
+
+def test_compiling_is_outside_the_throughput_interval(tmp_path, monkeypatch):
+    """The first call of each step function traces and compiles it, in process and on every
+    resume; made to take 2 s here (a sleep before the real call), it does not count in the
+    logged tokens/s.  Without that, the first logged interval (step 0's row, read after step
+    1 is dispatched) would take over 4 s: both first calls, and the first evaluation."""
+    import time
+
+    make_train_step = train_lib.make_train_step
+
+    def slow_to_compile(run, with_stats):
+        step = make_train_step(run, with_stats)
+        first = [True]
+
+        def call(*args):
+            if first[0]:
+                first[0] = False
+                time.sleep(2.0)
+            return step(*args)
+
+        return call
+
+    monkeypatch.setattr(train_lib, "make_train_step", slow_to_compile)
+    cfg = config_lib.proxy_config("umup", "smoke")
+    for key, value in {"train.steps": 6, "train.log_every": 2, "train.metrics_every": 2,
+                       "train.checkpoint_every": 6}.items():
+        config_lib.set_key(cfg, key, value)
+    results = train_lib.train_and_evaluate(cfg, str(tmp_path))
+    rows = {r["step"]: r for r in read_metrics(tmp_path / "metrics.jsonl", "train")}
+    tokens_per_step = cfg.train.batch_size * cfg.model.seq_len
+    # The stats step (steps 0, 2, 4) and the plain one (1, 3, 5) are first called at steps 0
+    # and 1, which step 0's row spans (its scalars are read after step 1 is dispatched).
+    for step, steps_in_interval in ((0, 1), (2, 2), (4, 2)):
+        seconds = steps_in_interval * tokens_per_step / rows[step]["tokens_per_s"]
+        assert seconds < 1.0, (step, seconds)
+    assert results["eval_step"] == 6 and not results["interrupted"]
+    assert results["signal"] is None

@@ -6,8 +6,13 @@ usage errors, exit status 2) are those of :mod:`umup_jax.cli`.
 
 A failure while running ends with one ``python -m umup_jax.main: error: …`` line and exit
 status 1; the traceback goes to ``WORKDIR/error.log`` and library logging (orbax, jax) to
-``WORKDIR/run.log`` (:mod:`umup_jax.failures`).
+``WORKDIR/run.log`` (:mod:`umup_jax.failures`).  A run stopped by SIGTERM or SIGINT
+checkpoints, writes ``results.json`` with ``interrupted: true`` and exits with status
+128 + the signal's number (143, 130), so that a job scheduler restarts it; rerun with the same
+flags to resume.
 """
+
+import sys
 
 from absl import app, flags, logging
 
@@ -30,7 +35,11 @@ def main() -> None:
         train_lib.check_config(config)
     failures.log_to_workdir(FLAGS.workdir, logging.get_absl_logger().getEffectiveLevel())
     with failures.exit_on_failure(FLAGS.workdir):
-        train_lib.train_and_evaluate(config, FLAGS.workdir)
+        results = train_lib.train_and_evaluate(config, FLAGS.workdir)
+    if results.get("interrupted"):
+        # Stopped by SIGTERM/SIGINT after checkpointing: not a finished run, so the shell's
+        # 128 + signal number (143 for SIGTERM), which schedulers read as "restart me".
+        sys.exit(128 + int(results["signal"]))
 
 
 if __name__ == "__main__":

@@ -428,10 +428,15 @@ def run_single(cfg, workdir: pathlib.Path) -> dict:
     """One run via train_and_evaluate; if its loss became non-finite, only the fingerprint of
     the tokens it diverged on (no losses: :func:`make_row` marks it diverged)."""
     try:
-        return train_lib.train_and_evaluate(cfg, str(workdir))
+        results = train_lib.train_and_evaluate(cfg, str(workdir))
     except train_lib.NonFiniteLossError as e:
         print(f"  diverged: {e}", flush=True)
         return {"data_fingerprint": e.data_fingerprint}
+    if results.get("interrupted"):  # not a result: stop the sweep, record no row
+        raise KeyboardInterrupt(
+            f"run {workdir} stopped by signal {results['signal']} at step {results['steps']} "
+            f"of {cfg.train.steps} (checkpointed; rerun the sweep to resume it)")
+    return results
 
 
 def run_batched(cfg, lrs: list[float], wds: list[float]) -> list[dict]:

@@ -699,6 +699,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     last_train_loss: Optional[float] = None
     last_eval: Optional[dict] = None
+    last_eval_step: Optional[int] = None
     pending: Optional[tuple[int, Any]] = None  # (step, device metrics) not yet read
     interval_t0, interval_steps = time.time(), 0
     tokens_per_s = mfu = float("nan")
@@ -752,8 +753,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if "stats" in host:
             writer.write(step, "stats", {k: float(v) for k, v in host["stats"].items()})
 
-    def save(step_done: int, data_state: dict) -> None:
-        """Checkpoints the state after ``step_done`` steps, if it is finite."""
+    def save(step_done: int, data_state: dict) -> bool:
+        """Checkpoints the state after ``step_done`` steps, if it is finite; whether it did."""
         nonlocal last_good_ckpt
         if not bool(state_is_finite(state)):
             msg = (f"the parameters or optimizer state are not finite after step {step_done}; "
@@ -764,22 +765,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             log.warning(msg)
             if is_main:
                 print(f"WARNING: {msg}", flush=True)
-            return
+            return False
         if store.save(step_done, state, data_state, config_dict, tokens_fingerprint):
             last_good_ckpt = step_done
+        return last_good_ckpt == step_done
 
     stop = _StopFlag()
-    interrupted = False
+    interrupted: Optional[int] = None  # the signal that stopped the run early
+    compiled: set = set()  # the step functions called (so compiled) in this process
     try:
         with stop.installed():
             if start == 0:  # the starting point of the eval curve
-                last_eval = evaluate(run, eval_step, state["params"], valid_batches)
+                last_eval = paused(evaluate, run, eval_step, state["params"], valid_batches)
+                last_eval_step = 0
                 writer.write(0, "eval", last_eval)
             data_state, batch = prefetch.next()
             for step in range(start, steps_total):
                 with_stats = tcfg.metrics_every <= steps_total and step % tcfg.metrics_every == 0
                 step_fn = stats_step if with_stats else train_step
-                state, metrics = step_fn(state, to_global(run, batch))
+                if step_fn in compiled:
+                    state, metrics = step_fn(state, to_global(run, batch))
+                else:  # tracing and compiling are not training throughput: the first call
+                    # returns once it is compiled and dispatched; its execution still counts
+                    state, metrics = paused(step_fn, state, to_global(run, batch))
+                    compiled.add(step_fn)
                 if pending is not None:
                     finish_step(*pending)
                 pending = (step, metrics)
@@ -792,17 +801,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     pending = None
                     last_eval = paused(evaluate, run, eval_step, state["params"],
                                        valid_batches)
+                    last_eval_step = done
                     writer.write(done, "eval", last_eval)
-                if done % tcfg.checkpoint_every == 0 or done == steps_total or stop.signal:
+                signalled = stop.signal  # read once: a signal may land at any moment
+                saved = None
+                if done % tcfg.checkpoint_every == 0 or done == steps_total or signalled:
                     if pending is not None:
                         finish_step(*pending)  # never checkpoint past a non-finite loss
                         pending = None
-                    paused(save, done, data_state)
-                if stop.signal:
-                    interrupted = True
+                    saved = paused(save, done, data_state)
+                if signalled:
+                    interrupted = signalled
                     if is_main:
-                        print(f"\nsignal {stop.signal}: saved checkpoint at step {done}; "
-                              "exiting", flush=True)
+                        what = (f"saved checkpoint at step {done}" if saved else
+                                f"not saved at step {done}; {where_good()}")
+                        print(f"\nsignal {signalled}: {what}; exiting", flush=True)
                     break
             if pending is not None:
                 finish_step(*pending)
@@ -810,6 +823,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             final_step = int(jax.device_get(state["step"]))
             if last_eval is None:  # a finished run whose results.json was lost: re-evaluate
                 last_eval = evaluate(run, eval_step, state["params"], valid_batches)
+                last_eval_step = final_step
             if last_train_loss is None and final_step > 0:
                 last_train_loss = _last_train_loss(workdir_path, final_step - 1)
     finally:
@@ -823,6 +837,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "final_train_loss": last_train_loss,
         "final_eval_loss": last_eval["loss"],
         "final_eval_perplexity": last_eval["perplexity"],
+        "eval_step": last_eval_step,  # the step of final_eval_*: < steps if interrupted
         "steps": final_step,
         "tokens_seen": final_step * tokens_per_step,
         "epochs": final_step * tcfg.batch_size / max(
@@ -833,7 +848,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "model_flops_per_token": flops_per_token,
         "device_kind": device_kind,
         "peak_flops_per_device": peak_flops,
-        "interrupted": interrupted,
+        "interrupted": interrupted is not None,
+        "signal": interrupted,
         "num_params": _count_params(run.abstract_state),
         "data_fingerprint": tokens_fingerprint,
         "devices": len(jax.devices()),
