@@ -74,6 +74,26 @@ def test_memmap_source(tmp_path):
     cfg.vocab_size = 500
     with pytest.raises(ValueError, match="data.vocab_size=500 is too small"):
         data_lib.load_tokens(cfg, str(tmp_path))
+    cfg.vocab_size = 1000
+    # Validation tokens that are the training tokens: the same file, or the same bytes.
+    cfg.valid_bin = cfg.train_bin
+    with pytest.raises(data_lib.DataConfigError,
+                       match=r"data.valid_bin overlap data.train_bin: .*train\.bin"):
+        data_lib.load_tokens(cfg, str(tmp_path))
+    arr.tofile(tmp_path / "copy.bin")
+    cfg.valid_bin = str(tmp_path / "copy.bin")
+    with pytest.raises(data_lib.DataConfigError, match=r"copy\.bin \(same bytes as .*train"):
+        data_lib.load_tokens(cfg, str(tmp_path))
+
+
+def test_a_hugging_face_validation_split_that_is_the_training_split_is_refused(tmp_path):
+    cfg = config_lib.base_config("umup").data
+    cfg.source, cfg.hf_name, cfg.hf_train_split, cfg.hf_valid_split = (
+        "hf", "some/dataset", "train", "train")
+    with pytest.raises(data_lib.DataConfigError,
+                       match=r"data.hf_valid_split='train' is the training split"):
+        data_lib.load_tokens(cfg, str(tmp_path))  # before any dataset is opened
+    data_lib.check_distinct_splits("train[:99%]", "train[99%:]", "a", "b")  # slices pass
 
 
 @pytest.mark.parametrize(

@@ -110,10 +110,23 @@ def _file_digest(path: pathlib.Path) -> str:
     return h.hexdigest()
 
 
-def check_disjoint(train: list[pathlib.Path], valid: list[pathlib.Path]) -> None:
+def check_distinct_splits(train: str, valid: str, train_field: str, valid_field: str) -> None:
+    """Refuses a validation split named as the training split (``hf_train_split ==
+    hf_valid_split``): the validation loss would be a training loss.  Slices of one split
+    (``train[:99%]``, ``train[99%:]``) are different names and pass."""
+    if train == valid:
+        raise DataConfigError(
+            f"{valid_field}={valid!r} is the training split ({train_field}={train!r}); "
+            "validation text must not be trained on. Use another split, or disjoint slices "
+            "such as 'train[:99%]' and 'train[99%:]'")
+
+
+def check_disjoint(train: list[pathlib.Path], valid: list[pathlib.Path],
+                   fields: tuple[str, str] = ("data.train_files", "data.valid_files")) -> None:
     """Refuses validation files that are also training files: the same path (after resolving
     links) or the same bytes under another name.  Either would leak the validation text into
-    training and make the validation loss a training loss."""
+    training and make the validation loss a training loss.  ``fields``: the config fields
+    (train, valid) the message names."""
     train_paths = {p.resolve(): p for p in train}
     by_size: dict[int, list[pathlib.Path]] = {}
     for p in train:
@@ -129,8 +142,8 @@ def check_disjoint(train: list[pathlib.Path], valid: list[pathlib.Path]) -> None
             overlap.append(f"{v} (same bytes as {twin})")
     if overlap:
         raise DataConfigError(
-            f"data.valid_files overlap data.train_files: {', '.join(overlap)}; validation "
-            "text must not be trained on. Make the two globs select disjoint files"
+            f"{fields[1]} overlap {fields[0]}: {', '.join(overlap)}; validation "
+            "text must not be trained on. Make the two select disjoint files"
         )
 
 
@@ -550,6 +563,9 @@ def load_tokens(cfg, cache_dir: Optional[str] = None, prepare: bool = True) -> T
             if not path.is_file():
                 raise DataConfigError(f"data.{field}={getattr(cfg, field)!r}: file not found")
             arrays[split] = np.memmap(path, dtype=dtype, mode="r")
+        check_disjoint([pathlib.Path(arrays["train"].filename)],
+                       [pathlib.Path(arrays["valid"].filename)],
+                       ("data.train_bin", "data.valid_bin"))
         top = int(max(arrays["train"].max(initial=0), arrays["valid"].max(initial=0)))
         if top >= cfg.vocab_size:
             raise DataConfigError(

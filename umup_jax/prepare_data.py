@@ -1044,6 +1044,8 @@ def prepare_hf_cached(cfg, cache_dir: pathlib.Path, make: bool = True) -> pathli
     streaming or downloading the dataset again.  ``make=False``: a missing entry is a
     :class:`~umup_jax.data.DataConfigError` instead of being made (a finished run's rerun
     compares its tokens only if they are at hand)."""
+    data_lib.check_distinct_splits(cfg.hf_train_split, cfg.hf_valid_split,
+                                   "data.hf_train_split", "data.hf_valid_split")
     spec, identity = _training_tokenizer_spec(cfg)
     key = hashlib.sha256(json.dumps([
         "hf-prepared-v2", cfg.hf_name, cfg.hf_config, cfg.hf_train_split, cfg.hf_valid_split,
@@ -1125,6 +1127,8 @@ def sources_from_flags(FLAGS) -> tuple[Any, Any]:
         sep = decode_escapes(FLAGS.doc_separator)
         return (TextFiles(FLAGS.train_files, sep, "--train_files"),
                 TextFiles(FLAGS.valid_files, sep, "--valid_files"))
+    data_lib.check_distinct_splits(FLAGS.hf_train_split, FLAGS.hf_valid_split,
+                                   "--hf_train_split", "--hf_valid_split")
     splits = open_hf(FLAGS.hf_name, FLAGS.hf_config, FLAGS.hf_streaming)
     common = dict(text_field=FLAGS.hf_text_field, documents_mode=FLAGS.hf_documents,
                   name=FLAGS.hf_name, config=FLAGS.hf_config, streaming=FLAGS.hf_streaming)
