@@ -278,6 +278,7 @@ def test_prefix_outputs_do_not_change_when_the_sequence_is_extended(parametrizat
         (dict(seq_len=0), "seq_len=0 is invalid"),
         (dict(parametrization="ntk"), "parametrization='ntk' is invalid"),
         (dict(hparams={"attn_mult": -2.0}), "attn_mult=-2.0 is invalid"),
+        (dict(hparams={"attn_mult": float("inf")}), "attn_mult=inf is invalid: it must be a finite"),
         (dict(hparams={"loss_softmax_mult": 0}), "loss_softmax_mult=0 is invalid"),
         (dict(position="alibi"), "position='alibi' is invalid"),
         (dict(dtype="float16"), "dtype='float16' is invalid"),

@@ -176,6 +176,9 @@ def test_parameter_without_metadata_raises():
     [
         (dict(learning_rate=0.0), "learning_rate=0.0 is invalid"),
         (dict(learning_rate=-1.0), "learning_rate=-1.0 is invalid"),
+        (dict(learning_rate=float("inf")), "learning_rate=inf is invalid: it must be a finite"),
+        (dict(eps=float("inf")), "eps=inf is invalid"),
+        (dict(weight_decay=float("nan")), "weight_decay=nan is invalid"),
         (dict(b1=1.0), "b1=1.0 is invalid"),
         (dict(b2=-0.1), "b2=-0.1 is invalid"),
         (dict(eps=0.0), "eps=0.0 is invalid"),

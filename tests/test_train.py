@@ -150,6 +150,9 @@ def test_nan_policy_ignore_runs_to_the_end(tmp_path):
         (dict(model__parametrization="ntk"), "parametrization='ntk' is invalid"),
         (dict(optimizer__learning_rate=-1.0), "learning_rate=-1.0 is invalid"),
         (dict(train__nan_policy="retry"), "train.nan_policy='retry' is invalid"),
+        (dict(optimizer__learning_rate=float("inf")), "learning_rate=inf is invalid"),
+        (dict(seed=2**64), r"seed=18446744073709551616 is invalid: .*\[0, 2\*\*32\)"),
+        (dict(data__shuffle_seed=-1), r"data.shuffle_seed=-1 is invalid"),
     ],
 )
 def test_bad_config_fails_before_compilation(tmp_path, monkeypatch, overrides, match):

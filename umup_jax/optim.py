@@ -60,15 +60,15 @@ class OptimizerConfig:
             return ValueError(f"{field}={value!r} is invalid: it must be {allowed}")
 
         if not _is_number(self.learning_rate) or not self.learning_rate > 0:
-            raise bad("learning_rate", "a number > 0")
+            raise bad("learning_rate", "a finite number > 0")
         for field in ("b1", "b2"):
             v = getattr(self, field)
             if not _is_number(v) or not 0 <= v < 1:
                 raise bad(field, "in [0, 1)")
         if not _is_number(self.eps) or not self.eps > 0:
-            raise bad("eps", "a number > 0")
+            raise bad("eps", "a finite number > 0")
         if not _is_number(self.weight_decay) or not self.weight_decay >= 0:
-            raise bad("weight_decay", "a number >= 0")
+            raise bad("weight_decay", "a finite number >= 0")
         if self.schedule not in SCHEDULES:
             raise bad("schedule", f"one of {SCHEDULES}")
         if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
@@ -80,7 +80,8 @@ class OptimizerConfig:
 
 
 def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    """A finite Python number (an inf η or ε would only show as a NaN loss at step 1)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _is_int(x: Any) -> bool:

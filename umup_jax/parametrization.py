@@ -157,8 +157,9 @@ def residual_weights(tau: float) -> tuple[float, float]:
 
 
 def _check_positive(field: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{field}={value!r} is invalid: it must be a number > 0")
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
+            or not math.isfinite(value)):
+        raise ValueError(f"{field}={value!r} is invalid: it must be a finite number > 0")
 
 
 def _check_positive_int(field: str, value: Any) -> None:

@@ -93,8 +93,12 @@ def validate_train(config: ml_collections.ConfigDict) -> None:
         _require(_is_int(value) and value > 0, f"train.{field}", value, "an integer > 0")
     _require(t.nan_policy in NAN_POLICIES, "train.nan_policy", t.nan_policy, f"one of {NAN_POLICIES}")
     _require(isinstance(t.restart, bool), "train.restart", t.restart, "True or False")
-    _require(_is_int(config.seed), "seed", config.seed, "an integer")
+    # jax.random.key and grain's shuffle take seeds in [0, 2³²); others fail deep in a run.
+    _require(_is_int(config.seed) and 0 <= config.seed < 2**32, "seed", config.seed,
+             "an integer in [0, 2**32)")
     d = config.data
+    _require(_is_int(d.shuffle_seed) and 0 <= d.shuffle_seed < 2**32, "data.shuffle_seed",
+             d.shuffle_seed, "an integer in [0, 2**32)")
     _require(d.source in data_lib.SOURCES, "data.source", d.source, f"one of {data_lib.SOURCES}")
     _require(_is_int(d.vocab_size) and d.vocab_size > 0, "data.vocab_size", d.vocab_size,
              "an integer > 0")
