@@ -119,6 +119,25 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
     assert f"saved checkpoint at step {results['steps']}" in out
 
 
+def test_a_signal_at_the_last_step_leaves_a_finished_run(tmp_path, monkeypatch):
+    """A signal (set here before the first step) stops a 3-step run after step 1 as
+    interrupted; a 1-step run it stops after its last step is finished, not interrupted, so
+    main exits 0 and a sweep records it (else every rerun would find it 'interrupted')."""
+
+    class SignalledAtOnce(train_lib._StopFlag):
+        def __init__(self):
+            super().__init__()
+            self.signal = signal.SIGTERM
+
+    monkeypatch.setattr(train_lib, "_StopFlag", SignalledAtOnce)
+    stopped = train_lib.train_and_evaluate(smoke(train__steps=3), str(tmp_path / "three"))
+    assert stopped["interrupted"] and stopped["signal"] == signal.SIGTERM
+    assert stopped["steps"] == 1 and stopped["eval_step"] == 0
+    done = train_lib.train_and_evaluate(smoke(train__steps=1), str(tmp_path / "one"))
+    assert not done["interrupted"] and done["signal"] is None and done["steps"] == 1
+    assert done["eval_step"] == 1
+
+
 def test_nan_loss_stops_naming_step_and_checkpoint(tmp_path):
     cfg = smoke(optimizer__learning_rate=1e30, optimizer__warmup_steps=0,
                 train__checkpoint_every=1)

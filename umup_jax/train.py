@@ -612,7 +612,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     print(f"the run in {workdir_path} is finished (step {found[0]} of "
                           f"{steps_total}); results unchanged in "
                           f"{workdir_path / 'results.json'}", flush=True)
-                return previous
+                # Finished, even if its results were written when a signal stopped it at
+                # what is now its last step (train.steps lowered since).
+                return dict(previous, interrupted=False, signal=None)
 
     try:
         run = build_run(config)
@@ -815,7 +817,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         pending = None
                     saved = paused(save, done, data_state)
                 if signalled:
-                    interrupted = signalled
+                    interrupted = signalled if done < steps_total else None  # else finished
                     if is_main:
                         what = (f"saved checkpoint at step {done}" if saved else
                                 f"not saved at step {done}; {where_good()}")
