@@ -5,9 +5,11 @@ with jax.distributed, and errors before compilation."""
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -90,27 +92,76 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_single_process(tmp_path):
-    arg = "smoke,train.steps=3,train.batch_size=8,train.eval_batch_size=8"
-    cmd = lambda wd: [sys.executable, "-m", "umup_jax.main",
-                      f"--config={ROOT / 'configs' / 'umup_proxy.py'}:{arg}", f"--workdir={wd}"]
-    single = subprocess.run(cmd(tmp_path / "single"), cwd=ROOT, capture_output=True, text=True,
-                            timeout=300)
-    assert single.returncode == 0, single.stderr[-3000:]
+def _main_cmd(workdir, arg):
+    return [sys.executable, "-m", "umup_jax.main",
+            f"--config={ROOT / 'configs' / 'umup_proxy.py'}:{arg}", f"--workdir={workdir}"]
+
+
+def _two_processes(workdir, arg):
+    """main in two processes on localhost (one CPU device each), jax.distributed via the
+    environment."""
     port = _free_port()
     procs = []
     for pid in range(2):
         env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
                "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid)}
-        procs.append(subprocess.Popen(cmd(tmp_path / "multi"), cwd=ROOT, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
-    assert "2 process(es)" in outs[0][0]
+        procs.append(subprocess.Popen(_main_cmd(workdir, arg), cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    return procs
+
+
+def _finish(procs, timeout=240):
+    """Every process's (status, stdout, stderr); kills them all if one hangs."""
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        outs = [p.communicate() for p in procs]
+        pytest.fail("the processes hung: " + " | ".join(o[0][-500:] for o in outs))
+    return [(p.returncode, *o) for p, o in zip(procs, outs)]
+
+
+def test_two_processes_match_one_and_a_sigterm_to_one_stops_both_at_one_step(tmp_path):
+    """Two processes train as one does; a SIGTERM to one of them stops both after the same step
+    (143 each, one checkpoint there) instead of one process entering the checkpoint's
+    collectives while the other enters the next step's, and the resumed run's losses are the
+    uninterrupted run's."""
+    steps = 12
+    arg = (f"smoke,train.steps={steps},train.batch_size=8,train.eval_batch_size=8,"
+           "train.checkpoint_every=1000,train.eval_every=1000,optimizer.schedule=constant")
+    single = subprocess.run(_main_cmd(tmp_path / "single", arg), cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    multi = tmp_path / "multi"
+    procs = _two_processes(multi, arg)
+    deadline = time.time() + 240  # the step-0 eval row: both processes are in the loop
+    while not (multi / "metrics.jsonl").exists() or '"eval"' not in (
+            multi / "metrics.jsonl").read_text():
+        assert all(p.poll() is None for p in procs) and time.time() < deadline
+        time.sleep(0.01)
+    procs[1].send_signal(signal.SIGTERM)  # process 1 only: process 0 has no signal
+    (rc0, out0, err0), (rc1, _, err1) = _finish(procs)
+    assert (rc0, rc1) == (128 + signal.SIGTERM,) * 2, err0[-2000:] + err1[-2000:]
+    stopped = json.loads((multi / "results.json").read_text())
+    assert "2 process(es)" in out0 and stopped["devices"] == 2
+    assert stopped["interrupted"] and stopped["signal"] == signal.SIGTERM
+    s = stopped["steps"]
+    assert 1 <= s < steps and f"saved checkpoint at step {s}" in out0
+    assert sorted(int(d.name) for d in (multi / "checkpoints").iterdir()
+                  if d.name.isdigit()) == [s]
+
+    for rc, _, err in _finish(_two_processes(multi, arg)):  # the rerun resumes and finishes
+        assert rc == 0, err[-3000:]
+    done = json.loads((multi / "results.json").read_text())
+    assert not done["interrupted"] and done["steps"] == steps
     a = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "single" / "metrics.jsonl")}
-    b = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "multi" / "metrics.jsonl")}
-    assert sorted(a) == sorted(b) == [0, 1, 2]
-    np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-5)
-    results = json.loads((tmp_path / "multi" / "results.json").read_text())
-    assert results["devices"] == 2 and results["mesh"]["data"] == 2
+    rows = read_metrics(multi / "metrics.jsonl")
+    b = {r["step"]: r["loss"] for r in rows}
+    assert sorted(a) == sorted(b) == list(range(steps)) and len(rows) == steps
+    np.testing.assert_allclose([b[t] for t in a], [a[t] for t in a], rtol=1e-5)
+    single_done = json.loads((tmp_path / "single" / "results.json").read_text())
+    np.testing.assert_allclose(done["final_eval_loss"], single_done["final_eval_loss"],
+                               rtol=1e-5)

@@ -15,6 +15,7 @@ import pytest
 
 from conftest import xla_flags
 from umup_jax import config as config_lib
+from umup_jax import data as data_lib
 from umup_jax import train as train_lib
 from umup_jax.checkpoint import NoUsableCheckpointError
 from umup_jax.metrics import read_metrics
@@ -136,6 +137,28 @@ def test_a_signal_at_the_last_step_leaves_a_finished_run(tmp_path, monkeypatch):
     done = train_lib.train_and_evaluate(smoke(train__steps=1), str(tmp_path / "one"))
     assert not done["interrupted"] and done["signal"] is None and done["steps"] == 1
     assert done["eval_step"] == 1
+
+
+def test_stop_votes_come_back_as_their_maximum_and_change_nothing_else():
+    """The stop votes that ride with the batch (how several processes agree on the step to stop
+    after) come back as their maximum, and the step's state and metrics are bit-identical to a
+    step without them."""
+    import jax
+
+    run = train_lib.build_run(smoke())
+    step = train_lib.make_train_step(run, with_stats=False)
+    init = train_lib.make_init_fn(run)
+    batch = next(iter(data_lib.train_dataset(run.tokens.train, 32, 4, 0)))
+    votes = np.array([0, 0, signal.SIGTERM, signal.SIGINT], np.int32)
+    assert np.array_equal(train_lib.stop_votes(None, 3), [0, 0, 0])
+    assert np.array_equal(train_lib.stop_votes(signal.SIGINT, 2), [2, 2])
+    plain, m_plain = step(init(jax.random.key(0)), train_lib.to_global(run, batch))
+    voted, m_voted = step(init(jax.random.key(0)), train_lib.to_global(
+        run, {**batch, train_lib.STOP_VOTES: votes}))
+    assert int(m_voted["stop"]) == signal.SIGTERM and "stop" not in m_plain
+    for a, b in zip(jax.tree.leaves((plain, m_plain)), jax.tree.leaves((voted, {
+            k: v for k, v in m_voted.items() if k != "stop"}))):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_nan_loss_stops_naming_step_and_checkpoint(tmp_path):

@@ -334,16 +334,32 @@ def make_grad_fn(run: Run, with_stats: bool):
     return loss_and_grads
 
 
+# The batch key of each process's stop vote (see :func:`stop_votes`).
+STOP_VOTES = "stop_votes"
+
+
+def stop_votes(signum: Optional[int], rows: int) -> np.ndarray:
+    """This process's vote to stop, sent with its rows of the batch: ``rows`` copies of the
+    signal it has received (0 for none).  The train step returns their maximum over all
+    processes as ``metrics["stop"]``, so every process reads the same value with the step's
+    loss and stops at the same step.  A process stopping on its own would enter the
+    checkpoint's collectives while the others enter the next step's, and all would hang."""
+    return np.full((rows,), signum or 0, np.int32)
+
+
 def make_train_step(run: Run, with_stats: bool):
     """state, batch → (new state, metrics); with_stats adds per-tensor RMS of params, grads,
     updates and activations (and FP8 cast statistics).  The gradients are
-    :func:`make_grad_fn`'s (gradient accumulation included)."""
+    :func:`make_grad_fn`'s (gradient accumulation included).  A batch that carries
+    :data:`STOP_VOTES` (:func:`stop_votes`) gets their maximum back as ``metrics["stop"]``."""
     tx = run.tx
     schedule = make_schedule(run.opt_cfg)
     eta = run.opt_cfg.learning_rate
     loss_and_grads = make_grad_fn(run, with_stats)
 
     def step_fn(state, batch):
+        batch = dict(batch)
+        votes = batch.pop(STOP_VOTES, None)
         (loss, acts), (grads, probe_grads) = loss_and_grads(state["params"], batch)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
@@ -352,6 +368,8 @@ def make_train_step(run: Run, with_stats: bool):
             "grad_norm": _global_norm(grads),
             "lr": eta * schedule(state["step"]),
         }
+        if votes is not None:  # the largest signal any process had when it sent this step
+            metrics["stop"] = jnp.max(votes)
         if with_stats:
             unstacked = lambda t: layer_stack.unstack_layers(t["params"])  # noqa: E731
             metrics["stats"] = {
@@ -396,7 +414,8 @@ def to_global(run: Run, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
 
 
 class _StopFlag:
-    """Set by SIGTERM/SIGINT; the loop checkpoints and returns at the next step boundary."""
+    """Set by SIGTERM/SIGINT; the loop checkpoints and returns at the next step boundary (with
+    several processes, once the flag's vote has come back with a step: :func:`stop_votes`)."""
 
     def __init__(self):
         self.signal: Optional[int] = None
@@ -729,9 +748,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 if last_good_ckpt is not None else "no checkpoint was saved yet")
 
     def finish_step(step: int, metrics: Any) -> None:
-        """Reads step ``step``'s scalars on the host: NaN check, logs, progress."""
-        nonlocal last_train_loss, interval_t0, interval_steps, tokens_per_s, mfu
+        """Reads step ``step``'s scalars on the host: NaN check, stop votes, logs, progress."""
+        nonlocal last_train_loss, interval_t0, interval_steps, tokens_per_s, mfu, stop_agreed
         host = jax.device_get(metrics)
+        stop_agreed = max(stop_agreed, int(host.get("stop", 0)))
         loss = float(host["loss"])
         if not math.isfinite(loss) and tcfg.nan_policy == "stop":
             raise NonFiniteLossError(
@@ -777,6 +797,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return last_good_ckpt == step_done
 
     stop = _StopFlag()
+    # The largest signal any process had sent with a step whose metrics were read: the same
+    # number in every process after the same steps.  One process decides alone.
+    stop_agreed = 0
+    multi_process = jax.process_count() > 1
     interrupted: Optional[int] = None  # the signal that stopped the run early
     compiled: set = set()  # the step functions called (so compiled) in this process
     try:
@@ -789,11 +813,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             for step in range(start, steps_total):
                 with_stats = tcfg.metrics_every <= steps_total and step % tcfg.metrics_every == 0
                 step_fn = stats_step if with_stats else train_step
+                voted = {**batch, STOP_VOTES: stop_votes(stop.signal, len(batch["inputs"]))}
                 if step_fn in compiled:
-                    state, metrics = step_fn(state, to_global(run, batch))
+                    state, metrics = step_fn(state, to_global(run, voted))
                 else:  # tracing and compiling are not training throughput: the first call
                     # returns once it is compiled and dispatched; its execution still counts
-                    state, metrics = paused(step_fn, state, to_global(run, batch))
+                    state, metrics = paused(step_fn, state, to_global(run, voted))
                     compiled.add(step_fn)
                 if pending is not None:
                     finish_step(*pending)
@@ -809,7 +834,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                        valid_batches)
                     last_eval_step = done
                     writer.write(done, "eval", last_eval)
-                signalled = stop.signal  # read once: a signal may land at any moment
+                # Read once: a signal may land at any moment.  Several processes stop on
+                # the votes of the steps already read (one or two steps after the signal), so
+                # that all of them save and leave after the same step.
+                signalled = (stop_agreed or None) if multi_process else stop.signal
                 saved = None
                 if done % tcfg.checkpoint_every == 0 or done == steps_total or signalled:
                     if pending is not None:
