@@ -91,6 +91,8 @@ class ModelConfig:
       dtype: compute dtype ``float32 | bfloat16``; params stay fp32.  The readout matmul
         runs in the compute dtype (as under torch autocast in the authors' library) and
         its logits are cast to fp32, where the softmax cross-entropy and the loss are.
+        The embedding rows are gathered from the fp32 table and then cast, so that its
+        gradient sums a token's cotangents in fp32 (:func:`embed_tokens`).
       norm_eps: RMSNorm ε.
       fp8: FP8 policy: a preset (``none | paper_simple | paper_large``) or a mapping from
         matmul groups (``qkv, attn_out, ffn_in, ffn_down, readout``) to modes
@@ -286,6 +288,17 @@ def fp8_probes(cfg: "ModelConfig") -> dict:
     if policy["readout"] != "bf16":
         out["readout"] = zeros()
     return out
+
+
+def embed_tokens(rule, table, ids, meta, dtype, grad_tokens: Optional[int] = None):
+    """The rule's embedding lookup (spec §5.3 for u-μP) on the stored table, then the rows cast
+    to the compute ``dtype``.  Gathering first and casting after gives the same values as
+    gathering from a cast table, but the backward then casts each token's cotangent to the
+    table's fp32 before the scatter-add that sums the cotangents of every occurrence of a
+    token: a frequent token's row adds thousands of them, and in bf16 that sum keeps 8
+    significant bits.  As under torch autocast in the authors' library, where the embedding
+    runs in the weight's fp32."""
+    return rule.embed(table, ids, meta, tokens=grad_tokens).astype(dtype)
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float):
@@ -486,7 +499,7 @@ class Decoder(nn.Module):
             self, "readout", (d, v), role=P.OUTPUT, fan_in=d, fan_out=v,
             names=("embed", "vocab"), depth=None, rule=rule,
         )
-        x = rule.embed(table.astype(cfg.compute_dtype), tokens, m_emb, tokens=self.grad_tokens)
+        x = embed_tokens(rule, table, tokens, m_emb, cfg.compute_dtype, self.grad_tokens)
         self.sow("intermediates", "embedding", x)
         x = block_stack(cfg, self.grad_tokens)(x)
         x = ops.rms_norm(x, cfg.norm_eps)
