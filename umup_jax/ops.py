@@ -85,22 +85,30 @@ def logarithmic_interpolation(alpha: float, lower: float, upper: float) -> float
     return math.exp(alpha * math.log(upper) + (1.0 - alpha) * math.log(lower))
 
 
-CONSTRAINTS = (None, "to_output_scale", "to_grad_input_scale", "gmean", "hmean", "amean")
+CONSTRAINTS = (None, "to_output_scale", "to_grad_input_scale", "to_left_grad_scale",
+               "to_right_grad_scale", "gmean", "hmean", "amean")
 
 
 def apply_constraint(constraint: Optional[str], *scales: float) -> tuple[float, ...]:
     """Maps an op's ideal (output, grad-input, …) scales to one shared value (spec §1.2).
 
     ``None``/``""`` leaves them unconstrained; ``to_output_scale`` (the u-μP default) uses the
-    output scale for all; ``to_grad_input_scale`` the first gradient scale; ``gmean``,
+    output scale for all; ``to_grad_input_scale`` the first gradient scale; for an op with two
+    inputs, (output, left gradient, right gradient) such as :func:`umup_jax.extra_ops.matmul`,
+    ``to_left_grad_scale`` and ``to_right_grad_scale`` the left's or the right's; ``gmean``,
     ``hmean``, ``amean`` their geometric, harmonic and arithmetic means.
     """
     if constraint is None or constraint == "":
         return tuple(scales)
+    if constraint in ("to_left_grad_scale", "to_right_grad_scale") and len(scales) != 3:
+        raise ValueError(f"constraint={constraint!r} needs an op with three scales (output, "
+                         f"left gradient, right gradient), got {len(scales)}")
     if constraint == "to_output_scale":
         s = scales[0]
-    elif constraint == "to_grad_input_scale":
+    elif constraint in ("to_grad_input_scale", "to_left_grad_scale"):
         s = scales[1]
+    elif constraint == "to_right_grad_scale":
+        s = scales[2]
     elif constraint == "gmean":
         s = math.prod(scales) ** (1.0 / len(scales))
     elif constraint == "hmean":
