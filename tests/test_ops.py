@@ -409,6 +409,34 @@ def test_residual_split_gradient_is_weighted_sum():
     np.testing.assert_allclose(gx, (a + b) * g, rtol=1e-6)
 
 
+def test_residual_add_is_exact_fp32_arithmetic_in_the_streams_dtype():
+    """The add runs in fp32 with a and b exact and returns the skip's (the stream's) dtype: in
+    a bf16 stream one rounding of a·branch + b·skip, not a and b rounded to bf16 (b = 0.99478
+    becomes 0.99609); a bf16 branch on an fp32 stream gives fp32.  The scanned layers'
+    weighted add gives the same bits."""
+    tau = 0.1025
+    a, b = ops.residual_weight_row(tau)[:2]
+    branch = normal(0, (64, 32)).astype(jnp.bfloat16)
+    skip = normal(1, (64, 32))
+    exact = (np.asarray(branch, np.float64) * a + np.asarray(skip.astype(jnp.bfloat16),
+                                                             np.float64) * b)
+    for stream in (jnp.bfloat16, jnp.float32):
+        s = skip.astype(stream)
+        y = ops.residual_add(branch, s, tau)
+        assert y.dtype == stream
+        w = jnp.asarray(ops.residual_weight_row(tau), jnp.float32)
+        np.testing.assert_array_equal(ops.residual_add_weighted(branch, s, w), y)
+        if stream == jnp.bfloat16:
+            np.testing.assert_array_equal(y, exact.astype(np.float32).astype(jnp.bfloat16))
+    rounded = branch * jnp.bfloat16(a) + skip.astype(jnp.bfloat16) * jnp.bfloat16(b)
+    assert not np.array_equal(rounded, ops.residual_add(branch, skip.astype(jnp.bfloat16), tau))
+    # The gradients: unscaled into both, each in its operand's dtype.
+    _, pull = jax.vjp(lambda r, s: ops.residual_add(r, s, tau), branch, skip)
+    g_branch, g_skip = pull(jnp.ones((64, 32), jnp.float32))
+    assert g_branch.dtype == jnp.bfloat16 and g_skip.dtype == jnp.float32
+    assert np.all(np.asarray(g_branch, np.float32) == 1.0) and np.all(g_skip == 1.0)
+
+
 def test_add_unit_and_scalar_cases():
     x, y = normal(0, (2**10, 2**6)), normal(1, (2**10, 2**6))
     out, (gx, gy) = unit_backward(ops.add, x, y)

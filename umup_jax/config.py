@@ -50,7 +50,9 @@ def base_config(parametrization: str = "umup") -> ml_collections.ConfigDict:
         width=256, depth=4, num_heads=4, head_dim=0,  # 0: width // num_heads
         ffn_expansion=4.0, seq_len=256, position="rope", rope_theta=10000.0,
         parametrization=parametrization, hparams=_hparams(parametrization),
-        dtype="float32", norm_eps=1e-5,
+        # Compute dtype (float32 | bfloat16; params and optimizer state stay fp32) and the
+        # residual stream's (float32, as under torch autocast, or bfloat16 with bf16 compute).
+        dtype="float32", residual_dtype="float32", norm_eps=1e-5,
         # FP8: a preset (none | paper_simple | paper_large), then per-group overrides
         # (qkv, attn_out, ffn_in, ffn_down, readout → bf16 | fp8 | fp8_e5m2_input | fp8_dynamic).
         fp8="none", fp8_groups={"qkv": "", "attn_out": "", "ffn_in": "", "ffn_down": "",

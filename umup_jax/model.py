@@ -93,6 +93,15 @@ class ModelConfig:
         its logits are cast to fp32, where the softmax cross-entropy and the loss are.
         The embedding rows are gathered from the fp32 table and then cast, so that its
         gradient sums a token's cotangents in fp32 (:func:`embed_tokens`).
+      residual_dtype: the residual stream's dtype, ``float32`` (default) or ``bfloat16``
+        (only with ``dtype="bfloat16"``): the embedding rows, every residual add and its
+        gradient, the scanned carry.  Each branch's RMSNorm takes the stream and returns the
+        compute dtype, the matmuls' input; the branch's output is added to the stream in
+        fp32 with the residual weights exact (u-μP's a, b as fp32, not rounded to the
+        compute dtype).  ``float32`` is the authors' library under torch autocast, where
+        the embedding and the adds are not autocast ops and a bf16 branch plus an fp32 skip
+        is fp32; a bf16 stream rounds it at every add (logits error from fp32 at depth 16,
+        width 64: 1.15% against 0.77%, tests/test_model.py), for half the stream's memory.
       norm_eps: RMSNorm ε.
       fp8: FP8 policy: a preset (``none | paper_simple | paper_large``) or a mapping from
         matmul groups (``qkv, attn_out, ffn_in, ffn_down, readout``) to modes
@@ -118,6 +127,7 @@ class ModelConfig:
     parametrization: str = "umup"
     hparams: Any = ()
     dtype: str = "float32"
+    residual_dtype: str = "float32"
     norm_eps: float = 1e-5
     fp8: Any = "none"
     scan_layers: bool = False
@@ -158,6 +168,12 @@ class ModelConfig:
             raise ValueError(f"rope_theta={self.rope_theta!r} is invalid: it must be > 0")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is invalid: allowed are {tuple(DTYPES)}")
+        if self.residual_dtype not in DTYPES:
+            raise ValueError(f"residual_dtype={self.residual_dtype!r} is invalid: allowed are "
+                             f"{tuple(DTYPES)}")
+        if self.residual_dtype == "bfloat16" and self.dtype != "bfloat16":
+            raise ValueError(f"residual_dtype='bfloat16' with dtype={self.dtype!r} is refused: "
+                             "a bfloat16 residual stream is for bfloat16 compute")
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps={self.norm_eps!r} is invalid: it must be > 0")
         if not isinstance(self.scan_layers, bool):
@@ -214,6 +230,11 @@ class ModelConfig:
     @property
     def compute_dtype(self):
         return DTYPES[self.dtype]
+
+    @property
+    def stream_dtype(self):
+        """The residual stream's dtype (``residual_dtype``)."""
+        return DTYPES[self.residual_dtype]
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -292,7 +313,7 @@ def fp8_probes(cfg: "ModelConfig") -> dict:
 
 def embed_tokens(rule, table, ids, meta, dtype, grad_tokens: Optional[int] = None):
     """The rule's embedding lookup (spec §5.3 for u-μP) on the stored table, then the rows cast
-    to the compute ``dtype``.  Gathering first and casting after gives the same values as
+    to ``dtype`` (the residual stream's).  Gathering first and casting after gives the same values as
     gathering from a cast table, but the backward then casts each token's cotangent to the
     table's fp32 before the scatter-add that sums the cotangents of every occurrence of a
     token: a frequent token's row adds thousands of them, and in bf16 that sum keeps 8
@@ -323,26 +344,27 @@ def apply_rope(x, theta: float):
 def residual(x, branch, tau: Optional[float] = None, weights=None):
     """x + f(x) (no τ, no weights), or u-μP's split → f → add (spec §4.1) with branch weight
     τ as a Python float, or with ``weights``, the traced row (a, b, b − 1) of a scanned layer
-    (the same arithmetic, :func:`umup_jax.ops.residual_split_weighted`)."""
+    (the same arithmetic, :func:`umup_jax.ops.residual_split_weighted`).  The result has x's
+    dtype, the stream's, whatever the branch returns."""
     if weights is not None:
         r, s = ops.residual_split_weighted(x, weights)
         return ops.residual_add_weighted(branch(r), s, weights)
     if tau is None:
-        return x + branch(x)
+        return x + branch(x).astype(x.dtype)
     r, s = ops.residual_split(x, tau)
     return ops.residual_add(branch(r), s, tau)
 
 
 def residual_weight_table(cfg: "ModelConfig") -> Optional[np.ndarray]:
-    """u-μP's residual weights per layer for a scanned stack: an (L, 2, 3) array in the
-    compute dtype holding (a, b, b − 1) of the attention (``[:, 0]``) and FFN (``[:, 1]``)
+    """u-μP's residual weights per layer for a scanned stack: an (L, 2, 3) fp32 array
+    holding (a, b, b − 1) of the attention (``[:, 0]``) and FFN (``[:, 1]``)
     branch of each layer (:func:`umup_jax.ops.residual_weight_row` of τ_2i, τ_2i+1); ``None``
     for the plain ``x + f(x)`` residual of SP and μP."""
     taus = cfg.rule.residual_taus(cfg.depth)
     if taus is None:
         return None
     rows = np.asarray([ops.residual_weight_row(t) for t in taus], np.float64)
-    return rows.reshape(cfg.depth, 2, 3).astype(cfg.compute_dtype)
+    return rows.reshape(cfg.depth, 2, 3).astype(np.float32)
 
 
 class Block(nn.Module):
@@ -391,7 +413,7 @@ class Block(nn.Module):
 
         def attention(r):
             b, s, _ = r.shape
-            r = ops.rms_norm(r, cfg.norm_eps)
+            r = ops.rms_norm(r, cfg.norm_eps, dtype=dt)
             qkv = linear_for(self, cfg, "attn_qkv", rule.linear,
                              r, w_qkv.astype(dt).reshape(d, 3 * h * hd), m_qkv, tokens=tokens)
             qkv = qkv.reshape(b, s, 3, h, hd)
@@ -407,7 +429,7 @@ class Block(nn.Module):
             return o
 
         def ffn(r):
-            r = ops.rms_norm(r, cfg.norm_eps)
+            r = ops.rms_norm(r, cfg.norm_eps, dtype=dt)
             self.sow("intermediates", "ffn_norm", r)
             # Unconstrained, as uu.MLP: the up/gate and down mismatches cancel (spec §1.2).
             up = linear_for(self, cfg, "ffn_up", rule.linear,
@@ -499,10 +521,10 @@ class Decoder(nn.Module):
             self, "readout", (d, v), role=P.OUTPUT, fan_in=d, fan_out=v,
             names=("embed", "vocab"), depth=None, rule=rule,
         )
-        x = embed_tokens(rule, table, tokens, m_emb, cfg.compute_dtype, self.grad_tokens)
+        x = embed_tokens(rule, table, tokens, m_emb, cfg.stream_dtype, self.grad_tokens)
         self.sow("intermediates", "embedding", x)
         x = block_stack(cfg, self.grad_tokens)(x)
-        x = ops.rms_norm(x, cfg.norm_eps)
+        x = ops.rms_norm(x, cfg.norm_eps, dtype=cfg.compute_dtype)
         self.sow("intermediates", "final_norm", x)
         w_out = w_out.astype(cfg.compute_dtype)
         if targets is not None and cfg.loss_chunks > 1:

@@ -247,39 +247,42 @@ def embedding(table, ids, tokens: Optional[int] = None):
     return jnp.take(table, ids, axis=0)
 
 
-def rms_norm(x, eps: float = 1e-5):
+def rms_norm(x, eps: float = 1e-5, dtype=None):
     """Non-trainable RMSNorm ``y = x / d`` with ``d = √(mean(x²) + ε)`` over the last axis and
     the mean in fp32 (spec §5.5).  Scale-invariant already, so no scales in either pass.
+    ``dtype``: the output's (default x's), e.g. an fp32 residual stream normalised into the
+    bf16 input of the next matmul; the gradient has x's dtype.
 
     A custom VJP: the backward is ``∂x = (g − y·mean(g·y)) / d`` in fp32, from the output ``y``
     (the next matmul saves it anyway) and ``d`` (one value per token).  Autodiff of the
     formula would keep ``x``, ``x²``, ``d``, ``1/d`` and ``1/d²`` for the backward pass: two
     more activation-sized arrays per norm.
     """
-    return _rms_norm(x, float(eps))
+    out = jnp.dtype(x.dtype if dtype is None else dtype)
+    return _rms_norm(x, float(eps), jnp.dtype(x.dtype), out)
 
 
-def _rms_norm_fwd_parts(x, eps):
+def _rms_norm_fwd_parts(x, eps, out_dtype):
     ms = jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
     d = jnp.sqrt(ms + eps)
-    return x / d.astype(x.dtype), d
+    return (x / d.astype(x.dtype)).astype(out_dtype), d
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _rms_norm(x, eps: float):
-    return _rms_norm_fwd_parts(x, eps)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _rms_norm(x, eps: float, in_dtype, out_dtype):
+    return _rms_norm_fwd_parts(x, eps, out_dtype)[0]
 
 
-def _rms_norm_fwd(x, eps):
-    y, d = _rms_norm_fwd_parts(x, eps)
+def _rms_norm_fwd(x, eps, in_dtype, out_dtype):
+    y, d = _rms_norm_fwd_parts(x, eps, out_dtype)
     return y, (y, d)
 
 
-def _rms_norm_bwd(eps, res, g):
+def _rms_norm_bwd(eps, in_dtype, out_dtype, res, g):
     y, d = res
     y32, g32 = y.astype(jnp.float32), g.astype(jnp.float32)
     dx = (g32 - y32 * jnp.mean(g32 * y32, axis=-1, keepdims=True)) / d
-    return (dx.astype(y.dtype),)
+    return (dx.astype(in_dtype),)
 
 
 _rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
@@ -548,8 +551,11 @@ def _residual_split_bwd(a, b, _, g):
     # = a·g_branch + b·g_skip, written so that the incoming residual-stream gradient g_skip
     # feeds the add directly, as in a plain residual.  Behind a standalone multiply-by-constant
     # XLA (CPU) fuses the whole chain of stream gradients into every consumer instead of
-    # materialising it once per layer: O(L²) recomputation in the backward pass.
-    return (g_skip + (g_branch * a + g_skip * (b - 1.0)),)
+    # materialising it once per layer: O(L²) recomputation in the backward pass.  In fp32,
+    # so that a and b − 1 are not rounded to a bf16 stream's dtype.
+    out = g_skip.dtype
+    g_branch, g_skip = g_branch.astype(jnp.float32), g_skip.astype(jnp.float32)
+    return ((g_skip + (g_branch * a + g_skip * (b - 1.0))).astype(out),)
 
 
 _residual_split.defvjp(_residual_split_fwd, _residual_split_bwd)
@@ -562,9 +568,14 @@ def residual_split(x, tau: float):
 
 
 def residual_add(branch, skip, tau: float):
-    """scale_fwd(branch, a) + scale_fwd(skip, b); gradients pass into both unscaled."""
+    """scale_fwd(branch, a) + scale_fwd(skip, b); gradients pass into both unscaled.  Computed
+    in fp32 and returned in the skip's dtype (the residual stream's): a bf16 ``branch`` adds to
+    an fp32 stream as under torch autocast, and a and b are never rounded to bf16 (b = 0.99478
+    would become 0.99609, against the backward's exact b)."""
     denom = math.sqrt(1.0 + tau * tau)
-    return scale_fwd(branch, tau / denom) + scale_fwd(skip, 1.0 / denom)
+    out = scale_fwd(branch.astype(jnp.float32), tau / denom) + scale_fwd(
+        skip.astype(jnp.float32), 1.0 / denom)
+    return out.astype(skip.dtype)
 
 
 # Traced-weight variants, for layers stacked under ``lax.scan`` (``model.scan_layers``): each
@@ -590,23 +601,24 @@ def _residual_split_weighted_fwd(x, w):
 
 def _residual_split_weighted_bwd(w, g):
     g_branch, g_skip = g
-    w = w.astype(g_skip.dtype)
+    out = g_skip.dtype
+    g_branch, g_skip = g_branch.astype(jnp.float32), g_skip.astype(jnp.float32)
+    w = w.astype(jnp.float32)
     # The same expression as _residual_split_bwd, with (a, b − 1) read from the row.
-    return g_skip + (g_branch * w[0] + g_skip * w[2]), jnp.zeros_like(w)
+    return (g_skip + (g_branch * w[0] + g_skip * w[2])).astype(out), jnp.zeros_like(w)
 
 
 _residual_split_weighted.defvjp(_residual_split_weighted_fwd, _residual_split_weighted_bwd)
 
 
 def residual_split_weighted(x, w):
-    """:func:`residual_split` with the weights as a traced row ``w = (a, b, b − 1)`` in x's
-    dtype (from :func:`residual_weight_row`); the same arithmetic, so the same values."""
+    """:func:`residual_split` with the weights as a traced row ``w = (a, b, b − 1)`` (fp32, from
+    :func:`residual_weight_row`); the same arithmetic, so the same values."""
     return _residual_split_weighted(x, w)
 
 
 @jax.custom_vjp
 def _residual_add_weighted(branch, skip, w):
-    w = w.astype(branch.dtype)
     return branch * w[0] + skip * w[1]
 
 
@@ -623,8 +635,10 @@ _residual_add_weighted.defvjp(_residual_add_weighted_fwd, _residual_add_weighted
 
 def residual_add_weighted(branch, skip, w):
     """:func:`residual_add` with the weights as a traced row ``w = (a, b, b − 1)``: forward
-    ``a·branch + b·skip``, gradients pass into both unscaled."""
-    return _residual_add_weighted(branch, skip, w)
+    ``a·branch + b·skip`` in fp32, in the skip's dtype; gradients pass into both unscaled."""
+    f32 = jnp.float32
+    out = _residual_add_weighted(branch.astype(f32), skip.astype(f32), w.astype(f32))
+    return out.astype(skip.dtype)
 
 
 def add(x, y, constraint: Optional[str] = "to_output_scale"):

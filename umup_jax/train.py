@@ -116,6 +116,7 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelCon
         num_heads=m.num_heads, head_dim=m.head_dim or None, ffn_expansion=m.ffn_expansion,
         seq_len=m.seq_len, position=m.position, rope_theta=m.rope_theta,
         parametrization=m.parametrization, hparams=dict(m.hparams), dtype=m.dtype,
+        residual_dtype=m.residual_dtype,
         norm_eps=m.norm_eps, fp8=fp8_policy(m), scan_layers=m.scan_layers, remat=m.remat,
         attention_impl=m.attention_impl, loss_chunks=m.loss_chunks,
     )
