@@ -97,28 +97,39 @@ def _main_cmd(workdir, arg):
             f"--config={ROOT / 'configs' / 'umup_proxy.py'}:{arg}", f"--workdir={workdir}"]
 
 
-def _two_processes(workdir, arg):
+def _two_processes(workdir, arg, logs, args=("", "")):
     """main in two processes on localhost (one CPU device each), jax.distributed via the
-    environment."""
+    environment; process i's stdout and stderr go to ``logs/<i>.out`` / ``.err``, and
+    ``args[i]`` is appended to its config ARG."""
     port = _free_port()
+    logs.mkdir(parents=True, exist_ok=True)
     procs = []
     for pid in range(2):
         env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
                "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid)}
-        procs.append(subprocess.Popen(_main_cmd(workdir, arg), cwd=ROOT, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
+        with open(logs / f"{pid}.out", "w") as out, open(logs / f"{pid}.err", "w") as err:
+            procs.append(subprocess.Popen(_main_cmd(workdir, arg + args[pid]), cwd=ROOT,
+                                          env=env, stdout=out, stderr=err, text=True))
+    procs[0].logs = procs[1].logs = logs
     return procs
 
 
 def _finish(procs, timeout=240):
     """Every process's (status, stdout, stderr); kills them all if one hangs."""
-    try:
-        outs = [p.communicate(timeout=timeout) for p in procs]
-    except subprocess.TimeoutExpired:
+    deadline = time.time() + timeout
+    hung = False
+    for p in procs:
+        try:
+            p.wait(timeout=max(deadline - time.time(), 1))
+        except subprocess.TimeoutExpired:
+            hung = True
+    if hung:
         for p in procs:
             p.kill()
-        outs = [p.communicate() for p in procs]
+            p.wait()
+    outs = [((p.logs / f"{i}.out").read_text(), (p.logs / f"{i}.err").read_text())
+            for i, p in enumerate(procs)]
+    if hung:
         pytest.fail("the processes hung: " + " | ".join(o[0][-500:] for o in outs))
     return [(p.returncode, *o) for p, o in zip(procs, outs)]
 
@@ -136,10 +147,11 @@ def test_two_processes_match_one_and_a_sigterm_to_one_stops_both_at_one_step(tmp
     assert single.returncode == 0, single.stderr[-3000:]
 
     multi = tmp_path / "multi"
-    procs = _two_processes(multi, arg)
-    deadline = time.time() + 240  # the step-0 eval row: both processes are in the loop
-    while not (multi / "metrics.jsonl").exists() or '"eval"' not in (
-            multi / "metrics.jsonl").read_text():
+    procs = _two_processes(multi, arg, tmp_path / "logs")
+    # Before the training loop (process 0's banner, after jax.distributed is up): JAX's
+    # preemption notifier would take it and the run would train on to the end.
+    deadline = time.time() + 240
+    while "umup-jax:" not in (tmp_path / "logs" / "0.out").read_text():
         assert all(p.poll() is None for p in procs) and time.time() < deadline
         time.sleep(0.01)
     procs[1].send_signal(signal.SIGTERM)  # process 1 only: process 0 has no signal
@@ -149,11 +161,12 @@ def test_two_processes_match_one_and_a_sigterm_to_one_stops_both_at_one_step(tmp
     assert "2 process(es)" in out0 and stopped["devices"] == 2
     assert stopped["interrupted"] and stopped["signal"] == signal.SIGTERM
     s = stopped["steps"]
-    assert 1 <= s < steps and f"saved checkpoint at step {s}" in out0
+    assert 1 <= s <= 3 and f"saved checkpoint at step {s}" in out0  # voted with step 0
     assert sorted(int(d.name) for d in (multi / "checkpoints").iterdir()
                   if d.name.isdigit()) == [s]
 
-    for rc, _, err in _finish(_two_processes(multi, arg)):  # the rerun resumes and finishes
+    # The rerun resumes and finishes.
+    for rc, _, err in _finish(_two_processes(multi, arg, tmp_path / "logs2")):
         assert rc == 0, err[-3000:]
     done = json.loads((multi / "results.json").read_text())
     assert not done["interrupted"] and done["steps"] == steps
@@ -165,3 +178,33 @@ def test_two_processes_match_one_and_a_sigterm_to_one_stops_both_at_one_step(tmp
     single_done = json.loads((tmp_path / "single" / "results.json").read_text())
     np.testing.assert_allclose(done["final_eval_loss"], single_done["final_eval_loss"],
                                rtol=1e-5)
+
+
+def test_processes_that_disagree_on_the_config_are_refused_in_every_process(tmp_path):
+    """Process 1 with another seed: both processes refuse, before any data is read, instead
+    of one resume check failing alone (or the run training two different things)."""
+    arg = "smoke,train.batch_size=8,train.eval_batch_size=8"
+    results = _finish(_two_processes(tmp_path / "run", arg, tmp_path / "logs",
+                                     args=("", ",seed=1")))
+    for rc, out, err in results:
+        assert rc != 0 and "the 2 processes disagree on the run config: process(es) [1]" in (
+            out + err), err[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+class _Device:
+    def __init__(self, process_index):
+        self.process_index = process_index
+
+
+def test_a_mesh_whose_processes_share_batch_rows_is_refused():
+    """The batch rows of each process's devices must be its own B/P rows: with the tensor axis
+    across two processes both would hold all 4 rows (refused); data across them is fine."""
+    a, b, c, d = _Device(0), _Device(0), _Device(1), _Device(1)
+    split = {a: (slice(0, 2),), b: (slice(0, 2),), c: (slice(2, 4),), d: (slice(2, 4),)}
+    sharding_lib.check_batch_split(split, 4)
+    shared = {a: (slice(0, 2),), b: (slice(2, 4),), c: (slice(0, 2),), d: (slice(2, 4),)}
+    with pytest.raises(ValueError, match=r"train.batch_size=4 cannot be split over the 2 "
+                                         r"processes on this mesh: process 0 holds 4 batch rows, where each"):
+        sharding_lib.check_batch_split(shared, 4)
+    sharding_lib.check_batch_split({a: (slice(None),), b: (slice(None),)}, 4)  # one process

@@ -112,6 +112,35 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
+def check_batch_split(index_map, batch_size: int, field: str = "train.batch_size",
+                      process_of=lambda device: device.process_index) -> None:
+    """Refuses a mesh on which the processes do not hold disjoint, equal shares of the batch.
+
+    Each process reads its own 1/P of every global batch (``data.train_dataset``) and places
+    it on its devices, so the batch rows of one process's devices (``index_map``: device →
+    index of a (B,) array, ``NamedSharding.devices_indices_map``) must be B/P rows that no
+    other process's devices hold.  A ``mesh.tensor`` (or other replicated axis) that spans
+    processes breaks that: two processes would fill the same rows with different data, and
+    the run would train on an inconsistent batch of B/2 rows, silently."""
+    rows: dict = {}
+    for device, index in index_map.items():
+        rows.setdefault(process_of(device), set()).update(range(*index[0].indices(batch_size)))
+    if len(rows) < 2:
+        return
+    share = batch_size // len(rows)
+    seen: set = set()
+    for process, held in sorted(rows.items()):
+        if len(held) != share or held & seen:
+            raise ValueError(
+                f"{field}={batch_size} cannot be split over the {len(rows)} processes on this "
+                f"mesh: process {process} holds {len(held)} batch rows"
+                + (" that another process holds too" if held & seen else "")
+                + f", where each must hold its own {share}; the "
+                "batch axes (data × fsdp) must separate the processes, e.g. keep mesh.tensor "
+                "within a process's devices")
+        seen |= held
+
+
 def batch_divisor(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 

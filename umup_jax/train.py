@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -184,6 +185,9 @@ def build_run(config: ml_collections.ConfigDict, devices=None) -> Run:
                 f"train.{field}={value} is not divisible by data × fsdp = "
                 f"{mesh.shape['data']} × {mesh.shape['fsdp']} = {n_batch} (mesh {dict(mesh.shape)})"
             )
+        sharding_lib.check_batch_split(
+            sharding_lib.batch_sharding(mesh).devices_indices_map((value,)), value,
+            f"train.{field}")
     accum = config.train.grad_accum_steps
     per_device = config.train.batch_size // n_batch
     if per_device % accum:
@@ -583,13 +587,48 @@ def _last_train_loss(workdir: pathlib.Path, step: int) -> Optional[float]:
     return float(rows[-1]["loss"]) if rows else None
 
 
+def check_processes_agree(what: str, value: str) -> None:
+    """With several processes, refuses (in every process alike) a ``value`` that is not the
+    same in all of them, e.g. the run's config or its tokens' fingerprint: a process that
+    trained on other data would go unnoticed (only process 0's fingerprint is stored), and
+    a resume check failing in one process only would leave the others hanging in the next
+    collective.  Compares a SHA-256 prefix of ``value`` gathered from every process."""
+    if jax.process_count() < 2:
+        return
+    from jax.experimental import multihost_utils
+
+    digest = np.frombuffer(hashlib.sha256(value.encode()).digest()[:16], np.int32)
+    every = np.asarray(multihost_utils.process_allgather(digest)).reshape(-1, digest.size)
+    differ = [i for i in range(len(every)) if not np.array_equal(every[i], every[0])]
+    if differ:
+        raise ValueError(f"the {len(every)} processes disagree on {what}: process(es) {differ} "
+                         "differ from process 0; every process must run the same config on "
+                         "the same data")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (or resumes) the run ``config`` in ``workdir``; returns the results dict that is
-    also written to ``workdir/results.json``."""
-    t_start = time.time()
-    workdir_path = pathlib.Path(workdir).expanduser().resolve()
+    also written to ``workdir/results.json``.
+
+    With several processes the stop handler (SIGTERM, SIGINT) is installed as soon as
+    ``jax.distributed`` is: from then on JAX's own preemption notifier would swallow a
+    SIGTERM, and the run would not stop; a signal before the first step stops the run after
+    it (:func:`stop_votes`).  One process installs it around the training loop only, so that
+    Ctrl-C still interrupts a long data preparation at once."""
     check_config(config)
     sharding_lib.initialize_distributed(dict(config.distributed))
+    stop = _StopFlag()
+    check_processes_agree("the run config", identity_lib.identity_hash(config)
+                          + json.dumps(dict(config.mesh), sort_keys=True))
+    early = stop.installed() if jax.process_count() > 1 else contextlib.nullcontext()
+    with early:
+        return _train_and_evaluate(config, workdir, stop)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        stop: "_StopFlag") -> dict[str, Any]:
+    t_start = time.time()
+    workdir_path = pathlib.Path(workdir).expanduser().resolve()
     tcfg = config.train
     is_main = jax.process_index() == 0
     config_dict = json.loads(config.to_json())
@@ -639,6 +678,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     try:
         run = build_run(config)
         tokens_fingerprint = run.tokens.fingerprint
+        check_processes_agree("the training data (the tokens' fingerprint)",
+                              str(tokens_fingerprint))
     except BaseException:
         store.close()
         raise
@@ -797,7 +838,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             last_good_ckpt = step_done
         return last_good_ckpt == step_done
 
-    stop = _StopFlag()
     # The largest signal any process had sent with a step whose metrics were read: the same
     # number in every process after the same steps.  One process decides alone.
     stop_agreed = 0
