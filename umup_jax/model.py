@@ -313,10 +313,10 @@ def fp8_probes(cfg: "ModelConfig") -> dict:
 
 def embed_tokens(rule, table, ids, meta, dtype, grad_tokens: Optional[int] = None):
     """The rule's embedding lookup (spec §5.3 for u-μP) on the stored table, then the rows cast
-    to ``dtype`` (the residual stream's).  Gathering first and casting after gives the same values as
-    gathering from a cast table, but the backward then casts each token's cotangent to the
-    table's fp32 before the scatter-add that sums the cotangents of every occurrence of a
-    token: a frequent token's row adds thousands of them, and in bf16 that sum keeps 8
+    to ``dtype`` (the residual stream's).  Gathering first and casting after gives the same
+    values as gathering from a cast table, but the backward then casts each token's cotangent
+    to the table's fp32 before the scatter-add that sums the cotangents of every occurrence of
+    a token: a frequent token's row adds thousands of them, and in bf16 that sum keeps 8
     significant bits.  As under torch autocast in the authors' library, where the embedding
     runs in the weight's fp32."""
     return rule.embed(table, ids, meta, tokens=grad_tokens).astype(dtype)
