@@ -110,12 +110,11 @@ def _two_processes(workdir, arg, logs, args=("", "")):
         with open(logs / f"{pid}.out", "w") as out, open(logs / f"{pid}.err", "w") as err:
             procs.append(subprocess.Popen(_main_cmd(workdir, arg + args[pid]), cwd=ROOT,
                                           env=env, stdout=out, stderr=err, text=True))
-    procs[0].logs = procs[1].logs = logs
     return procs
 
 
-def _finish(procs, timeout=240):
-    """Every process's (status, stdout, stderr); kills them all if one hangs."""
+def _finish(procs, logs, timeout=240):
+    """Every process's (status, stdout, stderr) from ``logs``; kills them all if one hangs."""
     deadline = time.time() + timeout
     hung = False
     for p in procs:
@@ -127,8 +126,8 @@ def _finish(procs, timeout=240):
         for p in procs:
             p.kill()
             p.wait()
-    outs = [((p.logs / f"{i}.out").read_text(), (p.logs / f"{i}.err").read_text())
-            for i, p in enumerate(procs)]
+    outs = [((logs / f"{i}.out").read_text(), (logs / f"{i}.err").read_text())
+            for i in range(len(procs))]
     if hung:
         pytest.fail("the processes hung: " + " | ".join(o[0][-500:] for o in outs))
     return [(p.returncode, *o) for p, o in zip(procs, outs)]
@@ -155,7 +154,7 @@ def test_two_processes_match_one_and_a_sigterm_to_one_stops_both_at_one_step(tmp
         assert all(p.poll() is None for p in procs) and time.time() < deadline
         time.sleep(0.01)
     procs[1].send_signal(signal.SIGTERM)  # process 1 only: process 0 has no signal
-    (rc0, out0, err0), (rc1, _, err1) = _finish(procs)
+    (rc0, out0, err0), (rc1, _, err1) = _finish(procs, tmp_path / "logs")
     assert (rc0, rc1) == (128 + signal.SIGTERM,) * 2, err0[-2000:] + err1[-2000:]
     stopped = json.loads((multi / "results.json").read_text())
     assert "2 process(es)" in out0 and stopped["devices"] == 2
@@ -166,7 +165,8 @@ def test_two_processes_match_one_and_a_sigterm_to_one_stops_both_at_one_step(tmp
                   if d.name.isdigit()) == [s]
 
     # The rerun resumes and finishes.
-    for rc, _, err in _finish(_two_processes(multi, arg, tmp_path / "logs2")):
+    logs2 = tmp_path / "logs2"
+    for rc, _, err in _finish(_two_processes(multi, arg, logs2), logs2):
         assert rc == 0, err[-3000:]
     done = json.loads((multi / "results.json").read_text())
     assert not done["interrupted"] and done["steps"] == steps
@@ -184,8 +184,8 @@ def test_processes_that_disagree_on_the_config_are_refused_in_every_process(tmp_
     """Process 1 with another seed: both processes refuse, before any data is read, instead
     of one resume check failing alone (or the run training two different things)."""
     arg = "smoke,train.batch_size=8,train.eval_batch_size=8"
-    results = _finish(_two_processes(tmp_path / "run", arg, tmp_path / "logs",
-                                     args=("", ",seed=1")))
+    logs = tmp_path / "logs"
+    results = _finish(_two_processes(tmp_path / "run", arg, logs, args=("", ",seed=1")), logs)
     for rc, out, err in results:
         assert rc != 0 and "the 2 processes disagree on the run config: process(es) [1]" in (
             out + err), err[-2000:]
