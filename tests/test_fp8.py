@@ -76,6 +76,30 @@ def test_telemetry_counts_saturation_and_underflow():
     assert stats["g_underflow"] == pytest.approx(1.0)
 
 
+def test_gradient_telemetry_is_the_cast_the_weight_gradient_matmul_takes():
+    """In ``fp8_e5m2_input`` the weight-gradient matmul takes g in E4M3 (E5M2 pairs only with
+    E4M3), which underflows far more than the E5M2 cast of ``dx``: at gradient RMS 0.01 about
+    8% of g flushes to zero (|g| ≤ 2⁻¹⁰) against 0.06% in E5M2 (|g| ≤ 2⁻¹⁷).  The reported
+    fractions are those of E4M3 there and of E5M2 in ``fp8``; each equals a count in numpy."""
+    x, w = normal(0, (512, 16)), normal(1, (16, 64))
+    g = 0.01 * normal(2, (512, 64))
+    gf = np.abs(np.asarray(g, np.float64))
+    under = {"fp8": np.mean(gf <= 2.0**-17), "fp8_e5m2_input": np.mean(gf <= 2.0**-10)}
+    big = jnp.concatenate([g[:, :60], jnp.full((512, 4), 1000.0)], axis=1)  # > 448, < 57344
+    for mode in ("fp8", "fp8_e5m2_input"):
+        stats = []
+        for grad in (g, big):
+            _, vjp = jax.vjp(lambda x, w, p: fp8.fp8_dot(x, w, mode, probe=p), x, w,
+                             jnp.zeros((6,)))
+            stats.append(dict(zip(fp8.STAT_NAMES, np.asarray(vjp(grad)[2]))))
+        assert stats[0]["g_underflow"] == pytest.approx(under[mode], abs=1e-7), mode
+        assert stats[0]["g_saturated"] == 0
+        # 1000 saturates E4M3 (the dw cast of fp8_e5m2_input), not E5M2.
+        assert stats[1]["g_saturated"] == pytest.approx(
+            4 / 64 if mode == "fp8_e5m2_input" else 0.0), mode
+    assert under["fp8_e5m2_input"] > 0.07 and under["fp8"] < 0.002
+
+
 def test_fp8_dot_under_scan_jit_and_grad():
     ws = normal(0, (3, 32, 32), scale=32**-0.5)
     x = normal(1, (8, 32))

@@ -35,7 +35,10 @@ rescaling is available per group.
 Telemetry: with a ``probe`` (a zeros(6) array that is differentiated), the custom VJP returns,
 as the probe's "gradient", the fractions of values that saturate (|v| > max) and that
 underflow to zero (v ≠ 0, cast(v) = 0) for x, w and g: ``[x_sat, x_under, w_sat, w_under,
-g_sat, g_under]``.
+g_sat, g_under]``.  g's are those of its lossiest cast: E5M2 in ``fp8`` and ``fp8_dynamic``;
+E4M3 in ``fp8_e5m2_input``, where g is cast to E5M2 for ``dx`` and to E4M3 for ``dw``.  The
+E4M3 cast saturates (|v| > 448) and underflows (|v| ≤ 2⁻¹⁰) every value the E5M2 cast does
+(|v| > 57344, |v| ≤ 2⁻¹⁷) and more, so its fractions bound what either matmul lost.
 """
 
 from __future__ import annotations
@@ -154,13 +157,15 @@ def _fp8_dot_bwd(mode, telemetry, res, g):
     g8 = saturating_cast(g, E5M2)
     dx = _dot_t(g8, w8, x_dtype)
     # E5M2 pairs only with E4M3: an E5M2 forward input meets the gradient in E4M3.
-    g_for_w = saturating_cast(g, E4M3) if mode == "fp8_e5m2_input" else g8
+    g_w_dtype = E4M3 if mode == "fp8_e5m2_input" else E5M2
+    g_for_w = saturating_cast(g, E4M3) if g_w_dtype == E4M3 else g8
     dw = _dot_w(x8, g_for_w, jnp.float32)
     if scale is not None:
         dw = dw * scale
     dw = dw.astype(w_dtype)
     if telemetry:
-        dprobe = jnp.stack([*stats, *cast_stats(g, E5M2)]).astype(jnp.float32)
+        # The lossier of g's casts (the module docstring): E4M3 where dw takes it.
+        dprobe = jnp.stack([*stats, *cast_stats(g, g_w_dtype)]).astype(jnp.float32)
     else:
         dprobe = jnp.zeros((len(STAT_NAMES),), jnp.float32)
     return dx, dw, dprobe
