@@ -58,20 +58,32 @@ def one_line(exc: BaseException) -> str:
 
 
 def write_traceback(exc: BaseException, workdir: Optional[pathlib.Path | str]) -> Optional[pathlib.Path]:
-    """Appends the full traceback to ``workdir/error.log``; returns its path (``None`` if it
-    could not be written)."""
+    """Appends the full traceback to ``workdir/error.log``, under a line with the time, the
+    process (with several) and the command; returns its path (``None`` if it could not be
+    written)."""
     if workdir is None:
         return None
     path = pathlib.Path(workdir).expanduser() / ERROR_LOG
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as f:
-            f.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}\n")
+            f.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')}{_process_tag()} "
+                    f"{' '.join(sys.argv)}\n")
             f.write("".join(traceback.format_exception(exc)))
             f.write("\n")
     except OSError:
         return None
     return path
+
+
+def _process_tag() -> str:
+    """`` process i of n`` in a multi-process run, whose processes share one error.log."""
+    jax = sys.modules.get("jax")
+    try:
+        n = jax.process_count() if jax is not None else 1
+        return f" process {jax.process_index()} of {n}" if n > 1 else ""
+    except Exception:  # noqa: BLE001 - the traceback matters more than the tag
+        return ""
 
 
 @contextlib.contextmanager
