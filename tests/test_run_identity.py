@@ -355,7 +355,7 @@ def test_shape_mismatch_is_not_treated_as_damage(finished, tmp_path, monkeypatch
 
     # The stored shapes are compared from the metadata, before any array is read, and the
     # message names the arrays that differ (the smoke model has width 32, one head).
-    monkeypatch.setattr(store._manager, "restore", no_read)
+    monkeypatch.setattr(store._state_reader, "restore", no_read)
     with pytest.raises(ckpt.CheckpointMismatchError,
                        match=r"does not fit this model \(21 array\(s\) differ in shape: "
                              r"params\.params\.embedding: stored \(256, 32\), this model "
@@ -394,7 +394,7 @@ def test_transient_errors_are_retried_then_fail_leaving_the_checkpoint(finished,
         raise OSError("Resource temporarily unavailable")
 
     monkeypatch.setattr(ckpt, "RETRY_WAIT_S", 0.0)
-    monkeypatch.setattr(store._manager, "restore", flaky)
+    monkeypatch.setattr(store._state_reader, "restore", flaky)
     with pytest.raises(ckpt.CheckpointReadError, match="after 3 tries"):
         store.restore(6, run.abstract_state)
     assert len(calls) == ckpt.RETRIES

@@ -27,6 +27,15 @@ Restoring distinguishes three kinds of failure:
 
 Good checkpoints are never overwritten: a step is only written once, and rotation keeps the
 ``keep`` newest.
+
+With several processes (one store in each, on a shared filesystem) every verdict is common to
+all of them (:mod:`umup_jax.processes`): process 0 lists the checkpoints and checks each one's
+CRCs for all; each process reads its own shards of the state, and damage found by any one of
+them moves the checkpoint aside once, after every process has finished reading it, before all
+of them go on to the next newest; a failure in one process (a mismatch, a read that keeps
+failing, a manifest that cannot be written) is raised in all, naming that process.  Without
+this, one process could still be reading a checkpoint that another had moved, or raise alone
+and leave the others waiting in orbax's next barrier.
 """
 
 from __future__ import annotations
@@ -42,6 +51,9 @@ from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
+
+from umup_jax import processes
+from umup_jax.processes import first_line
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +80,9 @@ class CheckpointReadError(CheckpointError):
     """A checkpoint could not be read for a reason other than damage (nothing was moved)."""
 
 
-def first_line(exc: BaseException, limit: int = 300) -> str:
-    """``Type: first line of the message`` (third-party errors can run to hundreds of lines)."""
-    text = str(exc).strip().splitlines()
-    msg = text[0] if text else ""
-    if len(msg) > limit:
-        msg = msg[:limit] + "…"
-    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+class DamagedCheckpointError(CheckpointError):
+    """Files of a checkpoint are damaged; the store moves it aside once every process has
+    seen the verdict (raised inside a read, never out of the store)."""
 
 
 def _crc32(path: pathlib.Path) -> int:
@@ -140,8 +148,8 @@ def _shapes(tree: Any) -> dict[str, Optional[tuple]]:
 
 def shape_mismatches(stored_metadata: Any, abstract_state: Any) -> list[str]:
     """``'name: stored S, this model M'`` for every array that both the checkpoint's metadata
-    (``CheckpointManager.item_metadata(step)['state']``) and ``abstract_state`` hold, with
-    different shapes, the parameters (``params.…``) before the optimizer state's copies of
+    (``StandardCheckpointHandler.metadata(step_dir / 'state')``) and ``abstract_state`` hold,
+    with different shapes, the parameters (``params.…``) before the optimizer state's copies of
     them; empty if none differ.  Arrays only one side holds are left to orbax's own structure
     check, so a naming difference here can never refuse a checkpoint that restores."""
     tree = getattr(stored_metadata, "tree", stored_metadata)
@@ -159,15 +167,28 @@ def _is_mismatch(exc: BaseException) -> bool:
                                   "Structure mismatch", "tree structures do not match"))
 
 
-class CheckpointStore:
-    """The checkpoints of one run directory.  ``writer`` (process 0) writes manifests and is
-    the one process that moves damaged checkpoints aside."""
+# Failures that every process handles alike (see processes.together's ``shared``).
+_SHARED = (DamagedCheckpointError, CheckpointMismatchError)
 
-    def __init__(self, directory: pathlib.Path | str, keep: int, writer: bool = True):
+
+class CheckpointStore:
+    """The checkpoints of one run directory.  ``writer`` (process 0) writes manifests, checks
+    them and is the one process that moves damaged checkpoints aside; ``group`` is the run's
+    processes (:func:`umup_jax.processes.current` by default), whose stores act together."""
+
+    def __init__(self, directory: pathlib.Path | str, keep: int, writer: bool = True,
+                 group=None):
         self.directory = pathlib.Path(directory).resolve()
         self.keep = keep
         self.writer = writer
+        self.group = processes.current() if group is None else group
         self._manager = self._open()
+        # Readers of single items (see _restore_item).
+        self._state_reader = ocp.StandardCheckpointHandler()
+        self._json_reader = ocp.JsonCheckpointHandler()
+
+    def _together(self, what: str, fn):
+        return processes.together(what, fn, self.group, shared=_SHARED)
 
     def _open(self) -> ocp.CheckpointManager:
         options = ocp.CheckpointManagerOptions(
@@ -181,6 +202,17 @@ class CheckpointStore:
                            "data": ocp.JsonCheckpointHandler(),
                            "config": ocp.JsonCheckpointHandler()},
         )
+
+    def _restore_item(self, step: int, item: str, args: Any = None) -> Any:
+        """``item`` (``state``, ``data`` or ``config``) of checkpoint ``step``, read by its
+        orbax handler alone.  ``CheckpointManager.restore`` ends in a barrier over all
+        processes (a device collective), which a process whose read failed never reaches, so
+        the others would wait there for good; a handler's read involves no other process, and
+        the processes compare outcomes afterwards (:func:`umup_jax.processes.together`)."""
+        directory = self.path(step) / item
+        if item == "state":
+            return self._state_reader.restore(directory, args=args)
+        return self._json_reader.restore(directory)
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -210,34 +242,50 @@ class CheckpointStore:
             force=True,
         )
         self._manager.wait_until_finished()
-        if self.writer:
-            write_manifest(self.path(step))
+        self._together(f"writing the manifest of checkpoint step {step}",
+                       lambda: write_manifest(self.path(step)) if self.writer else None)
         return True
 
     # -- damage ---------------------------------------------------------------------------
     def quarantine(self, step: int, reason: str) -> pathlib.Path:
-        """Moves a damaged checkpoint to ``corrupt/<step>-<time>`` and says so."""
-        target = self.directory / "corrupt" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if self.writer:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(self.path(step)), str(target))
-        self._manager.close()
-        self._manager = self._open()
+        """Moves a damaged checkpoint to ``corrupt/<step>-<time>`` and says so.  Called by
+        every process at once: the writer moves it, then all re-list the directory."""
+        def move() -> str:
+            target = self.directory / "corrupt" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+            if self.writer:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(self.path(step)), str(target))
+            return str(target)
+
+        target = pathlib.Path(processes.from_main(
+            f"moving the damaged checkpoint step {step} aside", move, self.group))
+        self._manager.reload()  # forget the moved step (no barrier, unlike a reopen)
         msg = f"checkpoint step {step} is damaged ({reason}); moved to {target}"
         log.warning(msg)
-        print(f"WARNING: {msg}", flush=True)
+        if self.writer:
+            print(f"WARNING: {msg}", flush=True)
         return target
 
+    def _agreed_read(self, step: int, what: str, fn):
+        """:meth:`_read` in every process: damage found by any → moved aside and ``None`` in
+        all; any other failure raised in all."""
+        try:
+            return self._together(f"reading the {what} of checkpoint step {step}",
+                                  lambda: self._read(step, what, fn))
+        except DamagedCheckpointError as e:
+            self.quarantine(step, str(e))
+            return None
+
     def _read(self, step: int, what: str, fn):
-        """``fn()`` with retries for transient errors; damaged files → quarantine and
-        ``None``; a mismatch or persistent failure raises (nothing moved)."""
+        """``fn()`` with retries for transient errors; damaged files raise
+        :class:`DamagedCheckpointError`; a mismatch or persistent failure raises (nothing
+        moved)."""
         for attempt in range(RETRIES):
             try:
                 return fn()
             except Exception as e:  # classified below; never silently swallowed
                 if _looks_damaged(e):
-                    self.quarantine(step, f"{what} unreadable: {first_line(e)}")
-                    return None
+                    raise DamagedCheckpointError(f"{what} unreadable: {first_line(e)}") from e
                 if _is_mismatch(e):
                     raise self._mismatch(step, first_line(e)) from e
                 if attempt + 1 == RETRIES:
@@ -262,7 +310,7 @@ class CheckpointStore:
         from the model's, read from the checkpoint's metadata before any array is.  Metadata
         that cannot be read is left to the restore itself to classify (damage, transient)."""
         try:
-            stored = self._manager.item_metadata(step)["state"]
+            stored = self._state_reader.metadata(self.path(step) / "state")
         except Exception:  # the restore below reports what is wrong with the files
             return
         if stored is None:
@@ -278,15 +326,19 @@ class CheckpointStore:
         reads; damaged ones on the way are moved aside.  ``None`` if there were none;
         :class:`NoUsableCheckpointError` if there were some and all were damaged."""
         damaged = []
-        for step in reversed(self.steps()):
-            reason = verify(self.path(step))
-            if reason is not None:
-                self.quarantine(step, reason)
-                damaged.append(step)
-                continue
-            config = self._read(step, "config", lambda: self._manager.restore(
-                step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
-            if config is None:
+        for step in reversed(processes.from_main("listing the checkpoints", self.steps,
+                                                 self.group)):
+            def check(step=step):
+                reason = verify(self.path(step)) if self.writer else None  # once, for all
+                if reason is not None:
+                    raise DamagedCheckpointError(reason)
+                return self._read(step, "config",
+                                  lambda: self._restore_item(step, "config"))
+
+            try:
+                config = self._together(f"checking checkpoint step {step}", check)
+            except DamagedCheckpointError as e:
+                self.quarantine(step, str(e))
                 damaged.append(step)
                 continue
             return step, dict(config)
@@ -302,25 +354,23 @@ class CheckpointStore:
         """(state, data_state) of ``step``; ``None`` if its files turned out damaged (then
         it was moved aside); :class:`CheckpointMismatchError` naming the arrays whose shapes
         differ from ``abstract_state``'s, before anything is read."""
-        self._check_shapes(step, abstract_state)
-        restored = self._read(step, "state", lambda: self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=ocp.args.JsonRestore(),
-            ),
-        ))
-        if restored is None:
+        self._together(f"comparing the shapes of checkpoint step {step}",
+                       lambda: self._check_shapes(step, abstract_state))
+        state = self._agreed_read(step, "state", lambda: self._restore_item(
+            step, "state", ocp.args.StandardRestore(abstract_state)))
+        if state is None:
             return None
-        data_state = dict(restored["data"])
+        data_state = self._agreed_read(step, "data", lambda: self._restore_item(step, "data"))
+        if data_state is None:
+            return None
+        data_state = dict(data_state)
         data_state.pop(TOKENS_KEY, None)
-        return restored["state"], data_state
+        return state, data_state
 
     def token_fingerprint(self, step: int) -> Optional[str]:
         """The token fingerprint stored with ``step`` (``None`` for a checkpoint written before
         fingerprints were stored, or one whose data item turned out damaged: moved aside)."""
-        data = self._read(step, "data", lambda: self._manager.restore(
-            step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"])
+        data = self._agreed_read(step, "data", lambda: self._restore_item(step, "data"))
         if data is None:
             return None
         value = dict(data).get(TOKENS_KEY)
