@@ -97,16 +97,16 @@ def _main_cmd(workdir, arg):
             f"--config={ROOT / 'configs' / 'umup_proxy.py'}:{arg}", f"--workdir={workdir}"]
 
 
-def _two_processes(workdir, arg, logs, args=("", "")):
+def _two_processes(workdir, arg, logs, args=("", ""), envs=({}, {})):
     """main in two processes on localhost (one CPU device each), jax.distributed via the
     environment; process i's stdout and stderr go to ``logs/<i>.out`` / ``.err``, and
-    ``args[i]`` is appended to its config ARG."""
+    ``args[i]`` is appended to its config ARG, ``envs[i]`` to its environment."""
     port = _free_port()
     logs.mkdir(parents=True, exist_ok=True)
     procs = []
     for pid in range(2):
         env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-               "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid)}
+               "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid), **envs[pid]}
         with open(logs / f"{pid}.out", "w") as out, open(logs / f"{pid}.err", "w") as err:
             procs.append(subprocess.Popen(_main_cmd(workdir, arg + args[pid]), cwd=ROOT,
                                           env=env, stdout=out, stderr=err, text=True))
@@ -190,6 +190,49 @@ def test_processes_that_disagree_on_the_config_are_refused_in_every_process(tmp_
         assert rc != 0 and "the 2 processes disagree on the run config: process(es) [1]" in (
             out + err), err[-2000:]
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_failure_in_one_process_stops_both_at_once_naming_it(tmp_path):
+    """Process 1 alone cannot load the data (its cache directory is not a directory): both
+    exit 1 within seconds, process 0 naming process 1 and its error, instead of process 0
+    waiting in the next collective until jax.distributed's heartbeat gives up."""
+    arg = "smoke,train.batch_size=8,train.eval_batch_size=8"
+    logs = tmp_path / "logs"
+    t0 = time.time()
+    procs = _two_processes(tmp_path / "run", arg, logs,
+                           envs=({}, {"UMUP_JAX_CACHE": "/etc/passwd/cache"}))
+    (rc0, out0, err0), (rc1, out1, err1) = _finish(procs, logs, timeout=150)
+    assert (rc0, rc1) == (1, 1), err0[-2000:] + err1[-2000:]
+    assert time.time() - t0 < 120
+    assert ("error: process(es) [1] failed loading the data and building "
+            "the model: process 1: NotADirectoryError: [Errno 20] Not a directory: "
+            "'/etc/passwd/cache'") in err0
+    assert "error: NotADirectoryError: [Errno 20] Not a directory" in err1
+
+
+def test_two_processes_skip_a_damaged_checkpoint_together(tmp_path):
+    """The newest checkpoint damaged: process 0 finds it (manifest), both processes move it
+    aside once and resume from the one before, and the run finishes with the losses of an
+    undamaged one."""
+    arg = ("smoke,train.steps=4,train.batch_size=8,train.eval_batch_size=8,"
+           "train.checkpoint_every=2,train.eval_every=1000,optimizer.schedule=constant")
+    run = tmp_path / "run"
+    for rc, _, err in _finish(_two_processes(run, arg, tmp_path / "l1"), tmp_path / "l1"):
+        assert rc == 0, err[-3000:]
+    first = {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl")}
+    for f in (run / "checkpoints" / "4" / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(f.read_bytes()[:1])
+    logs = tmp_path / "l2"
+    (rc0, out0, err0), (rc1, _, err1) = _finish(
+        _two_processes(run, arg.replace("steps=4", "steps=6"), logs), logs)
+    assert (rc0, rc1) == (0, 0), err0[-3000:] + err1[-3000:]
+    assert "checkpoint step 4 is damaged" in out0 and "resumed from checkpoint step 2" in out0
+    assert [p.name.split("-")[0] for p in (run / "checkpoints" / "corrupt").iterdir()] == ["4"]
+    rows = [r for r in read_metrics(run / "metrics.jsonl")]
+    again = {r["step"]: r["loss"] for r in rows if r["step"] in (2, 3)}
+    np.testing.assert_allclose([again[2], again[3]], [first[2], first[3]], rtol=1e-6)
+    assert json.loads((run / "results.json").read_text())["steps"] == 6
 
 
 class _Device:

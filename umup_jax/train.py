@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -50,6 +49,7 @@ from umup_jax import identity as identity_lib
 from umup_jax import layer_stack
 from umup_jax import metrics as metrics_lib
 from umup_jax import ops
+from umup_jax import processes
 from umup_jax import sharding as sharding_lib
 from umup_jax import throughput
 from umup_jax.model import PROBES, Decoder, ModelConfig, fp8_probes, init_params
@@ -532,13 +532,11 @@ def check_tokens(stored: Optional[str], current: str, step: int, workdir: pathli
 def _archive_and_reopen(store: ckpt.CheckpointStore, workdir: pathlib.Path, keep: int,
                         is_main: bool) -> ckpt.CheckpointStore:
     """``train.restart=True`` over a different run: moves it aside (process 0; the others
-    wait) and returns a fresh, empty checkpoint store."""
+    wait, and a failure to move it is raised in all) and returns a fresh, empty checkpoint
+    store."""
     store.close()
-    moved = archive_run(workdir) if is_main else None
-    if jax.process_count() > 1:  # the others wait until process 0 has moved the run
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("umup_jax.archive_run")
+    moved = processes.from_main("moving the previous run aside",
+                                lambda: str(archive_run(workdir) or ""), processes.current())
     if is_main:
         print(f"train.restart=True: moved the previous run to {moved}; starting from "
               "step 0", flush=True)
@@ -592,18 +590,8 @@ def check_processes_agree(what: str, value: str) -> None:
     same in all of them, e.g. the run's config or its tokens' fingerprint: a process that
     trained on other data would go unnoticed (only process 0's fingerprint is stored), and
     a resume check failing in one process only would leave the others hanging in the next
-    collective.  Compares a SHA-256 prefix of ``value`` gathered from every process."""
-    if jax.process_count() < 2:
-        return
-    from jax.experimental import multihost_utils
-
-    digest = np.frombuffer(hashlib.sha256(value.encode()).digest()[:16], np.int32)
-    every = np.asarray(multihost_utils.process_allgather(digest)).reshape(-1, digest.size)
-    differ = [i for i in range(len(every)) if not np.array_equal(every[i], every[0])]
-    if differ:
-        raise ValueError(f"the {len(every)} processes disagree on {what}: process(es) {differ} "
-                         "differ from process 0; every process must run the same config on "
-                         "the same data")
+    collective (:func:`umup_jax.processes.check_agree`)."""
+    processes.check_agree(what, value, processes.current())
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -631,6 +619,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     workdir_path = pathlib.Path(workdir).expanduser().resolve()
     tcfg = config.train
     is_main = jax.process_index() == 0
+    group = processes.current()  # a step that may fail in one process alone fails in all
     config_dict = json.loads(config.to_json())
     steps_total = tcfg.steps
 
@@ -656,8 +645,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         previous = _read_results(workdir_path)
         if previous is not None and previous.get("steps") == found[0]:
             try:  # a finished run's results stand only for the tokens it trained on
-                _check_finished_tokens(config, store, found[0], previous, workdir_path,
-                                       is_main)
+                processes.together(
+                    "comparing the finished run's tokens with the data",
+                    lambda: _check_finished_tokens(config, store, found[0], previous,
+                                                   workdir_path, is_main),
+                    group, shared=(identity_lib.RunMismatchError,))
             except identity_lib.RunMismatchError:
                 if not tcfg.restart:
                     store.close()
@@ -676,7 +668,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 return dict(previous, interrupted=False, signal=None)
 
     try:
-        run = build_run(config)
+        run = processes.together("loading the data and building the model",
+                                 lambda: build_run(config), group)
         tokens_fingerprint = run.tokens.fingerprint
         check_processes_agree("the training data (the tokens' fingerprint)",
                               str(tokens_fingerprint))
@@ -727,9 +720,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if stored_tokens is None and is_main:
             print(f"note: checkpoint step {found[0]} predates token fingerprints, so its "
                   "tokens could not be compared with the config's data", flush=True)
-    workdir_path.mkdir(parents=True, exist_ok=True)
-    if is_main and isinstance(run.tokens.tokenizer, data_lib.HFTokenizer):
-        run.tokens.tokenizer.save(workdir_path / "tokenizer.json")  # for sample and export
+    def write_tokenizer():
+        workdir_path.mkdir(parents=True, exist_ok=True)
+        if is_main and isinstance(run.tokens.tokenizer, data_lib.HFTokenizer):
+            run.tokens.tokenizer.save(workdir_path / "tokenizer.json")  # for sample, export
+
+    try:
+        processes.together("writing tokenizer.json", write_tokenizer, group)
+    except BaseException:
+        store.close()
+        raise
     pipeline = data_lib.train_dataset(
         run.tokens.train, run.model_cfg.seq_len, tcfg.batch_size, config.data.shuffle_seed,
         jax.process_index(), jax.process_count(),
