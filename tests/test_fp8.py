@@ -154,8 +154,8 @@ def test_bad_policy_raises():
         ModelConfig(fp8={"qkv": "e4m3"})
 
 
-def _train(tmp_path, name, parametrization, fp8_preset, steps=50):
-    arg = (f"smoke,model.width=64,model.depth=2,model.num_heads=1,model.seq_len=64,"
+def _train(tmp_path, name, parametrization, fp8_preset, steps=50, seed=0):
+    arg = (f"smoke,seed={seed},model.width=64,model.depth=2,model.num_heads=1,model.seq_len=64,"
            f"model.dtype=bfloat16,train.batch_size=8,train.steps={steps},"
            f"train.metrics_every=10,train.eval_every={steps},train.checkpoint_every={steps},"
            f"optimizer.warmup_steps=10,model.fp8={fp8_preset}")
@@ -176,12 +176,22 @@ def _underflow(stats):
 
 
 def test_umup_trains_in_fp8_like_bf16_and_mup_underflows_more(tmp_path):
-    _, bf16_rows, _ = _train(tmp_path, "u_bf16", "umup", "none")
-    _, fp8_rows, u_stats = _train(tmp_path, "u_fp8", "umup", "paper_simple")
+    # One seed's FP8 and BF16 runs differ by up to ±2.1% after 50 steps (seeds 0-2, shuffle
+    # seeds 0-2, measured 2026-12-06; BF16 alone spans 5.5% across them), so the comparison
+    # is over three init seeds: their mean ratio within 1.5% and each within 3%.
     last = lambda rows: float(np.mean([r["loss"] for r in rows[-5:]]))
-    print(f"\nu-μP 50 steps: bf16 {last(bf16_rows):.4f}, fp8 paper_simple {last(fp8_rows):.4f}")
-    assert last(bf16_rows) < bf16_rows[0]["loss"] - 1.0  # it learned something
-    assert abs(last(fp8_rows) / last(bf16_rows) - 1) < 0.02, (last(fp8_rows), last(bf16_rows))
+    ratios = []
+    for seed in range(3):
+        _, bf16_rows, _ = _train(tmp_path, f"u_bf16_{seed}", "umup", "none", seed=seed)
+        _, fp8_rows, stats = _train(tmp_path, f"u_fp8_{seed}", "umup", "paper_simple",
+                                    seed=seed)
+        u_stats = stats if seed == 0 else u_stats
+        print(f"\nu-μP 50 steps, seed {seed}: bf16 {last(bf16_rows):.4f}, "
+              f"fp8 paper_simple {last(fp8_rows):.4f}")
+        assert last(bf16_rows) < bf16_rows[0]["loss"] - 1.0  # it learned something
+        ratios.append(last(fp8_rows) / last(bf16_rows))
+    assert all(abs(r - 1) < 0.03 for r in ratios), ratios
+    assert abs(float(np.mean(ratios)) - 1) < 0.015, ratios
     _, _, m_stats = _train(tmp_path, "m_fp8", "mup", "paper_simple", steps=11)
     print(f"mean underflow fraction: μP {_underflow(m_stats):.4g}, u-μP {_underflow(u_stats):.4g}")
     assert _underflow(m_stats) > 2 * _underflow(u_stats), (_underflow(m_stats), _underflow(u_stats))
