@@ -4,7 +4,9 @@ raised in all of them (none is left waiting), and a damaged checkpoint is moved 
 and skipped by all, whichever process found the damage.  (The two-process runs of
 tests/test_sharding.py check the same over jax.distributed.)"""
 
+import json
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -80,6 +82,12 @@ class FakeKeyValueStore:
         with self.cond:
             self.values.pop(key, None)
 
+    def key_value_try_get(self, key):
+        with self.cond:
+            if key not in self.values:
+                raise RuntimeError(f"NOT_FOUND: Config key {key} not found")
+            return self.values[key]
+
 
 def test_jax_processes_exchange_through_the_key_value_store_round_by_round():
     store = FakeKeyValueStore()
@@ -111,6 +119,63 @@ def test_the_exchange_timeout_comes_from_the_environment(monkeypatch):
         monkeypatch.setenv(processes.TIMEOUT_ENV, bad)
         with pytest.raises(ValueError, match="UMUP_JAX_EXCHANGE_TIMEOUT_S=.*positive number"):
             processes.exchange_timeout_s()
+
+
+@pytest.fixture
+def two_process_store(monkeypatch):
+    """Process 0's view of a two-process run whose key-value store is in memory."""
+    store = FakeKeyValueStore()
+    monkeypatch.setattr(processes, "_CURRENT", processes.JaxProcesses(store, 0, 2))
+    monkeypatch.setattr(processes, "_failing", threading.Event())
+    return store
+
+
+def _watch(calls, **kw):
+    return processes.FailureWatch(processes._CURRENT, lambda i, m: calls.append((i, m)),
+                                  poll_s=0.01, **kw)
+
+
+def test_the_failure_watch_reports_another_process_failure(two_process_store):
+    calls = []
+    with _watch(calls, grace_s=0.05):
+        two_process_store.key_value_set(processes.FAILED_KEY, '[1, "OSError: disk gone"]')
+        deadline = time.time() + WAIT_S
+        while not calls and time.time() < deadline:
+            time.sleep(0.01)
+    assert calls == [(1, "OSError: disk gone")]
+
+
+def test_the_failure_watch_leaves_a_process_that_is_failing_itself_alone(two_process_store):
+    calls = []
+    with _watch(calls, grace_s=0.5):
+        two_process_store.key_value_set(processes.FAILED_KEY, '[1, "ValueError: bad"]')
+        time.sleep(0.1)  # within the grace: this process's own failure is under way
+        processes.announce_failure(ValueError("bad here too"))
+        time.sleep(0.8)
+    assert calls == [] and processes.failing()
+    # the first announcement stands
+    assert two_process_store.values[processes.FAILED_KEY] == '[1, "ValueError: bad"]'
+
+
+def test_an_exception_leaving_the_watched_block_is_announced(two_process_store):
+    calls = []
+    with pytest.raises(OSError):
+        with _watch(calls):
+            raise OSError(5, "Input/output error", "/data/shard-3")
+    assert calls == [] and processes.failing()
+    index, message = json.loads(two_process_store.values[processes.FAILED_KEY])
+    assert (index, message) == (0, "OSError: [Errno 5] Input/output error: '/data/shard-3'")
+
+
+def test_one_process_watches_nothing_and_announces_to_nobody(monkeypatch):
+    monkeypatch.setattr(processes, "_CURRENT", None)
+    monkeypatch.setattr(processes, "_failing", threading.Event())
+    watch = processes.FailureWatch(processes.SINGLE, lambda i, m: None)
+    with pytest.raises(KeyError):
+        with watch:
+            assert watch._thread is None
+            raise KeyError("x")
+    assert processes.failing()
 
 
 class Shared(RuntimeError):

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import pathlib
 import sys
+import threading
 import time
 import traceback
 from typing import Iterator, Optional
@@ -98,9 +100,51 @@ def exit_on_failure(workdir: Optional[pathlib.Path | str]) -> Iterator[None]:
     except (SystemExit, KeyboardInterrupt, UsageError):  # UsageError: cli.app_main reports it
         raise
     except BaseException as exc:  # the one place a run's failure is reported
+        if "jax" in sys.modules:  # other processes of the run stop too (processes.FailureWatch)
+            from umup_jax import processes
+
+            processes.announce_failure(exc)
         where = write_traceback(exc, workdir)
         tail = f" (traceback in {where})" if where else ""
         from umup_jax.cli import program_name
 
         print(f"{program_name()}: error: {one_line(exc)}{tail}", file=sys.stderr, flush=True)
         sys.exit(1)
+
+
+# Longest wait for jax.distributed's shutdown before a process stopped for another's failure
+# exits anyway.
+SHUTDOWN_WAIT_S = 30.0
+
+
+def stop_for_failed_process(workdir: Optional[pathlib.Path | str]):
+    """``on_failure(index, message)`` for :class:`umup_jax.processes.FailureWatch`: ends
+    this process, which another process's failure left waiting in a collective.  Says so
+    in one ``<program>: error: …`` line and in ``error.log``, leaves ``jax.distributed``
+    cleanly (the failed process waits for that in its own shutdown) and exits with status
+    1.  The main thread is blocked in the collective, so the exit is ``os._exit``: what
+    the run wrote is flushed as it goes (metrics, checkpoints), nothing else is pending."""
+    from umup_jax.cli import program_name
+
+    def on_failure(index: int, message: str) -> None:
+        import jax
+
+        me = jax.process_index()
+        text = (f"process {index} failed: {message}; process {me} stops too (process "
+                f"{index}'s traceback is in error.log)")
+        if workdir is not None:
+            try:
+                with open(pathlib.Path(workdir).expanduser() / ERROR_LOG, "a",
+                          encoding="utf-8") as f:
+                    f.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')}{_process_tag()} "
+                            f"{' '.join(sys.argv)}\n{text}\n\n")
+            except OSError:
+                pass
+        print(f"{program_name()}: error: {text}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        leave = threading.Thread(target=jax.distributed.shutdown, daemon=True)
+        leave.start()
+        leave.join(SHUTDOWN_WAIT_S)
+        os._exit(1)
+
+    return on_failure

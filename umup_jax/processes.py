@@ -8,7 +8,10 @@ So each step that one process may fail alone runs under :func:`together`: every 
 it, then all exchange their outcomes (one all-gather of a short message), and either all go
 on or all raise, each naming the process that failed and why.  Decisions that one process
 makes for all (which checkpoint is intact, moving a damaged one aside) go through the same
-exchange (:func:`from_main`), so the processes act on one verdict.
+exchange (:func:`from_main`), so the processes act on one verdict.  Where no exchange is
+made (the training loop: one per step would cost a round trip each), a failing process
+announces its failure (:func:`announce_failure`) and a :class:`FailureWatch` thread in each
+other process ends it, instead of letting it wait in an all-reduce for good.
 
 A group is anything with ``index``, ``count``, ``allgather(text) → [text of each process]``;
 :func:`current` gives the run's (:class:`JaxProcesses` over ``jax.distributed``, or
@@ -21,6 +24,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
+import time
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
 T = TypeVar("T")
@@ -235,3 +240,87 @@ def check_agree(what: str, value: str, group=None) -> None:
         raise ValueError(f"the {len(every)} processes disagree on {what}: process(es) {differ} "
                          "differ from process 0; every process must run the same config on "
                          "the same data")
+
+
+# -- a failure announced to the others ----------------------------------------------------
+
+# Key of the first announced failure: ``[process index, "Type: first line"]``.
+FAILED_KEY = "umup_jax/failed"
+_failing = threading.Event()  # set once this process has begun to fail
+
+
+def announce_failure(exc: BaseException) -> None:
+    """Marks this process as failing and, with several processes, tells the others through
+    the key-value store (:data:`FAILED_KEY`; the first announcement stands), so that one
+    waiting in a collective that this process will never join learns of it through its
+    :class:`FailureWatch`.  Never raises."""
+    _failing.set()
+    group = _CURRENT
+    if group is None:
+        return
+    try:
+        group.client.key_value_set(FAILED_KEY, json.dumps([group.index, first_line(exc)]))
+    except Exception:  # noqa: BLE001 - another process announced first, or the service is gone
+        pass
+
+
+def failing() -> bool:
+    """Whether this process has begun to fail (:func:`announce_failure`)."""
+    return _failing.is_set()
+
+
+class FailureWatch:
+    """Watches for another process's failure while this one runs a stretch in which it does
+    not exchange outcomes: the training loop, whose every step waits in an all-reduce that
+    a failed process never joins, so the others would wait until ``jax.distributed``'s
+    heartbeat or shutdown timeout ends them, minutes later and without a word of why.
+
+    A context manager: inside, a thread polls :data:`FAILED_KEY` every ``poll_s``; once
+    another process has announced a failure and this one has not begun to fail itself
+    within ``grace_s`` (a failure that every process raises, like :func:`together`'s, is
+    announced by each), ``on_failure(index, message)`` runs in that thread and is expected
+    to end the process.  An exception leaving the block is announced
+    (:func:`announce_failure`) before it propagates.  One process: nothing is watched."""
+
+    def __init__(self, group, on_failure: Callable[[int, str], None], poll_s: float = 1.0,
+                 grace_s: float = 5.0):
+        self.group = SINGLE if group is None else group
+        self.on_failure = on_failure
+        self.poll_s, self.grace_s = poll_s, grace_s
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def _announced(self) -> Optional[tuple[int, str]]:
+        try:
+            raw = self.group.client.key_value_try_get(FAILED_KEY)
+        except Exception:  # noqa: BLE001 - not announced (NOT_FOUND), or the service is gone
+            return None
+        index, message = json.loads(raw)
+        return int(index), str(message)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            found = self._announced()
+            if found is None or found[0] == self.group.index:
+                continue
+            deadline = time.monotonic() + self.grace_s
+            while time.monotonic() < deadline and not _failing.is_set():
+                if self._stop.wait(0.1):
+                    return
+            if not _failing.is_set():
+                self.on_failure(*found)
+            return
+
+    def __enter__(self) -> "FailureWatch":
+        if self.group.count > 1:
+            self._thread = threading.Thread(target=self._watch, name="umup_jax-failure-watch",
+                                            daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None and not isinstance(exc, (SystemExit, GeneratorExit)):
+            announce_failure(exc)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(self.poll_s + 1.0)

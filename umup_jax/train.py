@@ -44,6 +44,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from umup_jax import checkpoint as ckpt
 from umup_jax import config as config_lib
 from umup_jax import data as data_lib
+from umup_jax import failures
 from umup_jax import fp8 as fp8_lib
 from umup_jax import identity as identity_lib
 from umup_jax import layer_stack
@@ -844,8 +845,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     multi_process = jax.process_count() > 1
     interrupted: Optional[int] = None  # the signal that stopped the run early
     compiled: set = set()  # the step functions called (so compiled) in this process
+    # A process that fails inside the loop tells the others, which are waiting in a step's
+    # collective that it will never join; they stop within seconds, naming it.
+    watch = processes.FailureWatch(group, failures.stop_for_failed_process(workdir_path))
     try:
-        with stop.installed():
+        with stop.installed(), watch:
             if start == 0:  # the starting point of the eval curve
                 last_eval = paused(evaluate, run, eval_step, state["params"], valid_batches)
                 last_eval_step = 0
