@@ -106,7 +106,8 @@ def test_jax_processes_exchange_through_the_key_value_store_round_by_round():
 def test_a_process_that_never_arrives_is_named_after_the_timeout():
     group = processes.JaxProcesses(FakeKeyValueStore(), 0, 3, timeout_s=0.05)
     with pytest.raises(processes.ProcessFailedError,
-                       match=r"process 1 did not reach exchange 0 within 0.05 s \(DEADLINE_EXCEEDED"):
+                       match=r"process 1 did not reach exchange 0 within 0.05 s "
+                             r"\(DEADLINE_EXCEEDED"):
         group.allgather("hello")
 
 
