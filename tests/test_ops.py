@@ -500,3 +500,36 @@ def test_ops_work_under_jit_and_bfloat16():
     assert y.dtype == jnp.bfloat16
     g = jax.jit(jax.grad(lambda w: ops.linear(x, w).astype(jnp.float32).sum()))(w)
     assert g.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("scale", [1 / math.sqrt(3), ops.silu_glu_scale(1.0)])
+def test_bf16_ops_scale_by_the_exact_constant_as_torch_does(scale):
+    """A Python-float scale on bf16 values is applied as PyTorch (the authors'
+    ``unit_scaling``) applies it, multiplying in fp32 and rounding once: bit for bit equal to
+    ``torch_bf16_tensor * scale``.  JAX's plain ``x * scale`` first rounds the scale to bf16
+    (1/√3 → 0.578125, +0.134%; s(1) = 1.68179 → 1.6796875, −0.125%), so its outputs are off
+    by that much on average."""
+    torch = pytest.importorskip("torch")
+    x = jax.random.normal(jax.random.key(0), (256, 256), jnp.float32).astype(jnp.bfloat16)
+    x32 = np.asarray(x, np.float32)
+
+    def torch_times(v32, s):  # PyTorch's bf16 result, as float32
+        return (torch.from_numpy(v32).to(torch.bfloat16) * s).float().numpy()
+
+    want = torch_times(x32, scale)
+    plain = np.asarray(x * scale, np.float32)
+    assert abs(float(np.mean(plain[x32 != 0] / (x32[x32 != 0] * scale) - 1))) > 1e-3
+
+    def same(got, expected):
+        np.testing.assert_array_equal(np.asarray(got, np.float32), expected)
+
+    same(ops.scale_fwd(x, scale), want)
+    same(jax.vjp(lambda t: ops.scale_bwd(t, scale), x)[1](x)[0], want)
+    # the plain rules' matmul, its scale on the weight (x below) and on the output (x above)
+    eye = jnp.eye(256, dtype=jnp.bfloat16)
+    same(ops.matmul(eye, x, scale), want)
+    same(ops.matmul(eye[:8], x, scale), want[:8])
+    same(jax.vjp(lambda w: ops.matmul(eye, w, scale), x)[1](x)[0], want)
+    # gated SiLU with σ(m·z) = 1: scale·x_in·z, one rounding of the fp32 value
+    z = jnp.full_like(x, 32.0)
+    same(ops.gated_silu(x, z, scale=scale), torch_times(x32 * 32.0, scale))

@@ -30,13 +30,27 @@ import jax.numpy as jnp
 # ---------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _scale_fwd(x, scale: float):
+def times(x, scale: float):
+    """``x·scale`` for a Python float ``scale``, with the scale exact in any precision.
+
+    JAX casts a Python float to a bf16 (or fp16) array's dtype before multiplying, so
+    ``x * 0.0360844`` on bf16 would scale by 0.0361328 (the scale itself rounded: up to 2⁻⁹,
+    0.39%, off the formula's value, the same way at every element and step).  A low-precision
+    ``x`` is therefore multiplied in fp32 and rounded once, as PyTorch (the authors'
+    ``unit_scaling``) multiplies a bf16 tensor by a Python scalar in its fp32 "opmath"; XLA
+    fuses the converts into the multiply.  fp32 and wider: ``x * scale`` itself."""
+    if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32:
+        return (x.astype(jnp.float32) * scale).astype(x.dtype)
     return x * scale
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _scale_fwd(x, scale: float):
+    return times(x, scale)
+
+
 def _scale_fwd_fwd(x, scale):
-    return x * scale, None
+    return times(x, scale), None
 
 
 def _scale_fwd_bwd(scale, _, g):
@@ -56,7 +70,7 @@ def _scale_bwd_fwd(x, scale):
 
 
 def _scale_bwd_bwd(scale, _, g):
-    return (g * scale,)
+    return (times(g, scale),)
 
 
 _scale_bwd.defvjp(_scale_bwd_fwd, _scale_bwd_bwd)
@@ -188,8 +202,8 @@ def _matmul_scaled(x, w, scale: float, out_size: int):
     if scale == 1.0:
         return jnp.matmul(x, w)
     if w.size <= out_size:
-        return jnp.matmul(x, w * scale)
-    return jnp.matmul(x, w) * scale
+        return jnp.matmul(x, times(w, scale))
+    return times(jnp.matmul(x, w), scale)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -211,7 +225,7 @@ def _scaled_matmul_bwd(out_scale, grad_in_scale, grad_w_scale, res, g):
     dx = _matmul_scaled(g, w.T, grad_in_scale, x.size)
     dw = jnp.matmul(x.reshape(-1, x.shape[-1]).T, g.reshape(-1, g.shape[-1]))
     if grad_w_scale != 1.0:
-        dw = dw * grad_w_scale
+        dw = times(dw, grad_w_scale)
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
@@ -318,9 +332,12 @@ def gated_silu(x_in, x_gate, mult: float = 1.0, scale: float = 1.0):
 
 
 def _gated_silu_value(x_in, x_gate, mult, scale):
-    act = jax.nn.silu(x_gate) if mult == 1.0 else x_gate * jax.nn.sigmoid(x_gate * mult)
-    y = x_in * act
-    return y if scale == 1.0 else y * scale
+    """In fp32, rounded to the inputs' dtype once (as the backward computes)."""
+    dtype = jnp.result_type(x_in, x_gate)
+    z, u = x_gate.astype(jnp.float32), x_in.astype(jnp.float32)
+    act = jax.nn.silu(z) if mult == 1.0 else z * jax.nn.sigmoid(z * mult)
+    y = u * act
+    return (y if scale == 1.0 else y * scale).astype(dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
