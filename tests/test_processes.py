@@ -116,7 +116,7 @@ def test_the_exchange_timeout_comes_from_the_environment(monkeypatch):
     assert processes.exchange_timeout_s() == processes.EXCHANGE_TIMEOUT_S == 6 * 3600
     monkeypatch.setenv(processes.TIMEOUT_ENV, "90")
     assert processes.JaxProcesses(FakeKeyValueStore(), 0, 2).timeout_s == 90.0
-    for bad in ("0", "-3", "soon", "nan"):
+    for bad in ("0", "-3", "soon", "nan", "inf"):
         monkeypatch.setenv(processes.TIMEOUT_ENV, bad)
         with pytest.raises(ValueError, match="UMUP_JAX_EXCHANGE_TIMEOUT_S=.*positive number"):
             processes.exchange_timeout_s()

@@ -132,7 +132,7 @@ def exchange_timeout_s() -> float:
         value = float(raw)
     except ValueError:
         value = -1.0
-    if not value > 0:
+    if not 0 < value < float("inf"):
         raise ValueError(f"{TIMEOUT_ENV}={raw!r}: give the seconds to wait, a positive number")
     return value
 
