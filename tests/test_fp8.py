@@ -176,9 +176,10 @@ def _underflow(stats):
 
 
 def test_umup_trains_in_fp8_like_bf16_and_mup_underflows_more(tmp_path):
-    # One seed's FP8 and BF16 runs differ by up to ±2.1% after 50 steps (seeds 0-2, shuffle
-    # seeds 0-2, measured 2026-12-06; BF16 alone spans 5.5% across them), so the comparison
-    # is over three init seeds: their mean ratio within 1.5% and each within 3%.
+    # One seed's FP8 and BF16 runs differ by up to ±2.1% after 50 steps on jax 0.10.2 (seeds
+    # 0-2, shuffle seeds 0-2, measured 2026-12-06; BF16 alone spans 5.5% across them) and by
+    # up to 4.2% on jax 0.12.1, so the comparison is over three init seeds: their mean ratio
+    # within 1.5% (0.29% and 0.34% off there) and each within 5%.
     last = lambda rows: float(np.mean([r["loss"] for r in rows[-5:]]))
     ratios = []
     for seed in range(3):
@@ -190,7 +191,7 @@ def test_umup_trains_in_fp8_like_bf16_and_mup_underflows_more(tmp_path):
               f"fp8 paper_simple {last(fp8_rows):.4f}")
         assert last(bf16_rows) < bf16_rows[0]["loss"] - 1.0  # it learned something
         ratios.append(last(fp8_rows) / last(bf16_rows))
-    assert all(abs(r - 1) < 0.03 for r in ratios), ratios
+    assert all(abs(r - 1) < 0.05 for r in ratios), ratios
     assert abs(float(np.mean(ratios)) - 1) < 0.015, ratios
     _, _, m_stats = _train(tmp_path, "m_fp8", "mup", "paper_simple", steps=11)
     print(f"mean underflow fraction: μP {_underflow(m_stats):.4g}, u-μP {_underflow(u_stats):.4g}")
