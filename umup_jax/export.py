@@ -291,6 +291,7 @@ def export(workdir, out, step: Optional[int] = None, fmt: str = "hf", overwrite:
     workdir = pathlib.Path(workdir).expanduser().resolve()
     out = pathlib.Path(out).expanduser().resolve()
     _check_out(out, workdir, overwrite)
+    step = trained_run.choose_step(workdir, step)  # a missing run is named before a missing extra
     try:
         from safetensors.numpy import save_file
     except ImportError as e:

@@ -66,7 +66,10 @@ def checkpoint_steps(workdir: pathlib.Path | str) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
 
 
-def _choose_step(workdir: pathlib.Path, step: Optional[int]) -> int:
+def choose_step(workdir: pathlib.Path, step: Optional[int]) -> int:
+    """``step``, or the newest checkpoint step if ``None``, of the run in ``workdir``;
+    :class:`RunReadError` naming what is missing (the workdir, any checkpoint, that step).
+    Reads only the directory listing."""
     if not workdir.is_dir():
         raise RunReadError(f"--workdir {workdir} does not exist")
     steps = checkpoint_steps(workdir)
@@ -182,7 +185,7 @@ def read_params(state_dir: pathlib.Path, model: Decoder) -> Any:
 def load(workdir: pathlib.Path | str, step: Optional[int] = None) -> TrainedRun:
     """Step ``step`` (default: the newest) of the run in ``workdir``, read-only."""
     workdir = pathlib.Path(workdir).expanduser().resolve()
-    step = _choose_step(workdir, step)
+    step = choose_step(workdir, step)
     step_dir = workdir / "checkpoints" / str(step)
     damage = ckpt.verify(step_dir)  # the manifest written with the checkpoint, if any
     if damage is not None:
