@@ -59,10 +59,10 @@ def one_line(exc: BaseException) -> str:
     return text if ours else f"{type(exc).__name__}: {text}"
 
 
-def write_traceback(exc: BaseException, workdir: Optional[pathlib.Path | str]) -> Optional[pathlib.Path]:
-    """Appends the full traceback to ``workdir/error.log``, under a line with the time, the
-    process (with several) and the command; returns its path (``None`` if it could not be
-    written)."""
+def _append_error_log(workdir: Optional[pathlib.Path | str], body: str) -> Optional[pathlib.Path]:
+    """Appends ``body`` to ``workdir/error.log`` under a line with the time, the process (with
+    several, which share one error.log) and the command; its path, or ``None`` if it could
+    not be written."""
     if workdir is None:
         return None
     path = pathlib.Path(workdir).expanduser() / ERROR_LOG
@@ -70,12 +70,16 @@ def write_traceback(exc: BaseException, workdir: Optional[pathlib.Path | str]) -
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as f:
             f.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')}{_process_tag()} "
-                    f"{' '.join(sys.argv)}\n")
-            f.write("".join(traceback.format_exception(exc)))
-            f.write("\n")
+                    f"{' '.join(sys.argv)}\n{body}\n")
     except OSError:
         return None
     return path
+
+
+def write_traceback(exc: BaseException, workdir: Optional[pathlib.Path | str]) -> Optional[pathlib.Path]:
+    """Appends the full traceback to ``workdir/error.log`` (:func:`_append_error_log`);
+    returns its path (``None`` if it could not be written)."""
+    return _append_error_log(workdir, "".join(traceback.format_exception(exc)))
 
 
 def _process_tag() -> str:
@@ -132,14 +136,7 @@ def stop_for_failed_process(workdir: Optional[pathlib.Path | str]):
         me = jax.process_index()
         text = (f"process {index} failed: {message}; process {me} stops too (process "
                 f"{index}'s traceback is in error.log)")
-        if workdir is not None:
-            try:
-                with open(pathlib.Path(workdir).expanduser() / ERROR_LOG, "a",
-                          encoding="utf-8") as f:
-                    f.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')}{_process_tag()} "
-                            f"{' '.join(sys.argv)}\n{text}\n\n")
-            except OSError:
-                pass
+        _append_error_log(workdir, text + "\n")
         print(f"{program_name()}: error: {text}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         leave = threading.Thread(target=jax.distributed.shutdown, daemon=True)

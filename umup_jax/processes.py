@@ -78,9 +78,8 @@ class JaxProcesses:
     def __init__(self, client=None, index: Optional[int] = None, count: Optional[int] = None,
                  timeout_s: Optional[float] = None):
         import jax
-        from jax._src import distributed  # the client orbax uses too
 
-        self.client = distributed.global_state.client if client is None else client
+        self.client = _client() if client is None else client
         if self.client is None:
             raise RuntimeError("several JAX processes but no jax.distributed client: call "
                                "jax.distributed.initialize() first")
@@ -155,6 +154,7 @@ def current():
 
 
 def _client():
+    """``jax.distributed``'s client (``None`` before ``initialize``), the one orbax uses."""
     from jax._src import distributed
 
     return distributed.global_state.client
@@ -189,7 +189,8 @@ def together(what: str, fn: Callable[[], T], group=None,
         result = fn()
     except Exception as e:  # noqa: BLE001 - exchanged, then re-raised in this process
         error = e
-    # [kind, message]: kind -1 none, i < len(shared) shared[i], len(shared) any other.
+    # [kind, message, type name]: kind -1 none, i < len(shared) shared[i], len(shared) any
+    # other.
     mine = [-1, ""]
     if error is not None:
         mine = [next((i for i, cls in enumerate(shared) if isinstance(error, cls)),
@@ -230,7 +231,9 @@ def from_main(what: str, fn: Callable[[], T], group=None, shared: Sequence[type]
 
 def check_agree(what: str, value: str, group=None) -> None:
     """Refuses, in every process alike, a ``value`` that is not the same in all of them (the
-    run's config, its tokens' fingerprint): compares SHA-256 digests of ``value``."""
+    run's config, its tokens' fingerprint): compares SHA-256 digests of ``value``.  Every
+    process must train the same thing, and a check that failed in one process only (a
+    resume refused there) would otherwise part the processes."""
     group = SINGLE if group is None else group
     if group.count == 1:
         return

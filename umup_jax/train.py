@@ -586,15 +586,6 @@ def _last_train_loss(workdir: pathlib.Path, step: int) -> Optional[float]:
     return float(rows[-1]["loss"]) if rows else None
 
 
-def check_processes_agree(what: str, value: str) -> None:
-    """With several processes, refuses (in every process alike) a ``value`` that is not the
-    same in all of them, e.g. the run's config or its tokens' fingerprint: a process that
-    trained on other data would go unnoticed (only process 0's fingerprint is stored), and
-    a resume check failing in one process only would leave the others hanging in the next
-    collective (:func:`umup_jax.processes.check_agree`)."""
-    processes.check_agree(what, value, processes.current())
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (or resumes) the run ``config`` in ``workdir``; returns the results dict that is
     also written to ``workdir/results.json``.
@@ -607,8 +598,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     check_config(config)
     sharding_lib.initialize_distributed(dict(config.distributed))
     stop = _StopFlag()
-    check_processes_agree("the run config", identity_lib.identity_hash(config)
-                          + json.dumps(dict(config.mesh), sort_keys=True))
+    processes.check_agree("the run config", identity_lib.identity_hash(config)
+                          + json.dumps(dict(config.mesh), sort_keys=True), processes.current())
     early = stop.installed() if jax.process_count() > 1 else contextlib.nullcontext()
     with early:
         return _train_and_evaluate(config, workdir, stop)
@@ -672,8 +663,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         run = processes.together("loading the data and building the model",
                                  lambda: build_run(config), group)
         tokens_fingerprint = run.tokens.fingerprint
-        check_processes_agree("the training data (the tokens' fingerprint)",
-                              str(tokens_fingerprint))
+        # Only process 0's fingerprint is stored: a host with other data would go unnoticed.
+        processes.check_agree("the training data (the tokens' fingerprint)",
+                              str(tokens_fingerprint), group)
     except BaseException:
         store.close()
         raise
