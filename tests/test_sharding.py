@@ -245,15 +245,25 @@ def test_two_processes_skip_a_damaged_checkpoint_together(tmp_path):
     arg = ("smoke,train.steps=4,train.batch_size=8,train.eval_batch_size=8,"
            "train.checkpoint_every=2,train.eval_every=1000,optimizer.schedule=constant")
     run = tmp_path / "run"
-    for rc, _, err in _finish(_two_processes(run, arg, tmp_path / "l1"), tmp_path / "l1"):
+    # A persistent compilation cache of their own: process 0 would read, in the second run,
+    # the programs it wrote in the first, while process 1 compiles its own (on jax 0.12.1
+    # the two then wait for each other in the first step for good).  The run turns it off.
+    cache = tmp_path / "xla-cache"
+    envs = ({"JAX_COMPILATION_CACHE_DIR": str(cache),
+             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"},) * 2
+    for rc, out, err in _finish(_two_processes(run, arg, tmp_path / "l1", envs=envs),
+                                tmp_path / "l1"):
         assert rc == 0, err[-3000:]
+    assert f"note: the persistent compilation cache ({cache}) is off for this run" in (
+        (tmp_path / "l1" / "0.out").read_text())
+    assert not cache.exists() or not any(cache.iterdir())
     first = {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl")}
     for f in (run / "checkpoints" / "4" / "state").rglob("*"):
         if f.is_file() and f.stat().st_size > 0:
             f.write_bytes(f.read_bytes()[:1])
     logs = tmp_path / "l2"
     (rc0, out0, err0), (rc1, _, err1) = _finish(
-        _two_processes(run, arg.replace("steps=4", "steps=6"), logs), logs)
+        _two_processes(run, arg.replace("steps=4", "steps=6"), logs, envs=envs), logs)
     assert (rc0, rc1) == (0, 0), err0[-3000:] + err1[-3000:]
     assert "checkpoint step 4 is damaged" in out0 and "resumed from checkpoint step 2" in out0
     assert [p.name.split("-")[0] for p in (run / "checkpoints" / "corrupt").iterdir()] == ["4"]
@@ -261,6 +271,75 @@ def test_two_processes_skip_a_damaged_checkpoint_together(tmp_path):
     again = {r["step"]: r["loss"] for r in rows if r["step"] in (2, 3)}
     np.testing.assert_allclose([again[2], again[3]], [first[2], first[3]], rtol=1e-6)
     assert json.loads((run / "results.json").read_text())["steps"] == 6
+
+
+@pytest.mark.parametrize("count,platform,enabled,splits", [
+    (2, "cpu", True, True), (8, "cpu", True, True), (1, "cpu", True, False),
+    (2, "cpu", False, False), (2, "gpu", True, False), (2, "tpu", True, False)])
+def test_the_persistent_cache_is_off_only_for_several_cpu_processes(count, platform,
+                                                                    enabled, splits):
+    assert sharding_lib.persistent_cache_splits_processes(count, platform, enabled) is splits
+    assert sharding_lib.processes_need_identical_programs(count, platform) is (
+        count > 1 and platform == "cpu")
+
+
+@pytest.fixture
+def jax_settings():
+    """Restores the jax settings that keep_processes_on_one_executable changes."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    names = ("jax_include_full_tracebacks_in_locations", "jax_enable_compilation_cache",
+             "jax_compilation_cache_dir")
+    before = {n: getattr(jax.config, n) for n in names}
+    yield jax
+    for n, v in before.items():
+        jax.config.update(n, v)
+    cc.reset_cache()
+
+
+def _lowered_with_locations(jax, wrap: bool) -> str:
+    """The lowered HLO, locations included, of one program traced from one of two call
+    stacks (a fresh function each time, so that nothing comes from JAX's trace cache)."""
+    def f(x):
+        return jax.numpy.tanh(x) * 2.0
+
+    def lower():
+        return jax.jit(f).lower(jax.numpy.ones(3)).as_text(debug_info=True)
+
+    def through_another_frame():
+        return lower()
+
+    return through_another_frame() if wrap else lower()
+
+
+def test_one_process_keeps_its_settings(jax_settings, tmp_path):
+    """With one process the cache stays on and full tracebacks stay in the programs."""
+    jax = jax_settings
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+    jax.config.update("jax_include_full_tracebacks_in_locations", True)
+    assert sharding_lib.keep_processes_on_one_executable() is None
+    assert jax.config.jax_enable_compilation_cache
+    assert jax.config.jax_include_full_tracebacks_in_locations
+
+
+def test_several_cpu_processes_get_programs_that_do_not_depend_on_how_they_started(
+        jax_settings, tmp_path, monkeypatch):
+    """As a process of two on the CPU: the cache is off (with a note naming it), and a program
+    traced through an extra Python frame lowers to the same text, locations included (on jax
+    0.12.1 any difference between the processes' programs hangs their first collective)."""
+    jax = jax_settings
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_include_full_tracebacks_in_locations", True)
+    assert _lowered_with_locations(jax, False) != _lowered_with_locations(jax, True)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    note = sharding_lib.keep_processes_on_one_executable()
+    assert note.startswith(f"the persistent compilation cache ({tmp_path}) is off for this "
+                           "run: with 2 processes on the CPU"), note
+    assert not jax.config.jax_enable_compilation_cache
+    assert _lowered_with_locations(jax, False) == _lowered_with_locations(jax, True)
+    assert "tanh" in _lowered_with_locations(jax, False)
 
 
 class _Device:

@@ -198,3 +198,61 @@ def initialize_distributed(cfg: Mapping[str, Any]) -> bool:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
     return True
+
+
+def processes_need_identical_programs(process_count: int, platform: str) -> bool:
+    """Whether the run must keep every process's compiled programs identical, down to their
+    metadata: several processes on the CPU.
+
+    Measured with two CPU processes (gloo collectives) on jax 0.12.1: when two processes'
+    executables of one program differ at all, even in the source-location metadata only,
+    their first collective never completes and both wait in it for good; jax 0.10.2 runs
+    them.  Two things make them differ without any difference in the computation:
+
+    * **the Python call stack** that traced the program, which JAX records in the HLO
+      (``jax_include_full_tracebacks_in_locations``): processes started through different
+      entry points (``python -m umup_jax.main`` in one, a script calling it in the other)
+      hang (a test's pass-through wrapper around the train step in one process is enough);
+      with only the innermost frame recorded, they train;
+    * **the persistent compilation cache** (:func:`persistent_cache_splits_processes`).
+
+    GPU hosts are not covered: whether NCCL collectives care is unmeasured."""
+    return process_count > 1 and platform == "cpu"
+
+
+def persistent_cache_splits_processes(process_count: int, platform: str,
+                                      cache_enabled: bool) -> bool:
+    """Whether JAX's persistent compilation cache would hand the processes of a run different
+    executables of one program: several processes on the CPU with the cache on.
+
+    Each process's cache key hashes its own view of the topology (JAX's "accelerator config"),
+    and only process 0 writes entries.  Measured with two CPU processes on jax 0.10.2 and
+    0.12.1: in a run after the first, process 0 finds all of its programs in the cache and
+    process 1 none, so process 0 runs the executables it loaded while process 1 runs the ones
+    it compiled, which hangs on jax 0.12.1 (:func:`processes_need_identical_programs`).  The
+    cache cannot save wall time there either: the first step's collective waits for the
+    slowest process's compile."""
+    return processes_need_identical_programs(process_count, platform) and cache_enabled
+
+
+def keep_processes_on_one_executable() -> Optional[str]:
+    """Where :func:`processes_need_identical_programs`: records only the innermost Python
+    frame in compiled programs' locations, and turns the persistent compilation cache off
+    for this run (returning a note saying so; else None).  Call it after ``jax.distributed``
+    is initialised and before the run traces anything."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    count, platform = jax.process_count(), jax.default_backend()
+    if not processes_need_identical_programs(count, platform):
+        return None
+    jax.config.update("jax_include_full_tracebacks_in_locations", False)
+    cache_dir = jax.config.jax_compilation_cache_dir
+    enabled = bool(cache_dir) and bool(jax.config.jax_enable_compilation_cache)
+    if not persistent_cache_splits_processes(count, platform, enabled):
+        return None
+    jax.config.update("jax_enable_compilation_cache", False)
+    cc.reset_cache()  # JAX decides once per process whether to use the cache: decide again
+    return (f"the persistent compilation cache ({cache_dir}) is off for this run: with "
+            f"{count} processes on the CPU only process 0 would find its entries, and a "
+            f"process running a cached program beside one that compiled it afresh can wait "
+            f"forever in their first collective (jax 0.12)")

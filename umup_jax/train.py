@@ -597,6 +597,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     Ctrl-C still interrupts a long data preparation at once."""
     check_config(config)
     sharding_lib.initialize_distributed(dict(config.distributed))
+    cache_note = sharding_lib.keep_processes_on_one_executable()
+    if cache_note and jax.process_index() == 0:
+        print(f"note: {cache_note}", flush=True)
     stop = _StopFlag()
     processes.check_agree("the run config", identity_lib.identity_hash(config)
                           + json.dumps(dict(config.mesh), sort_keys=True), processes.current())
