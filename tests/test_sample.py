@@ -25,13 +25,15 @@ def run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def memorised(tmp_path_factory):
     """A tiny u-μP model overfitted on one sentence repeated (S = 32 bytes).  200 steps: after
-    120, jax 0.12's numerics left one ambiguous byte ("fox ju" went on as in "quick")."""
+    120, jax 0.12's numerics left one ambiguous byte ("fox ju" went on as in "quick").  η = 2:
+    at η = 4 greedy decoding went astray after 26-35 bytes on jax 0.12.1 (train loss 0.057)
+    and, at 300 steps, on 0.10.2; η = 1, 2 memorised it at 200 and 300 steps on both."""
     base = tmp_path_factory.mktemp("memo")
     path = tiny_runs.text_file(base, MEMO, repeat=200)
     cfg = tiny_runs.tiny_config(
         "umup", base, path, model__width=64, model__depth=1, model__num_heads=2,
         train__steps=200, train__batch_size=8, train__checkpoint_every=200,
-        train__eval_every=200, optimizer__warmup_steps=10, optimizer__learning_rate=2.0**2)
+        train__eval_every=200, optimizer__warmup_steps=10, optimizer__learning_rate=2.0)
     from umup_jax import train as train_lib
 
     results = train_lib.train_and_evaluate(cfg, str(base / "run"))
