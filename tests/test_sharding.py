@@ -273,14 +273,11 @@ def test_two_processes_skip_a_damaged_checkpoint_together(tmp_path):
     assert json.loads((run / "results.json").read_text())["steps"] == 6
 
 
-@pytest.mark.parametrize("count,platform,enabled,splits", [
-    (2, "cpu", True, True), (8, "cpu", True, True), (1, "cpu", True, False),
-    (2, "cpu", False, False), (2, "gpu", True, False), (2, "tpu", True, False)])
-def test_the_persistent_cache_is_off_only_for_several_cpu_processes(count, platform,
-                                                                    enabled, splits):
-    assert sharding_lib.persistent_cache_splits_processes(count, platform, enabled) is splits
-    assert sharding_lib.processes_need_identical_programs(count, platform) is (
-        count > 1 and platform == "cpu")
+@pytest.mark.parametrize("count,platform,needs", [
+    (2, "cpu", True), (8, "cpu", True), (1, "cpu", False), (2, "gpu", False),
+    (2, "tpu", False)])
+def test_only_several_cpu_processes_need_identical_programs(count, platform, needs):
+    assert sharding_lib.processes_need_identical_programs(count, platform) is needs
 
 
 @pytest.fixture
@@ -340,6 +337,16 @@ def test_several_cpu_processes_get_programs_that_do_not_depend_on_how_they_start
     assert not jax.config.jax_enable_compilation_cache
     assert _lowered_with_locations(jax, False) == _lowered_with_locations(jax, True)
     assert "tanh" in _lowered_with_locations(jax, False)
+
+
+def test_several_cpu_processes_without_a_cache_get_no_note(jax_settings, monkeypatch):
+    """The cache already off: nothing to say, but the programs still lose their call stacks."""
+    jax = jax_settings
+    jax.config.update("jax_enable_compilation_cache", False)
+    jax.config.update("jax_include_full_tracebacks_in_locations", True)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    assert sharding_lib.keep_processes_on_one_executable() is None
+    assert not jax.config.jax_include_full_tracebacks_in_locations
 
 
 class _Device:

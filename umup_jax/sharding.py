@@ -214,41 +214,33 @@ def processes_need_identical_programs(process_count: int, platform: str) -> bool
       entry points (``python -m umup_jax.main`` in one, a script calling it in the other)
       hang (a test's pass-through wrapper around the train step in one process is enough);
       with only the innermost frame recorded, they train;
-    * **the persistent compilation cache** (:func:`persistent_cache_splits_processes`).
+    * **the persistent compilation cache** (:func:`keep_processes_on_one_executable`).
 
     GPU hosts are not covered: whether NCCL collectives care is unmeasured."""
     return process_count > 1 and platform == "cpu"
 
 
-def persistent_cache_splits_processes(process_count: int, platform: str,
-                                      cache_enabled: bool) -> bool:
-    """Whether JAX's persistent compilation cache would hand the processes of a run different
-    executables of one program: several processes on the CPU with the cache on.
-
-    Each process's cache key hashes its own view of the topology (JAX's "accelerator config"),
-    and only process 0 writes entries.  Measured with two CPU processes on jax 0.10.2 and
-    0.12.1: in a run after the first, process 0 finds all of its programs in the cache and
-    process 1 none, so process 0 runs the executables it loaded while process 1 runs the ones
-    it compiled, which hangs on jax 0.12.1 (:func:`processes_need_identical_programs`).  The
-    cache cannot save wall time there either: the first step's collective waits for the
-    slowest process's compile."""
-    return processes_need_identical_programs(process_count, platform) and cache_enabled
-
-
 def keep_processes_on_one_executable() -> Optional[str]:
     """Where :func:`processes_need_identical_programs`: records only the innermost Python
-    frame in compiled programs' locations, and turns the persistent compilation cache off
-    for this run (returning a note saying so; else None).  Call it after ``jax.distributed``
-    is initialised and before the run traces anything."""
+    frame in compiled programs' locations and turns JAX's persistent compilation cache off
+    for this run, returning a note saying so (None where nothing was turned off).  Call it
+    after ``jax.distributed`` is initialised and before the run traces anything.
+
+    The cache would hand the processes different executables of one program: each process's
+    cache key hashes its own view of the topology (JAX's "accelerator config"), and only
+    process 0 writes entries.  Measured with two CPU processes on jax 0.10.2 and 0.12.1: in a
+    run after the first, process 0 finds all of its programs in the cache and process 1
+    none, so process 0 runs the executables it loaded while process 1 runs the ones it
+    compiled, which hangs on jax 0.12.1.  The cache cannot save wall time there either: the
+    first step's collective waits for the slowest process's compile."""
     from jax.experimental.compilation_cache import compilation_cache as cc
 
-    count, platform = jax.process_count(), jax.default_backend()
-    if not processes_need_identical_programs(count, platform):
+    count = jax.process_count()
+    if not processes_need_identical_programs(count, jax.default_backend()):
         return None
     jax.config.update("jax_include_full_tracebacks_in_locations", False)
     cache_dir = jax.config.jax_compilation_cache_dir
-    enabled = bool(cache_dir) and bool(jax.config.jax_enable_compilation_cache)
-    if not persistent_cache_splits_processes(count, platform, enabled):
+    if not (cache_dir and jax.config.jax_enable_compilation_cache):
         return None
     jax.config.update("jax_enable_compilation_cache", False)
     cc.reset_cache()  # JAX decides once per process whether to use the cache: decide again
