@@ -41,6 +41,29 @@ def _clean(value: Any) -> Any:
     return value
 
 
+NON_FINITE_NAMES = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float, inside dicts, lists and tuples too, written as
+    the string ``"nan"``, ``"inf"`` or ``"-inf"``, as ``metrics.jsonl`` writes them: strict
+    JSON has no NaN or Infinity literal (``json.dumps`` would write ``NaN``, which
+    ``JSON.parse``, ``jq`` and most non-Python readers refuse).  ``float(s)`` reads them back."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return _clean(value)
+
+
+def revive_non_finite(row: Mapping[str, Any]) -> dict:
+    """``row`` (a dict read from JSON) with its top-level ``"nan"``/``"inf"``/``"-inf"``
+    strings made floats again: the inverse of :func:`json_safe` for a flat record such as
+    ``results.json`` (nested values, e.g. its ``config``, are left as they were written)."""
+    return {k: NON_FINITE_NAMES[v] if isinstance(v, str) and v in NON_FINITE_NAMES else v
+            for k, v in row.items()}
+
+
 def _ends_mid_line(path: pathlib.Path) -> bool:
     """Whether the non-empty file ``path`` does not end with a newline."""
     with open(path, "rb") as f:

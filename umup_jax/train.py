@@ -572,8 +572,8 @@ def _check_finished_tokens(config: ml_collections.ConfigDict, store: ckpt.Checkp
 
 def _read_results(workdir: pathlib.Path) -> Optional[dict]:
     try:
-        return json.loads((workdir / "results.json").read_text())
-    except (OSError, ValueError):
+        return metrics_lib.revive_non_finite(json.loads((workdir / "results.json").read_text()))
+    except (OSError, ValueError, AttributeError):  # AttributeError: JSON that is not an object
         return None
 
 
@@ -936,7 +936,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         results["peak_memory_bytes"] = memory
     if is_main:
         tmp = workdir_path / "results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=2, default=str))
+        tmp.write_text(json.dumps(metrics_lib.json_safe(results), indent=2, default=str,
+                                  allow_nan=False))  # strict JSON: a CPU's MFU is "nan"
         tmp.replace(workdir_path / "results.json")
         ev = results["final_eval_loss"]
         print(f"done: step {final_step}"
