@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 
 from umup_jax import checkpoint as ckpt
+from umup_jax import config as config_lib
+from umup_jax import failures
 from umup_jax import processes
+from umup_jax import train as train_lib
 
 WAIT_S = 60  # a thread left waiting this long fails its test instead of hanging it
 
@@ -120,6 +123,21 @@ def test_the_exchange_timeout_comes_from_the_environment(monkeypatch):
         monkeypatch.setenv(processes.TIMEOUT_ENV, bad)
         with pytest.raises(ValueError, match="UMUP_JAX_EXCHANGE_TIMEOUT_S=.*positive number"):
             processes.exchange_timeout_s()
+
+
+def test_the_shutdown_wait_comes_from_the_environment_and_a_bad_one_stops_a_run_early(
+        monkeypatch, tmp_path):
+    monkeypatch.delenv(failures.SHUTDOWN_WAIT_ENV, raising=False)
+    assert failures.shutdown_wait_s() == failures.SHUTDOWN_WAIT_S == 30.0
+    monkeypatch.setenv(failures.SHUTDOWN_WAIT_ENV, "2.5")
+    assert failures.shutdown_wait_s() == 2.5
+    for bad in ("0", "-3", "soon", "nan", "inf"):
+        monkeypatch.setenv(failures.SHUTDOWN_WAIT_ENV, bad)
+        with pytest.raises(ValueError, match="UMUP_JAX_SHUTDOWN_WAIT_S=.*positive number"):
+            failures.shutdown_wait_s()
+    with pytest.raises(ValueError, match="UMUP_JAX_SHUTDOWN_WAIT_S='inf'"):
+        train_lib.train_and_evaluate(config_lib.proxy_config("umup", "smoke"), str(tmp_path))
+    assert not any(tmp_path.iterdir())  # before any work
 
 
 @pytest.fixture

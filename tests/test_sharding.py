@@ -238,6 +238,32 @@ def test_a_failure_inside_the_training_loop_stops_the_other_process_within_secon
     assert f"process {failing} of 2" in log and f"process {other} of 2" in log
 
 
+def test_a_process_killed_outright_leaves_the_other_one_line_and_status_1(tmp_path):
+    """Process 1 SIGKILLed mid-training announces nothing; process 0's next all-reduce fails
+    at once (gloo: the connection closed).  It says so in one line and exits 1 after at most
+    UMUP_JAX_SHUTDOWN_WAIT_S (here 3 s) in jax.distributed's shutdown.  Before, its atexit
+    shutdown waited for the dead process until the heartbeat timeout (92 s measured) and then
+    aborted it: status 134 under a page of C++ stack."""
+    arg = ("smoke,train.steps=100000,train.batch_size=8,train.eval_batch_size=8,"
+           "train.eval_every=1000000,train.checkpoint_every=1000000,train.log_every=1")
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    env = {"UMUP_JAX_SHUTDOWN_WAIT_S": "3"}
+    procs = _two_processes(run, arg, logs, envs=(env, env))
+    deadline = time.time() + 240
+    while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text():
+        assert all(p.poll() is None for p in procs) and time.time() < deadline
+        time.sleep(0.05)
+    procs[1].kill()
+    t0 = time.time()
+    (rc0, _, err0), (rc1, _, _) = _finish(procs, logs, timeout=120)
+    elapsed = time.time() - t0
+    assert rc1 == -signal.SIGKILL and rc0 == 1, err0[-3000:]
+    assert elapsed < 30, elapsed  # the wait of 3 s, plus the step in flight
+    lines = [l for l in err0.splitlines() if not l.startswith("[Gloo]")]
+    assert len(lines) == 1 and lines[0].startswith("python -m umup_jax.main: error: "), lines
+    assert not (run / "results.json").exists()
+
+
 def test_two_processes_skip_a_damaged_checkpoint_together(tmp_path):
     """The newest checkpoint damaged: process 0 finds it (manifest), both processes move it
     aside once and resume from the one before, and the run finishes with the losses of an

@@ -96,7 +96,9 @@ def _process_tag() -> str:
 def exit_on_failure(workdir: Optional[pathlib.Path | str]) -> Iterator[None]:
     """Runs the body; any exception becomes one ``<program>: error: …`` line on stderr (plus
     where the traceback went, if ``workdir`` is given) and exit status 1.  ``SystemExit``,
-    Ctrl-C and :class:`umup_jax.cli.UsageError` (bad input, exit status 2) pass through."""
+    Ctrl-C and :class:`umup_jax.cli.UsageError` (bad input, exit status 2) pass through.
+    One of several processes announces the failure to the others and exits through
+    :func:`leave_processes_and_exit`."""
     from umup_jax.cli import UsageError
 
     try:
@@ -113,12 +115,68 @@ def exit_on_failure(workdir: Optional[pathlib.Path | str]) -> Iterator[None]:
         from umup_jax.cli import program_name
 
         print(f"{program_name()}: error: {one_line(exc)}{tail}", file=sys.stderr, flush=True)
+        if _several_processes():
+            leave_processes_and_exit(1)
         sys.exit(1)
 
 
-# Longest wait for jax.distributed's shutdown before a process stopped for another's failure
-# exits anyway.
+# Longest wait for jax.distributed's shutdown before a failing process exits anyway.
 SHUTDOWN_WAIT_S = 30.0
+SHUTDOWN_WAIT_ENV = "UMUP_JAX_SHUTDOWN_WAIT_S"
+
+
+def shutdown_wait_s() -> float:
+    """:data:`SHUTDOWN_WAIT_S`, or ``$UMUP_JAX_SHUTDOWN_WAIT_S`` (seconds) if set."""
+    raw = os.environ.get(SHUTDOWN_WAIT_ENV)
+    if raw is None:
+        return SHUTDOWN_WAIT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{SHUTDOWN_WAIT_ENV}={raw!r}: give the seconds to wait, a positive "
+                         "number")
+    return value
+
+
+def _several_processes() -> bool:
+    """Whether this is one of several ``jax.distributed`` processes (jax already imported)."""
+    jax = sys.modules.get("jax")
+    try:
+        return jax is not None and jax.process_count() > 1
+    except Exception:  # noqa: BLE001 - a backend that failed to start: one process as far as we know
+        return False
+
+
+def leave_processes_and_exit(status: int):
+    """Leaves ``jax.distributed``, waiting at most :func:`shutdown_wait_s` for the other
+    processes, and exits with ``status``.
+
+    ``sys.exit`` would leave through JAX's ``atexit`` shutdown, whose barrier waits for every
+    process: where another process died (SIGKILL, the OOM killer), its collectives fail at
+    once in this one (gloo: "Connection closed by peer"), but the barrier waits until the
+    coordination service's heartbeat timeout (100 s) and then aborts this process (status
+    134, a page of C++ stack).  Here the shutdown runs in a thread for at most the wait;
+    the exit is ``os._exit``, after flushing the console and the log files (metrics,
+    checkpoints and ``error.log`` are written as the run goes).  The others' failure watch
+    (``processes.FailureWatch``) stops them within seconds, so a live group meets in the
+    barrier well within the wait."""
+    import logging
+
+    import jax
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    leave = threading.Thread(target=jax.distributed.shutdown, daemon=True)
+    leave.start()
+    try:
+        wait = shutdown_wait_s()
+    except ValueError:  # refused at the start of a run; here the exit must not fail
+        wait = SHUTDOWN_WAIT_S
+    leave.join(wait)
+    os._exit(status)
 
 
 def stop_for_failed_process(workdir: Optional[pathlib.Path | str]):
@@ -138,10 +196,6 @@ def stop_for_failed_process(workdir: Optional[pathlib.Path | str]):
                 f"{index}'s traceback is in error.log)")
         _append_error_log(workdir, text + "\n")
         print(f"{program_name()}: error: {text}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        leave = threading.Thread(target=jax.distributed.shutdown, daemon=True)
-        leave.start()
-        leave.join(SHUTDOWN_WAIT_S)
-        os._exit(1)
+        leave_processes_and_exit(1)
 
     return on_failure

@@ -596,6 +596,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     it (:func:`stop_votes`).  One process installs it around the training loop only, so that
     Ctrl-C still interrupts a long data preparation at once."""
     check_config(config)
+    failures.shutdown_wait_s()  # a bad UMUP_JAX_SHUTDOWN_WAIT_S is refused before any work
     sharding_lib.initialize_distributed(dict(config.distributed))
     cache_note = sharding_lib.keep_processes_on_one_executable()
     if cache_note and jax.process_index() == 0:
