@@ -127,17 +127,9 @@ SHUTDOWN_WAIT_ENV = "UMUP_JAX_SHUTDOWN_WAIT_S"
 
 def shutdown_wait_s() -> float:
     """:data:`SHUTDOWN_WAIT_S`, or ``$UMUP_JAX_SHUTDOWN_WAIT_S`` (seconds) if set."""
-    raw = os.environ.get(SHUTDOWN_WAIT_ENV)
-    if raw is None:
-        return SHUTDOWN_WAIT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 < value < float("inf"):
-        raise ValueError(f"{SHUTDOWN_WAIT_ENV}={raw!r}: give the seconds to wait, a positive "
-                         "number")
-    return value
+    from umup_jax import processes
+
+    return processes.seconds_from_env(SHUTDOWN_WAIT_ENV, SHUTDOWN_WAIT_S)
 
 
 def _several_processes() -> bool:

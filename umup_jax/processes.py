@@ -124,15 +124,21 @@ TIMEOUT_ENV = "UMUP_JAX_EXCHANGE_TIMEOUT_S"
 
 def exchange_timeout_s() -> float:
     """:data:`EXCHANGE_TIMEOUT_S`, or ``$UMUP_JAX_EXCHANGE_TIMEOUT_S`` (seconds) if set."""
-    raw = os.environ.get(TIMEOUT_ENV)
+    return seconds_from_env(TIMEOUT_ENV, EXCHANGE_TIMEOUT_S)
+
+
+def seconds_from_env(name: str, default: float) -> float:
+    """The environment variable ``name`` as a wait in seconds (a finite positive number), or
+    ``default`` where it is unset; anything else is a ``ValueError`` naming it."""
+    raw = os.environ.get(name)
     if raw is None:
-        return EXCHANGE_TIMEOUT_S
+        return default
     try:
         value = float(raw)
     except ValueError:
         value = -1.0
     if not 0 < value < float("inf"):
-        raise ValueError(f"{TIMEOUT_ENV}={raw!r}: give the seconds to wait, a positive number")
+        raise ValueError(f"{name}={raw!r}: give the seconds to wait, a positive number")
     return value
 
 
