@@ -162,22 +162,29 @@ def test_after_training_rows_csv_and_png(tmp_path):
 
 
 def test_after_training_trains_the_config_own_point_once(monkeypatch):
-    """The config's own width and depth lie on both axes: one training, rows under each."""
+    """The config's own width and depth lie on both axes: one training, rows under each.
+    (A stand-in for the training, whose measurements name the point and the call: the real
+    one is the test above's.)"""
     calls = []
-    real = cc.train_and_measure
 
     def counted(config, tokens, mcfg, probe, seed):
         calls.append((mcfg.width, mcfg.depth))
-        return real(config, tokens, mcfg, probe, seed)
+        stats = {kind: {"embedding": float(mcfg.width + mcfg.depth / 10 + len(calls) / 100)}
+                 for kind in cc.AFTER_KINDS}
+        return stats, float(len(calls))
 
     monkeypatch.setattr(cc, "train_and_measure", counted)
     cfg = config_lib.proxy_config("umup", "smoke,train.steps=1,optimizer.warmup_steps=0")
     rows = cc.after_training(cfg, widths=[32, 64], depths=[1, 2])
     assert calls == [(32, 1), (64, 1), (32, 2)]
-    own = {a: {(r["kind"], r["name"]): r["rms"] for r in rows
+    own = {a: {(r["kind"], r["name"]): (r["rms"], r["final_train_loss"]) for r in rows
                if r["axis"] == a and (r["width"], r["depth"]) == (32, 1)}
            for a in ("width", "depth")}
-    assert own["width"] and own["width"] == own["depth"]
+    assert own["width"] == own["depth"] == {(k, "embedding"): (32.11, 1.0)
+                                             for k in cc.AFTER_KINDS}
+    assert {(r["axis"], r["width"], r["depth"], r["final_train_loss"]) for r in rows} == {
+        ("width", 32, 1, 1.0), ("width", 64, 1, 2.0), ("depth", 32, 1, 1.0),
+        ("depth", 32, 2, 3.0)}
 
 
 def test_after_training_refuses_bad_widths_and_depths_before_any_work(tmp_path):
