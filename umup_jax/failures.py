@@ -84,12 +84,18 @@ def write_traceback(exc: BaseException, workdir: Optional[pathlib.Path | str]) -
 
 def _process_tag() -> str:
     """`` process i of n`` in a multi-process run, whose processes share one error.log."""
+    n = _process_count()
+    return f" process {sys.modules['jax'].process_index()} of {n}" if n > 1 else ""
+
+
+def _process_count() -> int:
+    """``jax.process_count()`` if jax is imported, else 1 (also where asking fails, e.g. a
+    backend that did not start: the failure being reported matters more)."""
     jax = sys.modules.get("jax")
     try:
-        n = jax.process_count() if jax is not None else 1
-        return f" process {jax.process_index()} of {n}" if n > 1 else ""
-    except Exception:  # noqa: BLE001 - the traceback matters more than the tag
-        return ""
+        return jax.process_count() if jax is not None else 1
+    except Exception:  # noqa: BLE001
+        return 1
 
 
 @contextlib.contextmanager
@@ -115,7 +121,7 @@ def exit_on_failure(workdir: Optional[pathlib.Path | str]) -> Iterator[None]:
         from umup_jax.cli import program_name
 
         print(f"{program_name()}: error: {one_line(exc)}{tail}", file=sys.stderr, flush=True)
-        if _several_processes():
+        if _process_count() > 1:
             leave_processes_and_exit(1)
         sys.exit(1)
 
@@ -130,15 +136,6 @@ def shutdown_wait_s() -> float:
     from umup_jax import processes
 
     return processes.seconds_from_env(SHUTDOWN_WAIT_ENV, SHUTDOWN_WAIT_S)
-
-
-def _several_processes() -> bool:
-    """Whether this is one of several ``jax.distributed`` processes (jax already imported)."""
-    jax = sys.modules.get("jax")
-    try:
-        return jax is not None and jax.process_count() > 1
-    except Exception:  # noqa: BLE001 - a backend that failed to start: one process as far as we know
-        return False
 
 
 def leave_processes_and_exit(status: int):

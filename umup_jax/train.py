@@ -572,9 +572,10 @@ def _check_finished_tokens(config: ml_collections.ConfigDict, store: ckpt.Checkp
 
 def _read_results(workdir: pathlib.Path) -> Optional[dict]:
     try:
-        return metrics_lib.revive_non_finite(json.loads((workdir / "results.json").read_text()))
-    except (OSError, ValueError, AttributeError):  # AttributeError: JSON that is not an object
+        results = json.loads((workdir / "results.json").read_text())
+    except (OSError, ValueError):
         return None
+    return metrics_lib.revive_non_finite(results) if isinstance(results, dict) else None
 
 
 def _last_train_loss(workdir: pathlib.Path, step: int) -> Optional[float]:
