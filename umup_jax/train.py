@@ -454,6 +454,17 @@ def _progress(config, start: int, total: int):
     return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
 
+def _call_to_completion(step_fn, state, batch):
+    """``step_fn(state, batch)``, returned once the devices have finished it.
+
+    The first call of a step function traces and compiles it; tokens/s leaves that call out
+    of its interval, and its step is not counted.  Returned at dispatch, the step would run
+    under the next call, which is not timed either when it is the other step function's
+    first: step 0's row, counting step 0, read 296,000 tokens/s where the run trained at
+    12,000-17,000 (the README's :cpu run, jax 0.12.1 on 2 cores)."""
+    return jax.block_until_ready(step_fn(state, batch))
+
+
 def evaluate(run: Run, eval_step, params, batches) -> dict[str, float]:
     losses = [eval_step(params, to_global(run, b)) for b in batches]
     loss = float(np.mean([float(x) for x in losses]))
@@ -799,12 +810,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 f"{where_good()}", data_fingerprint=tokens_fingerprint
             )
         last_train_loss = loss
-        interval_steps += 1
+        if step in uncounted:
+            uncounted.discard(step)
+        else:
+            interval_steps += 1
         if step % tcfg.log_every == 0 or step == steps_total - 1:
-            now = time.time()
-            tokens_per_s = interval_steps * tokens_per_step / max(now - interval_t0, 1e-9)
-            interval_t0, interval_steps = now, 0
-            mfu = throughput.mfu(tokens_per_s, flops_per_token, peak_flops, len(jax.devices()))
+            if interval_steps:
+                now = time.time()
+                tokens_per_s = interval_steps * tokens_per_step / max(now - interval_t0, 1e-9)
+                interval_t0, interval_steps = now, 0
+                mfu = throughput.mfu(tokens_per_s, flops_per_token, peak_flops,
+                                     len(jax.devices()))
+            else:  # only first calls since the last row: nothing was measured (nan)
+                tokens_per_s = mfu = float("nan")
             row = {"loss": loss, "grad_norm": float(host["grad_norm"]), "lr": float(host["lr"]),
                    "tokens_per_s": tokens_per_s, "mfu": mfu,
                    "tokens": (step + 1) * tokens_per_step}
@@ -813,7 +831,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 row["peak_memory_bytes"] = memory
             writer.write(step, "train", row)
             if bar is not None:
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}",
+                bar.set_postfix(loss=f"{loss:.4f}",
+                                tok_s=f"{tokens_per_s:,.0f}" if math.isfinite(tokens_per_s)
+                                else "n/a",
                                 mfu=f"{mfu:.1%}" if math.isfinite(mfu) else "n/a",
                                 refresh=False)
         if "stats" in host:
@@ -842,6 +862,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     multi_process = jax.process_count() > 1
     interrupted: Optional[int] = None  # the signal that stopped the run early
     compiled: set = set()  # the step functions called (so compiled) in this process
+    uncounted: set = set()  # steps run outside the throughput interval (first calls)
     # A process that fails inside the loop tells the others, which are waiting in a step's
     # collective that it will never join; they stop within seconds, naming it.
     watch = processes.FailureWatch(group, failures.stop_for_failed_process(workdir_path))
@@ -859,9 +880,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 if step_fn in compiled:
                     state, metrics = step_fn(state, to_global(run, voted))
                 else:  # tracing and compiling are not training throughput: the first call
-                    # returns once it is compiled and dispatched; its execution still counts
-                    state, metrics = paused(step_fn, state, to_global(run, voted))
+                    # runs to completion outside the interval, and its step is not counted
+                    state, metrics = paused(_call_to_completion, step_fn, state,
+                                            to_global(run, voted))
                     compiled.add(step_fn)
+                    uncounted.add(step)
                 if pending is not None:
                     finish_step(*pending)
                 pending = (step, metrics)
