@@ -183,6 +183,9 @@ def test_compiling_is_outside_the_throughput_interval(tmp_path, monkeypatch):
     # A call's sleep falls in the interval it is made in (steps 2-3 in step 2's row, 4-5 in
     # step 4's): each row under 2 s, the four sleeps all counted.
     assert max(seconds.values()) < 1.5 and sum(seconds.values()) >= 4 * step_s, seconds
-    assert math.isfinite(results["tokens_per_s"])  # the last row's
+    # results.json: tokens/s over the rows' four timed steps, not the last row's one.
+    assert results["timed_steps"] == 4
+    assert results["tokens_per_s"] == pytest.approx(4 * tokens_per_step / sum(seconds.values()),
+                                                    rel=1e-9)
     assert results["eval_step"] == 6 and not results["interrupted"]
     assert results["signal"] is None
