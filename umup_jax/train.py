@@ -975,6 +975,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         print(f"done: step {final_step}"
               + (f", train loss {last_train_loss:.4f}" if last_train_loss is not None else "")
               + (f", eval loss {ev:.4f} (ppl {results['final_eval_perplexity']:.2f})"
+                 + (f" at step {last_eval_step}" if last_eval_step != final_step else "")
                  if ev is not None else "")
               + f", {results['wall_time_s']:.1f}s; results in {workdir_path / 'results.json'}",
               flush=True)
