@@ -4,9 +4,10 @@ Same config (default ``configs/umup_proxy.py:cpu``), one process, alternating ro
 
 * **loop**: ``train_and_evaluate`` itself (grain pipeline on its background thread, host
   transfer, metric reads one step behind, progress bookkeeping); its steady-state rate is read
-  from the ``tokens_per_s`` it logs every ``log_every`` steps, skipping the first interval
-  (compilation).  Eval, stats and checkpoint intervals are pushed past the run so that what is
-  measured is the per-step path.
+  from the ``tokens_per_s`` it logs every ``log_every`` steps (the first row, step 0's, has
+  none: the train loop leaves each step function's first call, which compiles it, untimed).
+  Eval, stats and checkpoint intervals are pushed past the run so that what is measured is
+  the per-step path.
 * **bare**: the same jitted step (same ``build_run``, same shardings, donated state) looping
   over batches made beforehand and already on the device.
 
@@ -39,7 +40,9 @@ def loop_rate(config, steps: int) -> float:
         train_lib.train_and_evaluate(cfg, d)
         rows = read_metrics(pathlib.Path(d) / "metrics.jsonl", "train")
     tokens_per_step = cfg.train.batch_size * cfg.model.seq_len
-    rates = [r["tokens_per_s"] / tokens_per_step for r in rows[2:]]  # skip compile interval
+    # Step 0's row has no timed step ("nan": its steps are the step functions' first calls).
+    rates = [r["tokens_per_s"] / tokens_per_step for r in rows
+             if isinstance(r["tokens_per_s"], (int, float))]
     return statistics.median(rates)
 
 
