@@ -120,8 +120,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
     assert f"saved checkpoint at step {results['steps']}" in out
     # The last line's eval loss names its step when it is not the last step's.
     done = [line for line in out.splitlines() if line.startswith("done: ")]
-    assert len(done) == 1 and (f"at step {results['eval_step']};" in done[0]) == (
-        results["eval_step"] != results["steps"]), done
+    assert len(done) == 1, out[-2000:]
+    named = f") at step {results['eval_step']}, " in done[0]
+    assert named == (results["eval_step"] != results["steps"]), done
 
 
 def test_a_signal_at_the_last_step_leaves_a_finished_run(tmp_path, monkeypatch):
