@@ -19,7 +19,10 @@ autotuner held while compiling) is its own and an out-of-memory row fails alone;
 ``step_memory_gib`` is the compiled step's own plan (arguments, outputs, temporaries).  A row
 compiles the jitted train step (forward, backward, optimizer update, donated state), runs
 ``--warmup`` untimed steps, then ``--steps`` timed steps (``block_until_ready`` after each)
-and reports the median.  MFU = tokens/s × model FLOPs per token (:mod:`umup_jax.throughput`:
+and reports the median (``step_ms``; the targets and MFU use it); then ``--steps`` more
+dispatched back to back and waited for once, as the train loop runs them
+(``step_ms_pipelined``: without a wait and a dispatch per step, which weigh most where steps
+are shortest, at width 256).  MFU = tokens/s × model FLOPs per token (:mod:`umup_jax.throughput`:
 6·N + causal attention) / the device's dense BF16 peak (FP8 rows too: their MFU is against the
 BF16 peak, so FP8 can exceed what BF16 reaches).
 
@@ -81,8 +84,8 @@ FP8 = ("none", "paper_simple", "paper_large")
 ATTENTION = ("xla", "cudnn")
 HEAD_DIM = 64
 COLUMNS = ("shape", "model", "fp8", "attention", "width", "depth", "heads", "seq", "batch",
-           "remat", "scan", "params", "compile_s", "step_ms", "step_ms_min", "tokens_per_s",
-           "mfu", "peak_memory_gib", "step_memory_gib", "loss", "device", "error")
+           "remat", "scan", "params", "compile_s", "step_ms", "step_ms_min",
+           "step_ms_pipelined", "tokens_per_s", "mfu", "peak_memory_gib", "step_memory_gib", "loss", "device", "error")
 
 
 def require_gpu(backend: str, devices: str) -> None:
@@ -158,6 +161,7 @@ def run_row(row: dict, steps: int, warmup: int) -> dict:
     loss = runner.run(warmup, record=False)
     loss = runner.run(steps)
     step_s = statistics.median(runner.times)
+    pipelined_s = runner.run_pipelined(steps)
     tokens_per_s = batch * seq / step_s
     device = jax.devices()[0]
     peak = throughput.peak_flops(device.device_kind, "bfloat16")
@@ -168,6 +172,7 @@ def run_row(row: dict, steps: int, warmup: int) -> dict:
         "remat": shape["remat"], "params": runner.num_params,
         "compile_s": round(runner.compile_s, 2), "step_ms": round(step_s * 1e3, 3),
         "step_ms_min": round(min(runner.times) * 1e3, 3),
+        "step_ms_pipelined": round(pipelined_s * 1e3, 3),
         "tokens_per_s": round(tokens_per_s, 1),
         "mfu": round(throughput.mfu(tokens_per_s, throughput.train_flops_per_token(cfg),
                                     peak, 1), 4),
@@ -230,8 +235,8 @@ def rows_for(shapes: list[str], scan: bool) -> list[dict]:
 
 
 _INTS = ("width", "depth", "heads", "seq", "batch", "params")
-_FLOATS = ("compile_s", "step_ms", "step_ms_min", "tokens_per_s", "mfu", "peak_memory_gib",
-           "step_memory_gib", "loss")
+_FLOATS = ("compile_s", "step_ms", "step_ms_min", "step_ms_pipelined", "tokens_per_s", "mfu",
+           "peak_memory_gib", "step_memory_gib", "loss")
 
 
 def read_rows(path: pathlib.Path) -> list[dict]:
@@ -414,7 +419,8 @@ def main(argv=None):
         rows = merge(rows, [result])
         write_rows(rows, table)  # after each row: a crash loses nothing measured
         print(f"[{i + 1}/{len(todo)}] {row['shape']:9s} {row['model']:5s} {row['fp8']:12s} "
-              f"{row['attention']:5s} " + (f"step {result['step_ms']:9.2f} ms  "
+              f"{row['attention']:5s} " + (f"step {result['step_ms']:9.2f} ms "
+                                          f"({result['step_ms_pipelined']:.2f} pipelined)  "
                                           f"{result['tokens_per_s']:12,.0f} tok/s  "
                                           f"MFU {result['mfu']:.1%}  "
                                           f"peak {result['peak_memory_gib']} GiB"

@@ -53,6 +53,7 @@ def test_rows_summary_and_plot_on_a_tiny_shape(bench, monkeypatch, tmp_path):
         row = bench.run_row(dict(shape="proxy4096", model=model, fp8=fp8, attention="xla",
                                  scan=False), steps=2, warmup=1)
         assert row["error"] == "" and row["tokens_per_s"] > 0 and math.isfinite(row["loss"])
+        assert row["step_ms_pipelined"] > 0
         assert (row["width"], row["heads"], row["remat"]) == (64, 1, "full")
         assert isinstance(row["step_memory_gib"], float) and row["step_memory_gib"] >= 0
         rows.append(row)
