@@ -27,8 +27,9 @@ Common fields: ``name``, ``base`` ({key: value} overrides applied to every run),
 against its key's type (``"abc"`` or ``64.0`` for ``model.width`` is refused), is checked
 against the config before anything runs.
 
-Results: ``DIR/results.csv``, one row per run (columns :data:`COLUMNS`), written as each run
-ends; ``DIR/sweep.json`` records the sweep, and a rerun with a different sweep in the same
+Results: ``DIR/results.csv``, one row per run (columns :data:`COLUMNS`; ``wall_time_s`` of a
+run trained in a batched group is the group's wall time divided among its runs), written as
+each run ends; ``DIR/sweep.json`` records the sweep, and a rerun with a different sweep in the same
 workdir fails.  A rerun skips finished runs (by ``run_id``, a hash of the run's overrides), so a
 killed sweep redoes only what is missing.  A run whose loss becomes NaN/Inf is recorded with
 ``diverged=1``; the sweep goes on.  A run that raises is recorded with its error (one line) in
