@@ -85,7 +85,8 @@ ATTENTION = ("xla", "cudnn")
 HEAD_DIM = 64
 COLUMNS = ("shape", "model", "fp8", "attention", "width", "depth", "heads", "seq", "batch",
            "remat", "scan", "params", "compile_s", "step_ms", "step_ms_min",
-           "step_ms_pipelined", "tokens_per_s", "mfu", "peak_memory_gib", "step_memory_gib", "loss", "device", "error")
+           "step_ms_pipelined", "tokens_per_s", "mfu", "peak_memory_gib", "step_memory_gib",
+           "loss", "device", "error")
 
 
 def require_gpu(backend: str, devices: str) -> None:

@@ -776,7 +776,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     last_train_loss: Optional[float] = None
     last_eval: Optional[dict] = None
     last_eval_step: Optional[int] = None
-    pending: Optional[tuple[int, Any]] = None  # (step, device metrics) not yet read
+    # (step, device metrics, timed) not yet read; a first call's step is not timed
+    pending: Optional[tuple[int, Any, bool]] = None
     interval_t0, interval_steps = time.time(), 0
     timed_steps, timed_s = 0, 0.0  # every logged interval's steps and seconds, for results
     # MFU: model FLOPs per token over the devices' peak for the compute dtype (nan if unknown).
@@ -798,7 +799,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         return (f"the last good checkpoint is step {last_good_ckpt} in {store.directory}"
                 if last_good_ckpt is not None else "no checkpoint was saved yet")
 
-    def finish_step(step: int, metrics: Any) -> None:
+    def rates(steps: int, seconds: float) -> tuple[float, float]:
+        """(tokens/s, MFU) of ``steps`` timed steps in ``seconds``; nan for none."""
+        if not steps:
+            return float("nan"), float("nan")
+        tokens_per_s = steps * tokens_per_step / max(seconds, 1e-9)
+        return tokens_per_s, throughput.mfu(tokens_per_s, flops_per_token, peak_flops,
+                                            len(jax.devices()))
+
+    def finish_step(step: int, metrics: Any, timed: bool) -> None:
         """Reads step ``step``'s scalars on the host: NaN check, stop votes, logs, progress."""
         nonlocal last_train_loss, interval_t0, interval_steps, stop_agreed, timed_steps, timed_s
         host = jax.device_get(metrics)
@@ -810,20 +819,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 f"{where_good()}", data_fingerprint=tokens_fingerprint
             )
         last_train_loss = loss
-        if step in uncounted:
-            uncounted.discard(step)
-        else:
-            interval_steps += 1
+        interval_steps += int(timed)
         if step % tcfg.log_every == 0 or step == steps_total - 1:
+            # nan where the interval holds only first calls (step 0's row): nothing was timed
+            now = time.time()
+            tokens_per_s, mfu = rates(interval_steps, now - interval_t0)
             if interval_steps:
-                now = time.time()
-                tokens_per_s = interval_steps * tokens_per_step / max(now - interval_t0, 1e-9)
                 timed_steps, timed_s = timed_steps + interval_steps, timed_s + now - interval_t0
                 interval_t0, interval_steps = now, 0
-                mfu = throughput.mfu(tokens_per_s, flops_per_token, peak_flops,
-                                     len(jax.devices()))
-            else:  # only first calls since the last row: nothing was measured (nan)
-                tokens_per_s = mfu = float("nan")
             row = {"loss": loss, "grad_norm": float(host["grad_norm"]), "lr": float(host["lr"]),
                    "tokens_per_s": tokens_per_s, "mfu": mfu,
                    "tokens": (step + 1) * tokens_per_step}
@@ -863,7 +866,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     multi_process = jax.process_count() > 1
     interrupted: Optional[int] = None  # the signal that stopped the run early
     compiled: set = set()  # the step functions called (so compiled) in this process
-    uncounted: set = set()  # steps run outside the throughput interval (first calls)
     # A process that fails inside the loop tells the others, which are waiting in a step's
     # collective that it will never join; they stop within seconds, naming it.
     watch = processes.FailureWatch(group, failures.stop_for_failed_process(workdir_path))
@@ -878,17 +880,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 with_stats = tcfg.metrics_every <= steps_total and step % tcfg.metrics_every == 0
                 step_fn = stats_step if with_stats else train_step
                 voted = {**batch, STOP_VOTES: stop_votes(stop.signal, len(batch["inputs"]))}
-                if step_fn in compiled:
+                timed = step_fn in compiled
+                if timed:
                     state, metrics = step_fn(state, to_global(run, voted))
                 else:  # tracing and compiling are not training throughput: the first call
                     # runs to completion outside the interval, and its step is not counted
                     state, metrics = paused(_call_to_completion, step_fn, state,
                                             to_global(run, voted))
                     compiled.add(step_fn)
-                    uncounted.add(step)
                 if pending is not None:
                     finish_step(*pending)
-                pending = (step, metrics)
+                pending = (step, metrics, timed)
                 data_state, batch = prefetch.next()  # state/batch of step + 1
                 if bar is not None:
                     bar.update(1)
@@ -933,8 +935,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         writer.close()
         store.close()
 
-    run_tokens_per_s = (timed_steps * tokens_per_step / max(timed_s, 1e-9) if timed_steps
-                        else float("nan"))
+    run_tokens_per_s, run_mfu = rates(timed_steps, timed_s)
     results = {
         "final_train_loss": last_train_loss,
         "final_eval_loss": last_eval["loss"],
@@ -948,8 +949,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         # Over every logged interval of this process's run (since its start or resume), not
         # the last interval's alone: 10 steps on 2 CPU cores range over −16% to +19% of the mean.
         "tokens_per_s": run_tokens_per_s,
-        "mfu": throughput.mfu(run_tokens_per_s, flops_per_token, peak_flops,
-                              len(jax.devices())),
+        "mfu": run_mfu,
         "timed_steps": timed_steps,
         "model_flops_per_token": flops_per_token,
         "device_kind": device_kind,
