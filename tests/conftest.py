@@ -15,6 +15,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # environment) compiles each of them once: the default suite took 722 s instead of 921 s on 2
 # cores.  A cached executable is the binary the same compile made, so results stay bit-exact.
 # A size limit turns on JAX's file lock, so a process never reads an entry another is writing.
+# Only programs that take 0.1 s or more to compile are written: with that lock, each write lists
+# and stats the whole directory, so the thousands of single-op programs that eager code compiles
+# in 10-50 ms each made every later write slower (test_ops.py and test_extra_ops.py in one
+# process: 72 s writing everything, 628 entries; 49 s with the threshold, 92 entries).
 # CPU only: the GPU tests read the HLO of their own compiles.  Set JAX_COMPILATION_CACHE_DIR to
 # use a cache of your own, or UMUP_TEST_XLA_CACHE=0 for none.
 if (os.environ["JAX_PLATFORMS"] == "cpu" and "JAX_COMPILATION_CACHE_DIR" not in os.environ
@@ -22,7 +26,7 @@ if (os.environ["JAX_PLATFORMS"] == "cpu" and "JAX_COMPILATION_CACHE_DIR" not in 
     _xla_cache = tempfile.mkdtemp(prefix="umup-jax-tests-xla-cache-")
     atexit.register(shutil.rmtree, _xla_cache, ignore_errors=True)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _xla_cache
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
     os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 
 # LLVM at -O1 instead of XLA's default -O2 for the CPU backend: the suite's programs are small

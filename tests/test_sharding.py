@@ -264,6 +264,7 @@ def test_a_process_killed_outright_leaves_the_other_one_line_and_status_1(tmp_pa
     assert not (run / "results.json").exists()
 
 
+@pytest.mark.slow  # the default suite's time: see BUILD.md's slow tests
 def test_two_processes_skip_a_damaged_checkpoint_together(tmp_path):
     """The newest checkpoint damaged: process 0 finds it (manifest), both processes move it
     aside once and resume from the one before, and the run finishes with the losses of an

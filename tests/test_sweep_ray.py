@@ -76,6 +76,7 @@ def test_ray_and_local_rows_are_identical_and_failures_are_recorded(local_ray, t
     assert all(lines_after.count(line) == 1 for line in finished)
 
 
+@pytest.mark.slow  # the default suite's time: see BUILD.md's slow tests
 def test_independent_search_under_ray_equals_local(local_ray, tmp_path):
     spec = {"name": "ind", "kind": "independent",
             "lr": {"values": [0.5, 2.0]},
@@ -138,6 +139,7 @@ S.run_sweep(C.proxy_config("umup", "smoke,train.steps=2"), spec, sys.argv[1], pr
 """
 
 
+@pytest.mark.slow  # the default suite's time: see BUILD.md's slow tests
 def test_killed_driver_rerun_runs_only_missing_runs(local_ray, tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(tmp_path)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
