@@ -22,8 +22,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
+# grain's own dependencies that a CUDA JAX with flax and optax does not bring: array-record,
+# portpicker, importlib_resources and cloudpickle (the lent GPU image has cloudpickle already).
 WHEELS=(grain==0.2.18 ml_collections==1.1.0 tensorboardX==2.6.5 array-record==0.8.6
-        portpicker==1.6.0 importlib_resources==7.1.0)
+        portpicker==1.6.0 importlib_resources==7.1.0 cloudpickle==3.1.3)
 
 if [ "${1:-}" = "--download-wheels" ]; then
     platforms=()

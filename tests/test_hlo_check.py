@@ -1,6 +1,8 @@
 """The HLO reading behind the GPU FP8/cuDNN tests, on synthetic HLO text (the shapes and
-spelling of XLA's GPU output) and on this machine's compiled step (the op_name scopes that
-map every forward and backward matmul to its FP8 group)."""
+spelling of XLA's GPU output, operands named as compiled HLO prints them, or with inline
+types) and on this machine's compiled step (the op_name scopes that map every forward and
+backward matmul to its FP8 group, every dot's operand types, the CPU's upcast FP8 matmuls
+reported as such)."""
 
 import jax
 import jax.numpy as jnp
@@ -15,10 +17,46 @@ META = ('metadata={{op_name="jit(step)/{path}/dot_general" source_file="model.py
         'source_line=1}}')
 
 
+INLINE = {"types": False}  # what gemm() and dot() write; set by the `operand_style` fixture
+
+
+def _operands(*typed):
+    """An operand list as compiled HLO prints it (``%x, %w``: XLA's default print options
+    leave out operand shapes) or, with ``INLINE['types']``, with inline types."""
+    if INLINE["types"]:
+        return ", ".join(f"{t} %{n}" for t, n in typed)
+    return ", ".join(f"%{n}" for _, n in typed)
+
+
+def _defs(*typed):
+    """The lines defining named operands (a convert fusion each), as the module holds them."""
+    return [f"  %{n} = {t} fusion(%p), kind=kLoop, calls=%convert" for t, n in typed]
+
+
 def gemm(name, target, a, b, path, result="bf16[128,384]{1,0}"):
-    return (f'  %{name} = ({result}, s8[33554432]{{0}}) custom-call({a}[128,128]{{1,0}} %x, '
-            f'{b}[384,128]{{1,0}} %w, f32[] %one, f32[] %one.1), custom_call_target="{target}", '
-            + META.format(path=path) + ', backend_config={"gemm_backend_config":{}}')
+    typed = ((f"{a}[128,128]{{1,0}}", f"{name}.x"), (f"{b}[384,128]{{1,0}}", f"{name}.w"),
+             ("f32[]", "one"), ("f32[]", "one.1"))
+    return "\n".join(_defs(*typed[:2]) + [
+        f'  %{name} = ({result}, s8[33554432]{{0}}) custom-call({_operands(*typed)}), '
+        f'custom_call_target="{target}", ' + META.format(path=path)
+        + ', backend_config={"gemm_backend_config":{}}'])
+
+
+def dot(name, a, b, path):
+    """A dot XLA left outside cuBLAS(Lt) (a fused Triton GEMM), its operands defined too."""
+    typed = ((f"{a}[128,128]{{1,0}}", f"{name}.x"), (f"{b}[128,64]{{1,0}}", f"{name}.y"))
+    return "\n".join(_defs(*typed) + [
+        f"  %{name} = bf16[128,64]{{1,0}} dot({_operands(*typed)}), lhs_contracting_dims={{1}}, "
+        "rhs_contracting_dims={0}, " + META.format(path=path)])
+
+
+@pytest.fixture(params=["names", "inline"])
+def operand_style(request):
+    """Every synthetic test in both spellings: operands by name (what ``Compiled.as_text``
+    prints) and with inline types (other dumps)."""
+    INLINE["types"] = request.param == "inline"
+    yield request.param
+    INLINE["types"] = False
 
 
 F8 = hlo_check.FP8_GEMM_TARGET
@@ -28,10 +66,12 @@ BWD = "transpose(jvp(Decoder.loss))/Decoder/layer_0"
 
 def module(*lines):
     return "\n".join(["HloModule jit_step, entry_computation_layout={()->()}", "",
-                      "ENTRY %main.1 () -> () {", *lines, "}"])
+                      "ENTRY %main.1 () -> () {", "  %p = bf16[128,384]{1,0} parameter(0)",
+                      "  %one = f32[] constant(1)", "  %one.1 = f32[] constant(1)", *lines, "}"])
 
 
-PAPER_LARGE_OK = module(
+def paper_large_ok():
+    return module(
     gemm("cc.1", F8, "f8e4m3fn", "f8e4m3fn", f"{LAYER}/fp8_qkv"),
     gemm("cc.2", F8, "f8e5m2", "f8e4m3fn", f"{BWD}/fp8_qkv"),
     gemm("cc.3", F8, "f8e4m3fn", "f8e5m2", f"{BWD}/fp8_qkv"),
@@ -40,23 +80,33 @@ PAPER_LARGE_OK = module(
     gemm("cc.6", F8, "f8e4m3fn", "f8e4m3fn", f"{LAYER}/fp8_ffn_in"),
     gemm("cc.7", "__cublas$gemm", "bf16", "bf16", f"{LAYER}/fp8_ffn_down"),
     gemm("cc.8", F8, "f8e4m3fn", "f8e4m3fn", "jvp(Decoder.loss)/Decoder/fp8_readout"),
-    '  %fmha = (bf16[4,128,2,64]{3,2,1,0}, f32[4,2,128]{2,1,0}, u8[0]{0}) custom-call('
-    'bf16[4,128,2,64]{3,2,1,0} %q, bf16[4,128,2,64]{3,2,1,0} %k, bf16[4,128,2,64]{3,2,1,0} %v), '
-    'custom_call_target="__cudnn$fmhaSoftmax", metadata={op_name="jit(step)/x"}',
-    '  ROOT %fmha.bwd = (bf16[4,128,2,64]{3,2,1,0}) custom-call(bf16[4,128,2,64]{3,2,1,0} %q), '
-    'custom_call_target="__cudnn$fmhaSoftmaxBackward"',
-)
+        *_defs(*[("bf16[4,128,2,64]{3,2,1,0}", n) for n in ("q", "k", "v")]),
+        '  %fmha = (bf16[4,128,2,64]{3,2,1,0}, f32[4,2,128]{2,1,0}, u8[0]{0}) custom-call('
+        + _operands(*[("bf16[4,128,2,64]{3,2,1,0}", n) for n in ("q", "k", "v")])
+        + '), custom_call_target="__cudnn$fmhaSoftmax", metadata={op_name="jit(step)/x"}',
+        '  %fmha.out = bf16[4,128,2,64]{3,2,1,0} get-tuple-element(%fmha), index=0',
+        '  ROOT %fmha.bwd = (bf16[4,128,2,64]{3,2,1,0}) custom-call('
+        + _operands(("bf16[4,128,2,64]{3,2,1,0}", "fmha.out"), ("f32[]", "one"))
+        + '), custom_call_target="__cudnn$fmhaSoftmaxBackward"',
+    )
 
 
+@pytest.mark.usefixtures("operand_style")
 def test_parses_gemms_and_groups():
-    found = hlo_check.gemms_by_group(PAPER_LARGE_OK)
+    hlo = paper_large_ok()
+    found = hlo_check.gemms_by_group(hlo)
     counts = lambda fp8, other: {"fp8": fp8, "other": other, "f8_dot": 0}  # noqa: E731
     assert found == {"qkv": counts(3, 0), "attn_out": counts(0, 2), "ffn_in": counts(1, 0),
                      "ffn_down": counts(0, 1), "readout": counts(1, 0)}
-    assert hlo_check.fp8_policy_problems(PAPER_LARGE_OK, fp8_lib.PRESETS["paper_large"]) == []
-    assert hlo_check.cudnn_attention_calls(PAPER_LARGE_OK) == {"forward": 1, "backward": 1}
-    (fwd,) = [i for i in hlo_check.instructions(PAPER_LARGE_OK) if i.name == "cc.1"]
-    assert fwd.operand_types == ("f8e4m3fn", "f8e4m3fn", "f32", "f32") and fwd.group == "qkv"
+    assert hlo_check.fp8_policy_problems(hlo, fp8_lib.PRESETS["paper_large"]) == []
+    assert hlo_check.cudnn_attention_calls(hlo) == {"forward": 1, "backward": 1}
+    by_name = {i.name: i for i in hlo_check.instructions(hlo)}
+    assert by_name["cc.1"].operand_types == ("f8e4m3fn", "f8e4m3fn", "f32", "f32")
+    assert by_name["cc.1"].group == "qkv"
+    assert by_name["cc.2"].operand_types[:2] == ("f8e5m2", "f8e4m3fn")
+    # A tuple-valued operand has no element type; a get-tuple-element of it has its own.
+    assert by_name["fmha.out"].operand_types == ()
+    assert by_name["fmha.bwd"].operand_types == ("bf16", "f32")
 
 
 @pytest.mark.parametrize("op_name, group", [
@@ -76,24 +126,23 @@ def test_group_scope_is_read_inside_transform_wrappers(op_name, group):
     assert inst.group == group
 
 
+@pytest.mark.usefixtures("operand_style")
 def test_policy_mismatches_are_reported():
     # paper_simple wants every group in FP8: attn_out and ffn_down ran in bf16.
-    problems = hlo_check.fp8_policy_problems(PAPER_LARGE_OK, fp8_lib.PRESETS["paper_simple"])
+    problems = hlo_check.fp8_policy_problems(paper_large_ok(), fp8_lib.PRESETS["paper_simple"])
     assert problems == [
         "group 'attn_out' is 'fp8' in the policy but has no FP8 GEMM (__cublas$lt$matmul$f8 "
         "with f8 operands); 2 non-FP8 GEMM(s)",
         "group 'ffn_down' is 'fp8' in the policy but has no FP8 GEMM (__cublas$lt$matmul$f8 "
         "with f8 operands); 1 non-FP8 GEMM(s)"]
     # 'none' wants no FP8 GEMM at all.
-    assert len(hlo_check.fp8_policy_problems(PAPER_LARGE_OK, fp8_lib.PRESETS["none"])) == 3
+    assert len(hlo_check.fp8_policy_problems(paper_large_ok(), fp8_lib.PRESETS["none"])) == 3
     # An upcast backward GEMM in an FP8 group, and an f8 target fed bf16 operands.
     upcast = module(gemm("a", F8, "f8e4m3fn", "f8e4m3fn", f"{LAYER}/fp8_qkv"),
                     gemm("b", "__cublas$gemm", "bf16", "bf16", f"{BWD}/fp8_qkv"),
                     gemm("c", F8, "bf16", "bf16", f"{LAYER}/fp8_ffn_in"),
                     # an FP8 dot XLA left in a fusion (Triton): reported, not counted
-                    '  %d = bf16[128,64]{1,0} dot(f8e4m3fn[128,128]{1,0} %x, '
-                    'f8e4m3fn[128,64]{1,0} %y), lhs_contracting_dims={1}, '
-                    'rhs_contracting_dims={0}, ' + META.format(path=f"{LAYER}/fp8_ffn_down"))
+                    dot("d", "f8e4m3fn", "f8e4m3fn", f"{LAYER}/fp8_ffn_down"))
     policy = {"qkv": "fp8", "ffn_in": "fp8", "ffn_down": "fp8"}
     assert hlo_check.fp8_policy_problems(upcast, policy) == [
         "group 'qkv' is 'fp8' in the policy but 1 of its GEMMs are not FP8 (upcast)",
@@ -105,6 +154,7 @@ def test_policy_mismatches_are_reported():
     assert hlo_check.cudnn_attention_calls(upcast) == {"forward": 0, "backward": 0}
 
 
+@pytest.mark.usefixtures("operand_style")
 def test_an_upcast_gemm_left_in_a_fusion_is_not_fp8():
     """A bf16 dot in a fused computation (XLA:GPU's Triton GEMM) inside an FP8 group is an
     upcast GEMM, even when the group also has its cuBLASLt FP8 GEMMs."""
@@ -113,15 +163,17 @@ def test_an_upcast_gemm_left_in_a_fusion_is_not_fp8():
         "%triton_gemm_computation (p0: bf16[128,128], p1: bf16[128,384]) -> bf16[128,384] {",
         "  %p0 = bf16[128,128]{1,0} parameter(0)",
         "  %p1 = bf16[128,384]{1,0} parameter(1)",
-        "  ROOT %dot.3 = bf16[128,384]{1,0} dot(bf16[128,128]{1,0} %p0, bf16[128,384]{1,0} "
-        "%p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}, "
+        "  ROOT %dot.3 = bf16[128,384]{1,0} dot("
+        + _operands(("bf16[128,128]{1,0}", "p0"), ("bf16[128,384]{1,0}", "p1"))
+        + "), lhs_contracting_dims={1}, rhs_contracting_dims={0}, "
         + META.format(path=f"{BWD}/fp8_qkv"),
         "}", "",
         "ENTRY %main.1 () -> () {",
         gemm("cc.1", F8, "f8e4m3fn", "f8e4m3fn", f"{LAYER}/fp8_qkv"),
         gemm("cc.2", F8, "f8e5m2", "f8e4m3fn", f"{BWD}/fp8_qkv"),
-        '  ROOT %fusion = bf16[128,384]{1,0} fusion(bf16[128,128]{1,0} %g, bf16[128,384]{1,0} '
-        '%x), kind=kCustom, calls=%triton_gemm_computation, '
+        '  ROOT %fusion = bf16[128,384]{1,0} fusion('
+        + _operands(("bf16[128,128]{1,0}", "cc.1.x"), ("bf16[128,384]{1,0}", "cc.2.w"))
+        + '), kind=kCustom, calls=%triton_gemm_computation, '
         'backend_config={"fusion_backend_config":{"kind":"__triton_gemm"}}',
         "}"])
     assert hlo_check.gemms_by_group(fused)["qkv"] == {"fp8": 2, "other": 1, "f8_dot": 0}
@@ -131,7 +183,11 @@ def test_an_upcast_gemm_left_in_a_fusion_is_not_fp8():
 
 def test_every_matmul_of_the_step_carries_its_group_scope():
     """On this machine's compiled gradient (CPU: plain dots), every forward and transposed
-    (backward) matmul of a linear is named by its fp8_<group> scope, scanned or not."""
+    (backward) matmul of a linear is named by its fp8_<group> scope, scanned or not; every dot's
+    two operand types are read (compiled HLO names operands without types: reading only inline
+    types found none, and every FP8 GEMM on a GPU would have looked upcast); and the CPU's
+    matmuls, which take the FP8-cast values upcast to bf16, are reported as no FP8 GEMM in every
+    group of ``paper_simple``."""
     for scan in (False, True):
         cfg = ModelConfig(vocab_size=32, width=16, depth=1, num_heads=1, seq_len=8,
                           dtype="bfloat16", fp8="paper_simple", scan_layers=scan)
@@ -150,3 +206,10 @@ def test_every_matmul_of_the_step_carries_its_group_scope():
             assert by_group.get((group, True)), (scan, group, by_group)  # backward
         # The attention's own two matmuls (and their transposes) belong to no group.
         assert by_group.get((None, False), 0) >= 2
+        assert all(len(d.operand_types) == 2 for d in dots), [
+            (d.name, d.operand_types) for d in dots if len(d.operand_types) != 2]
+        assert {t for d in dots for t in d.operand_types} == {"bf16", "f32"}
+        problems = hlo_check.fp8_policy_problems(hlo, fp8_lib.PRESETS["paper_simple"])
+        assert len(problems) == len(fp8_lib.GROUPS), problems
+        assert all("has no FP8 GEMM" in p and " 0 non-FP8" not in p for p in problems), problems
+        assert hlo_check.fp8_policy_problems(hlo, fp8_lib.PRESETS["none"]) == []

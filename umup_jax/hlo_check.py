@@ -17,7 +17,15 @@ forward pass and in its transpose (``…/transpose(jvp(…))/…/fp8_qkv/dot_gen
 op_name.
 
 These are plain functions of the HLO text (``jax.jit(f).lower(…).compile().as_text()``),
-unit-tested on CPU with synthetic HLO; ``tests/test_fp8_gpu.py`` applies them on a GPU.
+unit-tested on CPU with synthetic HLO and with this machine's compiled steps;
+``tests/test_fp8_gpu.py`` applies them on a GPU.
+
+Compiled HLO text names an instruction's operands without their types
+(``custom-call(%fusion.2, %param_1, %constant.1), custom_call_target=…``: XLA's default
+``HloPrintOptions`` has ``print_operand_shape`` off, and ``Compiled.as_text`` uses them), so
+an operand's element type is read off the line that defines it; names are unique in a module,
+fused computations' parameters included.  Text that does print operand types inline (HLO
+dumped with other options) is read as it stands.
 """
 
 from __future__ import annotations
@@ -73,20 +81,49 @@ def _operands(rest: str) -> str:
     return rest
 
 
+def _split_operands(operands: str) -> list[str]:
+    """The operand list split at its top-level commas (a layout ``{1,0}`` or a shape
+    ``[128,64]`` inside an inline-typed operand holds commas of its own)."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(operands):
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == "," and depth == 0:
+            parts.append(operands[start:i])
+            start = i + 1
+    parts.append(operands[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _element_type(type_text: str) -> Optional[str]:
+    """``f8e4m3fn`` of ``f8e4m3fn[128,128]{1,0}``; ``None`` for a tuple or no type."""
+    m = _TYPE.match(type_text.strip())
+    return m.group(1) if m else None
+
+
+def _operand_type(operand: str, defined: Mapping[str, Optional[str]]) -> Optional[str]:
+    """One operand's element type: inline (``f32[2]{0} %x``) or from the instruction that
+    defines the name (``%x``)."""
+    inline = _TYPE.match(operand)
+    if inline:
+        return inline.group(1)
+    return defined.get(operand.split()[-1].lstrip("%"))
+
+
 def instructions(hlo_text: str) -> list[Instruction]:
-    """Every instruction of every computation in an HLO module's text."""
+    """Every instruction of every computation in an HLO module's text, each operand's element
+    type resolved (an operand of unknown type, such as a tuple, is left out)."""
+    parsed = [(line, m.groups()) for line in hlo_text.splitlines()
+              if (m := _INSTRUCTION.match(line))]
+    defined = {name: _element_type(result) for _, (name, result, _, _) in parsed}
     out = []
-    for line in hlo_text.splitlines():
-        m = _INSTRUCTION.match(line)
-        if not m:
-            continue
-        name, result, opcode, rest = m.groups()
-        operands = _operands(rest)
+    for line, (name, result, opcode, rest) in parsed:
+        types = (_operand_type(o, defined) for o in _split_operands(_operands(rest)))
         target = _TARGET.search(line)
         op_name = _OP_NAME.search(line)
         out.append(Instruction(
             name=name, opcode=opcode, result=result,
-            operand_types=tuple(_TYPE.findall(operands)),
+            operand_types=tuple(t for t in types if t),
             target=target.group(1) if target else None,
             op_name=op_name.group(1) if op_name else "",
         ))
