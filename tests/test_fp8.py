@@ -76,6 +76,34 @@ def test_telemetry_counts_saturation_and_underflow():
     assert stats["g_underflow"] == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("dtype", [fp8.E4M3, fp8.E5M2])
+@pytest.mark.parametrize("x_dtype", [jnp.float32, jnp.bfloat16])
+def test_underflow_is_read_from_bounds_and_equals_the_cast(dtype, x_dtype):
+    """``cast_stats`` counts as underflow the non-zero |v| ≤ half the smallest subnormal (it
+    must not cast to FP8 and back, which XLA folds away on a GPU).  On this CPU, which keeps
+    the round trip, that is exactly the set of values the saturating cast sends to zero: on
+    2⁻²⁴ … 2² log-spaced (both signs, zeros, the saturation range) and on each bound and its
+    float32 neighbours."""
+    bound = fp8.underflow_bound(dtype)
+    assert bound == float(jnp.finfo(dtype).smallest_subnormal) / 2
+    grid = np.geomspace(2.0**-24, 4.0, 200_001)
+    edges = [np.nextafter(np.float32(b), np.float32(d))
+             for b in (bound, 2 * bound, 3 * bound, fp8.fp8_max(dtype))
+             for d in (0.0, np.inf)] + [bound, 2 * bound, 3 * bound, 0.0, 1e6]
+    v = np.concatenate([grid, -grid, np.asarray(edges, np.float64)])
+    x = jnp.asarray(v, jnp.float32).astype(x_dtype)
+    xf = np.asarray(x.astype(jnp.float32))
+    cast = np.asarray(jax.jit(lambda x: q(x.astype(jnp.float32), dtype))(x))
+    expected = (xf != 0) & (cast == 0)
+    assert 0.1 < expected.mean() < 0.9  # both outcomes on the grid
+    rule = (np.abs(xf) <= bound) & (xf != 0)
+    np.testing.assert_array_equal(rule, expected)
+    sat, under = jax.jit(lambda x: fp8.cast_stats(x, dtype))(x)
+    assert float(under) == pytest.approx(expected.mean(), abs=1e-7)
+    assert "f8" not in str(jax.make_jaxpr(lambda x: fp8.cast_stats(x, dtype))(x))  # no cast
+    assert float(sat) == pytest.approx(np.mean(np.abs(xf) > fp8.fp8_max(dtype)), abs=1e-7)
+
+
 def test_gradient_telemetry_is_the_cast_the_weight_gradient_matmul_takes():
     """In ``fp8_e5m2_input`` the weight-gradient matmul takes g in E4M3 (E5M2 pairs only with
     E4M3), which underflows far more than the E5M2 cast of ``dx``: at gradient RMS 0.01 about

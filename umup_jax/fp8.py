@@ -72,11 +72,24 @@ def saturating_cast(x, dtype):
     return jnp.clip(x, -m, m).astype(dtype)
 
 
+def underflow_bound(dtype) -> float:
+    """Half the format's smallest subnormal (2⁻¹⁰ for E4M3, 2⁻¹⁷ for E5M2): the cast rounds
+    to nearest even, so exactly the non-zero |v| ≤ this bound become zero."""
+    return float(jnp.finfo(dtype).smallest_subnormal) / 2
+
+
 def cast_stats(x, dtype) -> tuple[jax.Array, jax.Array]:
-    """(fraction saturating, fraction of non-zeros that underflow to zero) of casting x."""
-    xf = x.astype(jnp.float32)
-    saturated = jnp.mean((jnp.abs(xf) > fp8_max(dtype)).astype(jnp.float32))
-    under = jnp.logical_and(xf != 0, saturating_cast(xf, dtype).astype(jnp.float32) == 0)
+    """(fraction saturating, fraction of non-zeros that underflow to zero) of casting x.
+
+    Both are read from |x| against the format's bounds, not by casting x to FP8 and back: on
+    a GPU, XLA folds a chain of float converts (``SimplifyFPConversions``, under its default
+    ``xla_allow_excess_precision``), f32 → f8 → f32 included, so ``cast(x) == 0`` would
+    compare the unrounded x and never find an underflow (seen in the H100 program compiled
+    ahead of time on a CPU with jax 0.11.2's CUDA plugin).  On a CPU, which keeps the round
+    trip, the two agree on every value (``tests/test_fp8.py``)."""
+    a = jnp.abs(x.astype(jnp.float32))
+    saturated = jnp.mean((a > fp8_max(dtype)).astype(jnp.float32))
+    under = jnp.logical_and(a != 0, a <= underflow_bound(dtype))
     return saturated, jnp.mean(under.astype(jnp.float32))
 
 
@@ -190,12 +203,18 @@ def fp8_dot(x, w, mode: str = "fp8", probe: Optional[jax.Array] = None):
     return _fp8_dot(x, w, probe, mode, telemetry)
 
 
+def _quantized(x, dtype):
+    """x rounded to FP8 and returned in fp32.  The optimisation barrier keeps XLA from folding
+    the f32 → f8 → f32 chain of converts, which it does on a GPU (see :func:`cast_stats`)."""
+    return jax.lax.optimization_barrier(saturating_cast(x, dtype)).astype(jnp.float32)
+
+
 def fake_quant_dot(x, w, mode: str = "fp8"):
     """Reference: cast to FP8 and back, then an fp32 dot (what the fp8 GEMM must equal)."""
     x_dtype = E5M2 if mode == "fp8_e5m2_input" else E4M3
     scale = _input_scale(x) if mode == "fp8_dynamic" else 1.0
-    xq = saturating_cast(x.astype(jnp.float32) / scale, x_dtype).astype(jnp.float32)
-    wq = saturating_cast(w, E4M3).astype(jnp.float32)
+    xq = _quantized(x.astype(jnp.float32) / scale, x_dtype)
+    wq = _quantized(w, E4M3)
     y = jnp.matmul(xq, wq, precision=jax.lax.Precision.HIGHEST) * scale
     return y.astype(x.dtype)
 
