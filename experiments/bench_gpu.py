@@ -16,7 +16,11 @@ XLA attention, the same math FLOPs.
 Each row runs in a fresh subprocess (``--row JSON``), so that its peak device memory
 (``memory_stats()['peak_bytes_in_use']``, ``peak_memory_gib``, which includes what the GEMM
 autotuner held while compiling) is its own and an out-of-memory row fails alone;
-``step_memory_gib`` is the compiled step's own plan (arguments, outputs, temporaries).  A row
+``step_memory_gib`` is the compiled step's own plan (arguments, outputs, temporaries).
+``fp8_gemms_cublaslt``, ``fp8_gemms_triton`` and ``upcast_gemms`` say how the compiled step
+runs the GEMMs of the FP8 groups (:mod:`umup_jax.hlo_check`): XLA's autotuner gives each GEMM
+to cuBLASLt or to a Triton kernel, and an upcast GEMM is one that does not take the FP8
+operands (0 for BF16 rows).  A row
 compiles the jitted train step (forward, backward, optimizer update, donated state), runs
 ``--warmup`` untimed steps, then ``--steps`` timed steps (``block_until_ready`` after each)
 and reports the median (``step_ms``; the targets and MFU use it); then ``--steps`` more
@@ -86,7 +90,7 @@ HEAD_DIM = 64
 COLUMNS = ("shape", "model", "fp8", "attention", "width", "depth", "heads", "seq", "batch",
            "remat", "scan", "params", "compile_s", "step_ms", "step_ms_min",
            "step_ms_pipelined", "tokens_per_s", "mfu", "peak_memory_gib", "step_memory_gib",
-           "loss", "device", "error")
+           "fp8_gemms_cublaslt", "fp8_gemms_triton", "upcast_gemms", "loss", "device", "error")
 
 
 def require_gpu(backend: str, devices: str) -> None:
@@ -168,6 +172,8 @@ def run_row(row: dict, steps: int, warmup: int) -> dict:
     peak = throughput.peak_flops(device.device_kind, "bfloat16")
     memory = throughput.peak_memory_bytes([device])  # the process's high-water mark
     step_memory = compiled_step_bytes(runner.compiled)
+    gemms = fp8_gemm_kinds(runner.compiled.as_text(), cfg.fp8_policy if row["model"] == "umup"
+                           else {})
     return {
         **row, "width": width, "depth": depth, "heads": heads, "seq": seq, "batch": batch,
         "remat": shape["remat"], "params": runner.num_params,
@@ -179,8 +185,22 @@ def run_row(row: dict, steps: int, warmup: int) -> dict:
                                     peak, 1), 4),
         "peak_memory_gib": round(memory / 2**30, 3) if memory is not None else "",
         "step_memory_gib": round(step_memory / 2**30, 3) if step_memory is not None else "",
-        "loss": round(loss, 4), "device": device.device_kind, "error": "",
+        **gemms, "loss": round(loss, 4), "device": device.device_kind, "error": "",
     }
+
+
+def fp8_gemm_kinds(hlo_text: str, policy: dict) -> dict:
+    """How the compiled step runs the GEMMs of the policy's FP8 groups (``umup_jax.hlo_check``):
+    cuBLASLt FP8 calls, Triton GEMM fusions of FP8 operands (XLA's autotuner picks per GEMM),
+    and GEMMs of other operands (upcast: the cast happened, the FP8 GEMM did not).  All 0 for
+    a BF16 row."""
+    from umup_jax import hlo_check
+
+    found = hlo_check.gemms_by_group(hlo_text)
+    fp8_groups = [g for g, mode in policy.items() if mode != "bf16"]
+    total = lambda kind: sum(found.get(g, {}).get(kind, 0) for g in fp8_groups)  # noqa: E731
+    return {"fp8_gemms_cublaslt": total("fp8"), "fp8_gemms_triton": total("fp8_triton"),
+            "upcast_gemms": total("other")}
 
 
 def compiled_step_bytes(compiled) -> Optional[int]:
@@ -235,7 +255,8 @@ def rows_for(shapes: list[str], scan: bool) -> list[dict]:
     return [r for _, r in sorted(enumerate(rows), key=order)]
 
 
-_INTS = ("width", "depth", "heads", "seq", "batch", "params")
+_INTS = ("width", "depth", "heads", "seq", "batch", "params", "fp8_gemms_cublaslt",
+         "fp8_gemms_triton", "upcast_gemms")
 _FLOATS = ("compile_s", "step_ms", "step_ms_min", "step_ms_pipelined", "tokens_per_s", "mfu",
            "peak_memory_gib", "step_memory_gib", "loss")
 

@@ -43,6 +43,27 @@ def test_step_memory_counts_arguments_outputs_and_temporaries(bench):
     assert bench.compiled_step_bytes(kept) - bench.compiled_step_bytes(donated) == 4096
 
 
+def test_fp8_gemm_columns_count_the_fp8_groups_gemms_by_kind(bench):
+    """On this CPU, which upcasts FP8 operands before its dots, every GEMM of paper_large's
+    FP8 groups (qkv, ffn_in, readout: forward and two backward matmuls each, ffn_in's two)
+    is counted as upcast; a BF16 row counts none."""
+    from flax.core import meta as flax_meta
+
+    from umup_jax.model import Decoder, ModelConfig, abstract_params
+
+    cfg = ModelConfig(vocab_size=32, width=16, depth=1, num_heads=1, seq_len=8,
+                      dtype="bfloat16", fp8="paper_large")
+    model = Decoder(cfg)
+    params = flax_meta.unbox(abstract_params(model))
+    tokens = jnp.zeros((2, 8), jnp.int32)
+    hlo = jax.jit(jax.grad(lambda p: model.apply(p, tokens, tokens, method=Decoder.loss))
+                  ).lower(params).compile().as_text()
+    assert bench.fp8_gemm_kinds(hlo, cfg.fp8_policy) == {
+        "fp8_gemms_cublaslt": 0, "fp8_gemms_triton": 0, "upcast_gemms": 3 + 6 + 3}
+    assert bench.fp8_gemm_kinds(hlo, {}) == {
+        "fp8_gemms_cublaslt": 0, "fp8_gemms_triton": 0, "upcast_gemms": 0}
+
+
 @pytest.mark.slow
 def test_rows_summary_and_plot_on_a_tiny_shape(bench, monkeypatch, tmp_path):
     monkeypatch.setitem(bench.SHAPES, "proxy4096",
@@ -56,6 +77,8 @@ def test_rows_summary_and_plot_on_a_tiny_shape(bench, monkeypatch, tmp_path):
         assert row["step_ms_pipelined"] > 0
         assert (row["width"], row["heads"], row["remat"]) == (64, 1, "full")
         assert isinstance(row["step_memory_gib"], float) and row["step_memory_gib"] >= 0
+        assert (row["fp8_gemms_cublaslt"], row["fp8_gemms_triton"], row["upcast_gemms"]) == (
+            0, 0, 0)  # BF16 rows
         rows.append(row)
     assert rows[0]["params"] == rows[1]["params"]  # the same shapes
     rows.append({**rows[0], "fp8": "paper_simple", "step_ms": rows[0]["step_ms"] / 1.5})

@@ -1,4 +1,4 @@
-"""GPU-only: the compiled train step really runs FP8 GEMMs where the policy says FP8 and BF16
+"""GPU: the compiled train step really runs FP8 GEMMs where the policy says FP8 and BF16
 GEMMs where it says BF16, and cuDNN's fused attention when ``attention_impl='cudnn'``.
 
 A cast to f8 and a ``cublas`` call in the HLO prove nothing (a saturating cast followed by an
@@ -6,35 +6,68 @@ upcast BF16 GEMM has both); these tests read each GEMM's custom-call target and 
 and map it to its matmul group through the ``fp8_<group>`` op_name scopes
 (:mod:`umup_jax.hlo_check`, unit-tested on CPU in ``tests/test_hlo_check.py``).
 
-Run on a GPU host with ``JAX_PLATFORMS=cuda python -m pytest -q -m gpu``: ``tests/conftest.py``
-makes the platform default to the CPU."""
+Two targets.  ``gpu`` (``-m gpu``): this host's CUDA GPU, run with ``JAX_PLATFORMS=cuda
+python -m pytest -q -m gpu`` (``tests/conftest.py`` makes the platform default to the CPU).
+``h100_aot`` (``-m gpu_aot``): the FP8 checks compiled ahead of time for an H100 by XLA's GPU
+compiler on this CPU (:mod:`umup_jax.gpu_target`; needs the CUDA plugin on the path, see
+BUILD.md), where nothing runs and nothing is autotuned.  Each skips with a reason where it
+cannot run.
+
+Which kernel runs an FP8 GEMM is XLA's choice: cuBLASLt's FP8 matmul
+(``__cublas$lt$matmul$f8``) or a Triton GEMM fusion that reads the FP8 operands itself (XLA
+0.11's default for small GEMMs, and wherever its autotuner finds Triton faster).  The policy
+tests compile with ``xla_gpu_enable_triton_gemm=False`` and ask for the cuBLASLt FP8 call in
+every FP8 group; the default-options test asks that every GEMM of an FP8 group take FP8
+operands, by either kernel, as the trainer and the benchmark compile it."""
 
 import jax
 import jax.numpy as jnp
 import pytest
 from flax.core import meta as flax_meta
 
-from umup_jax import fp8, hlo_check
+from umup_jax import fp8, gpu_target, hlo_check
 from umup_jax.model import Decoder, ModelConfig, abstract_params, init_params
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(jax.default_backend() != "gpu",
-                       reason="needs a CUDA GPU (FP8 GEMMs and cuDNN attention are lowered to "
-                              "cuBLASLt/cuDNN custom calls only there)"),
-]
+ON_GPU = jax.default_backend() == "gpu"
+NEEDS_GPU = pytest.mark.skipif(
+    not ON_GPU, reason="needs a CUDA GPU (FP8 GEMMs and cuDNN attention are lowered to "
+                       "cuBLASLt/cuDNN custom calls only there; -m gpu_aot compiles the FP8 "
+                       "checks for an H100 on a CPU)")
+# XLA's option that keeps GEMMs out of Triton fusions: every GEMM goes to cuBLAS(Lt).
+CUBLAS_ONLY = {"xla_gpu_enable_triton_gemm": False}
 
 # Shapes the FP8 GEMM needs (every dimension a multiple of 16), heads of 64 for cuDNN.
 SHAPES = dict(vocab_size=512, width=256, depth=2, num_heads=4, seq_len=128, dtype="bfloat16")
 
 
-def compiled_step_hlo(cfg: ModelConfig, batch: int = 8) -> str:
+@pytest.fixture(params=[pytest.param("gpu", marks=[pytest.mark.gpu, NEEDS_GPU]),
+                        pytest.param("h100_aot", marks=pytest.mark.gpu_aot)])
+def target(request):
+    """Where the FP8 checks compile: ``None`` for this host's GPU, else the sharding of an
+    abstract H100 (skipped where JAX's CUDA plugin is not importable)."""
+    if request.param == "gpu":
+        return None
+    try:
+        return gpu_target.h100_sharding()
+    except gpu_target.GpuTargetUnavailable as e:
+        pytest.skip(str(e))
+
+
+def compiled_hlo(fn, args, target=None, options=None) -> str:
+    """The optimised HLO text of ``jax.jit(fn)`` on abstract ``args``, for this host's device
+    (``target`` None) or ahead of time for ``target``'s."""
+    if target is not None:
+        args = gpu_target.abstract(args, target)
+    return jax.jit(fn).lower(*args).compile(compiler_options=options).as_text()
+
+
+def compiled_step_hlo(cfg: ModelConfig, batch: int = 8, target=None, options=None) -> str:
     """The optimised HLO of the loss gradient (forward and backward) of ``cfg``'s model."""
     model = Decoder(cfg)
     params = flax_meta.unbox(abstract_params(model))
     tokens = jax.ShapeDtypeStruct((batch, cfg.seq_len), jnp.int32)
-    grad = jax.jit(jax.grad(lambda p, t: model.apply(p, t, t, method=Decoder.loss)))
-    return grad.lower(params, tokens).compile().as_text()
+    return compiled_hlo(jax.grad(lambda p, t: model.apply(p, t, t, method=Decoder.loss)),
+                        (params, tokens), target, options)
 
 
 POLICIES = {
@@ -50,6 +83,8 @@ POLICIES = {
 # interrupts the run (experiments/gpu_checks.sh), it is the repeated FP8 coverage that is lost.
 
 
+@pytest.mark.gpu
+@NEEDS_GPU
 @pytest.mark.parametrize("parametrization", ["umup", "sp"])
 def test_cudnn_attention_is_the_fused_kernel(parametrization):
     cfg = ModelConfig(**SHAPES, parametrization=parametrization, attention_impl="cudnn")
@@ -61,6 +96,8 @@ def test_cudnn_attention_is_the_fused_kernel(parametrization):
     assert xla == {"forward": 0, "backward": 0}
 
 
+@pytest.mark.gpu
+@NEEDS_GPU
 def test_cudnn_attention_matches_xla():
     """Same loss and gradients as the XLA kernel, to bf16 precision."""
     cfg = ModelConfig(**SHAPES, attention_impl="cudnn")
@@ -77,26 +114,41 @@ def test_cudnn_attention_matches_xla():
         assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 5e-2
 
 
-def test_fp8_dot_alone_is_an_fp8_gemm_forward_and_backward():
+def test_fp8_dot_alone_is_an_fp8_gemm_forward_and_backward(target):
     # Random operands and a random cotangent: with ones, XLA may simplify a dot whose operand
     # is a broadcast constant, and the test would fail for a reason that is not FP8.
     kx, kw, kr = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (256, 512), jnp.bfloat16)
     w = jax.random.normal(kw, (512, 256), jnp.bfloat16)
     r = jax.random.normal(kr, (256, 256), jnp.float32)
-    loss = lambda x, w: (fp8.fp8_dot(x, w).astype(jnp.float32) * r).sum()  # noqa: E731
-    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
+    loss = lambda x, w, r: (fp8.fp8_dot(x, w).astype(jnp.float32) * r).sum()  # noqa: E731
+    hlo = compiled_hlo(jax.grad(loss, argnums=(0, 1)), (x, w, r), target, CUBLAS_ONLY)
     gemms = hlo_check.custom_calls(hlo, "__cublas$")
-    assert gemms and all(hlo_check.is_fp8_gemm(g) for g in gemms), gemms
+    # dx and dw (the loss is linear in the forward product, which the gradient never needs).
+    assert len(gemms) == 2 and all(hlo_check.is_fp8_gemm(g) for g in gemms), gemms
     # dx = g8·w8ᵀ (E5M2 × E4M3) and dw = x8ᵀ·g8 (E4M3 × E5M2): both take an E5M2 operand.
     assert sum("f8e5m2" in g.operand_types for g in gemms) >= 2, gemms
 
 
 @pytest.mark.parametrize("name", list(POLICIES))
 @pytest.mark.parametrize("scan", [False, True])
-def test_fp8_groups_run_fp8_gemms_and_bf16_groups_do_not(name, scan):
+def test_fp8_groups_run_fp8_gemms_and_bf16_groups_do_not(name, scan, target):
+    """With GEMMs kept out of Triton, every FP8 group's GEMMs are cuBLASLt FP8 calls and no
+    BF16 group has one."""
     cfg = ModelConfig(**SHAPES, fp8=POLICIES[name], scan_layers=scan, attention_impl="xla")
-    hlo = compiled_step_hlo(cfg)
+    hlo = compiled_step_hlo(cfg, target=target, options=CUBLAS_ONLY)
     found = hlo_check.gemms_by_group(hlo)
     problems = hlo_check.fp8_policy_problems(hlo, cfg.fp8_policy)
+    assert not problems, f"{problems}; GEMMs found: {hlo_check.describe(found)}"
+
+
+@pytest.mark.parametrize("name", ["paper_simple", "paper_large"])
+def test_fp8_groups_take_fp8_operands_under_xla_defaults(name, target):
+    """As the trainer and the benchmark compile it (XLA's default options, Triton GEMMs
+    allowed): every GEMM of an FP8 group takes FP8 operands, in cuBLASLt or in a Triton GEMM
+    fusion, none is upcast, and no BF16 group has one."""
+    cfg = ModelConfig(**SHAPES, fp8=POLICIES[name], attention_impl="xla")
+    hlo = compiled_step_hlo(cfg, target=target)
+    found = hlo_check.gemms_by_group(hlo)
+    problems = hlo_check.fp8_policy_problems(hlo, cfg.fp8_policy, triton_counts=True)
     assert not problems, f"{problems}; GEMMs found: {hlo_check.describe(found)}"

@@ -95,7 +95,8 @@ def paper_large_ok():
 def test_parses_gemms_and_groups():
     hlo = paper_large_ok()
     found = hlo_check.gemms_by_group(hlo)
-    counts = lambda fp8, other: {"fp8": fp8, "other": other, "f8_dot": 0}  # noqa: E731
+    counts = lambda fp8, other: {"fp8": fp8, "fp8_triton": 0, "other": other,  # noqa: E731
+                                 "f8_dot": 0}
     assert found == {"qkv": counts(3, 0), "attn_out": counts(0, 2), "ffn_in": counts(1, 0),
                      "ffn_down": counts(0, 1), "readout": counts(1, 0)}
     assert hlo_check.fp8_policy_problems(hlo, fp8_lib.PRESETS["paper_large"]) == []
@@ -154,31 +155,67 @@ def test_policy_mismatches_are_reported():
     assert hlo_check.cudnn_attention_calls(upcast) == {"forward": 0, "backward": 0}
 
 
+def _triton_gemm(name, a, b, path):
+    """XLA:GPU's Triton GEMM fusion (the computation holding the dot, and the fusion calling
+    it from the entry), as the H100 compile of jax 0.11 prints it."""
+    typed = ((f"{a}[128,128]{{1,0}}", f"{name}.p0"), (f"{b}[128,384]{{1,0}}", f"{name}.p1"))
+    computation = "\n".join([
+        f"%{name}_computation (p0: {a}[128,128], p1: {b}[128,384]) -> bf16[128,384] {{",
+        f"  %{name}.p0 = {a}[128,128]{{1,0}} parameter(0)",
+        f"  %{name}.p1 = {b}[128,384]{{1,0}} parameter(1)",
+        f"  %{name}.dot = f32[128,384]{{1,0}} dot({_operands(*typed)}), "
+        "lhs_contracting_dims={1}, rhs_contracting_dims={0}, " + META.format(path=path),
+        f"  ROOT %{name}.out = bf16[128,384]{{1,0}} convert(%{name}.dot)",
+        "}", ""])
+    fusion = (f"  %{name} = bf16[128,384]{{1,0}} fusion("
+              + _operands(("bf16[128,128]{1,0}", "one"), ("bf16[128,384]{1,0}", "one.1"))
+              + f"), kind=kCustom, calls=%{name}_computation, "
+              + META.format(path=path) + ', backend_config={"operation_queue_id":"0",'
+              '"fusion_backend_config":{"kind":"__triton_nested_gemm_fusion"}}')
+    return computation, fusion
+
+
 @pytest.mark.usefixtures("operand_style")
 def test_an_upcast_gemm_left_in_a_fusion_is_not_fp8():
-    """A bf16 dot in a fused computation (XLA:GPU's Triton GEMM) inside an FP8 group is an
-    upcast GEMM, even when the group also has its cuBLASLt FP8 GEMMs."""
+    """A bf16 dot in a Triton GEMM fusion inside an FP8 group is an upcast GEMM, even when the
+    group also has its cuBLASLt FP8 GEMMs; a dot of f8 operands there is an FP8 GEMM that
+    Triton runs, counted as one only when asked (``triton_counts``)."""
+    up_comp, up_fusion = _triton_gemm("gemm_fusion_dot.3", "bf16", "bf16", f"{BWD}/fp8_qkv")
+    f8_comp, f8_fusion = _triton_gemm("gemm_fusion_dot.4", "f8e4m3fn", "f8e4m3fn",
+                                      f"{LAYER}/fp8_ffn_in")
+    f8_bf16_comp, f8_bf16_fusion = _triton_gemm("gemm_fusion_dot.5", "f8e5m2", "f8e4m3fn",
+                                                f"{LAYER}/fp8_attn_out")
     fused = "\n".join([
         "HloModule jit_step, entry_computation_layout={()->()}", "",
-        "%triton_gemm_computation (p0: bf16[128,128], p1: bf16[128,384]) -> bf16[128,384] {",
-        "  %p0 = bf16[128,128]{1,0} parameter(0)",
-        "  %p1 = bf16[128,384]{1,0} parameter(1)",
-        "  ROOT %dot.3 = bf16[128,384]{1,0} dot("
-        + _operands(("bf16[128,128]{1,0}", "p0"), ("bf16[128,384]{1,0}", "p1"))
-        + "), lhs_contracting_dims={1}, rhs_contracting_dims={0}, "
-        + META.format(path=f"{BWD}/fp8_qkv"),
-        "}", "",
+        up_comp, f8_comp, f8_bf16_comp,
         "ENTRY %main.1 () -> () {",
+        "  %one = f32[] constant(1)", "  %one.1 = f32[] constant(1)",
         gemm("cc.1", F8, "f8e4m3fn", "f8e4m3fn", f"{LAYER}/fp8_qkv"),
         gemm("cc.2", F8, "f8e5m2", "f8e4m3fn", f"{BWD}/fp8_qkv"),
-        '  ROOT %fusion = bf16[128,384]{1,0} fusion('
-        + _operands(("bf16[128,128]{1,0}", "cc.1.x"), ("bf16[128,384]{1,0}", "cc.2.w"))
-        + '), kind=kCustom, calls=%triton_gemm_computation, '
-        'backend_config={"fusion_backend_config":{"kind":"__triton_gemm"}}',
+        up_fusion, f8_fusion, f8_bf16_fusion,
         "}"])
-    assert hlo_check.gemms_by_group(fused)["qkv"] == {"fp8": 2, "other": 1, "f8_dot": 0}
-    assert hlo_check.fp8_policy_problems(fused, {"qkv": "fp8"}) == [
+    found = hlo_check.gemms_by_group(fused)
+    assert found["qkv"] == {"fp8": 2, "fp8_triton": 0, "other": 1, "f8_dot": 0}
+    assert found["ffn_in"] == {"fp8": 0, "fp8_triton": 1, "other": 0, "f8_dot": 0}
+    assert found["attn_out"] == {"fp8": 0, "fp8_triton": 1, "other": 0, "f8_dot": 0}
+    policy = {"qkv": "fp8", "ffn_in": "fp8"}  # attn_out: bf16
+    assert hlo_check.fp8_policy_problems(fused, policy) == [
+        "group 'qkv' is 'fp8' in the policy but 1 of its GEMMs are not FP8 (upcast)",
+        "group 'attn_out' is bf16 in the policy but has 1 FP8 GEMM(s) "
+        "(__cublas$lt$matmul$f8 or Triton)",
+        "group 'ffn_in' is 'fp8' in the policy but has no FP8 GEMM (__cublas$lt$matmul$f8 "
+        "with f8 operands); 0 non-FP8 GEMM(s), 1 FP8 dot(s) in Triton GEMM fusions "
+        "(not cuBLASLt)"]
+    assert hlo_check.fp8_policy_problems(fused, policy, triton_counts=True) == [
+        "group 'qkv' is 'fp8' in the policy but 1 of its GEMMs are not FP8 (upcast)",
+        "group 'attn_out' is bf16 in the policy but has 1 FP8 GEMM(s) "
+        "(__cublas$lt$matmul$f8 or Triton)"]
+    assert hlo_check.fp8_policy_problems(
+        fused, {**policy, "attn_out": "fp8_e5m2_input"}, triton_counts=True) == [
         "group 'qkv' is 'fp8' in the policy but 1 of its GEMMs are not FP8 (upcast)"]
+    assert hlo_check.triton_gemm_computations(hlo_check.instructions(fused)) == {
+        "gemm_fusion_dot.3_computation", "gemm_fusion_dot.4_computation",
+        "gemm_fusion_dot.5_computation"}
 
 
 def test_every_matmul_of_the_step_carries_its_group_scope():

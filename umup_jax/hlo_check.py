@@ -42,6 +42,10 @@ CUDNN_ATTENTION_PREFIX = "__cudnn$fmha"
 FP8_TYPES = ("f8e4m3fn", "f8e5m2", "f8e4m3", "f8e4m3fnuz", "f8e5m2fnuz")
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([\w\-]+)\((.*)$")
+# A computation's header: ``%name (params) -> type {`` or ``ENTRY %main.1 (…) -> … {``.
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
+_CALLS = re.compile(r"\b(?:calls|to_apply|body|condition)=%?([\w.\-]+)")
+_BACKEND_KIND = re.compile(r'"kind":"([^"]+)"')
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _TYPE = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[")
@@ -53,7 +57,7 @@ _GROUP = re.compile(r"(?:^|/|\()fp8_(" + "|".join(fp8_lib.GROUPS) + r")(?=/|\)|$
 @dataclasses.dataclass(frozen=True)
 class Instruction:
     """One HLO instruction: its name, opcode, result type text, operand element types,
-    custom-call target (if any) and op_name metadata."""
+    custom-call target (if any), op_name metadata, and where it sits and what it calls."""
 
     name: str
     opcode: str
@@ -61,6 +65,9 @@ class Instruction:
     operand_types: tuple[str, ...]
     target: Optional[str]
     op_name: str
+    computation: str = ""  # the computation holding it
+    calls: tuple[str, ...] = ()  # the computations it calls (a fusion's ``calls=``, …)
+    backend_kind: Optional[str] = None  # a fusion's kind: ``__triton_gemm``, ``__triton``, …
 
     @property
     def group(self) -> Optional[str]:
@@ -113,21 +120,49 @@ def _operand_type(operand: str, defined: Mapping[str, Optional[str]]) -> Optiona
 def instructions(hlo_text: str) -> list[Instruction]:
     """Every instruction of every computation in an HLO module's text, each operand's element
     type resolved (an operand of unknown type, such as a tuple, is left out)."""
-    parsed = [(line, m.groups()) for line in hlo_text.splitlines()
-              if (m := _INSTRUCTION.match(line))]
-    defined = {name: _element_type(result) for _, (name, result, _, _) in parsed}
+    parsed, computation = [], ""
+    for line in hlo_text.splitlines():
+        if (m := _INSTRUCTION.match(line)):
+            parsed.append((line, computation, m.groups()))
+        elif (c := _COMPUTATION.match(line)):
+            computation = c.group(1)
+    defined = {name: _element_type(result) for _, _, (name, result, _, _) in parsed}
     out = []
-    for line, (name, result, opcode, rest) in parsed:
+    for line, computation, (name, result, opcode, rest) in parsed:
         types = (_operand_type(o, defined) for o in _split_operands(_operands(rest)))
         target = _TARGET.search(line)
         op_name = _OP_NAME.search(line)
+        kind = _BACKEND_KIND.search(line)
         out.append(Instruction(
             name=name, opcode=opcode, result=result,
             operand_types=tuple(t for t in types if t),
             target=target.group(1) if target else None,
             op_name=op_name.group(1) if op_name else "",
+            computation=computation,
+            calls=tuple(_CALLS.findall(line)),
+            backend_kind=kind.group(1) if kind else None,
         ))
     return out
+
+
+def triton_gemm_computations(insts: Iterable[Instruction]) -> set[str]:
+    """The computations of XLA:GPU's Triton GEMM fusions (backend kind ``__triton_gemm`` or
+    ``__triton_nested_gemm_fusion``) and every computation they call: a ``dot`` there is a
+    GEMM that XLA's autotuner gave to a Triton kernel instead of cuBLAS(Lt)."""
+    insts = list(insts)
+    calls = {}
+    for i in insts:
+        calls.setdefault(i.computation, set()).update(i.calls)
+    todo = [c for i in insts if i.opcode == "fusion" and i.backend_kind
+            and i.backend_kind.startswith("__triton") and "gemm" in i.backend_kind
+            for c in i.calls]
+    found: set[str] = set()
+    while todo:
+        c = todo.pop()
+        if c not in found:
+            found.add(c)
+            todo.extend(calls.get(c, ()))
+    return found
 
 
 def custom_calls(hlo_text: str, prefix: str = "") -> list[Instruction]:
@@ -142,55 +177,83 @@ def is_fp8_gemm(inst: Instruction) -> bool:
             and sum(t in FP8_TYPES for t in inst.operand_types) >= 2)
 
 
+_NO_GEMMS = {"fp8": 0, "fp8_triton": 0, "other": 0, "f8_dot": 0}
+
+
+def _n_f8(inst: Instruction) -> int:
+    return sum(t in FP8_TYPES for t in inst.operand_types)
+
+
 def gemms_by_group(hlo_text: str) -> dict[Optional[str], dict[str, int]]:
-    """{group (or None): {'fp8': n, 'other': m, 'f8_dot': k}} of each matmul group:
+    """{group (or None): {'fp8': n, 'fp8_triton': t, 'other': m, 'f8_dot': k}} of each matmul
+    group:
 
     * ``fp8``: cuBLASLt FP8 GEMMs (:func:`is_fp8_gemm`);
+    * ``fp8_triton``: ``dot`` instructions of two FP8 operands inside a Triton GEMM fusion
+      (:func:`triton_gemm_computations`): an FP8 GEMM that XLA gave to a Triton kernel, which
+      reads the FP8 operands itself (XLA 0.11's default for small GEMMs, and wherever its
+      autotuner finds Triton faster than cuBLASLt);
     * ``other``: every other GEMM, the BF16/FP32 cuBLAS calls (:data:`BF16_GEMM_TARGETS`)
       *and* the plain ``dot`` instructions without FP8 operands, which on a GPU are GEMMs XLA
       kept in a fusion (a Triton GEMM) instead of handing them to cuBLAS; an upcast matmul
       lowered that way is counted too;
-    * ``f8_dot``: ``dot`` instructions with FP8 operands outside cuBLASLt (a fused Triton
-      kernel, or the CPU's emulation), for diagnosis: not counted as FP8 GEMMs."""
+    * ``f8_dot``: other ``dot`` instructions with FP8 operands (the CPU's emulation, a fusion
+      of another kind), for diagnosis: not counted as FP8 GEMMs."""
+    insts = instructions(hlo_text)
+    triton = triton_gemm_computations(insts)
     out: dict[Optional[str], dict[str, int]] = {}
-    for inst in instructions(hlo_text):
+    for inst in insts:
         if inst.opcode == "custom-call" and (inst.target == FP8_GEMM_TARGET
                                              or inst.target in BF16_GEMM_TARGETS):
             kind = "fp8" if is_fp8_gemm(inst) else "other"
         elif inst.opcode == "dot":
-            kind = "f8_dot" if sum(t in FP8_TYPES for t in inst.operand_types) >= 2 else "other"
+            if _n_f8(inst) < 2:
+                kind = "other"
+            else:
+                kind = "fp8_triton" if inst.computation in triton else "f8_dot"
         else:
             continue
-        counts = out.setdefault(inst.group, {"fp8": 0, "other": 0, "f8_dot": 0})
+        counts = out.setdefault(inst.group, dict(_NO_GEMMS))
         counts[kind] += 1
     return out
 
 
-def fp8_policy_problems(hlo_text: str, policy: Mapping[str, str]) -> list[str]:
+def fp8_policy_problems(hlo_text: str, policy: Mapping[str, str],
+                        triton_counts: bool = False) -> list[str]:
     """What the compiled step does differently from the FP8 ``policy`` ({group: mode}):
 
     * an FP8 group (any mode but ``bf16``) without an FP8 GEMM, or with a GEMM that is not FP8
       (an upcast matmul: the cast happened, the FP8 GEMM did not);
     * a BF16 group with an FP8 GEMM.
 
+    An FP8 GEMM is a cuBLASLt one (:data:`FP8_GEMM_TARGET` with f8 operands); with
+    ``triton_counts`` a Triton GEMM fusion's dot of f8 operands is one too (what XLA's default
+    options may give; compile with ``xla_gpu_enable_triton_gemm=False`` for cuBLASLt only).
     An empty list means the HLO matches the policy.
     """
     found = gemms_by_group(hlo_text)
     problems = []
     for group in fp8_lib.GROUPS:
-        counts = found.get(group, {"fp8": 0, "other": 0, "f8_dot": 0})
+        counts = found.get(group, _NO_GEMMS)
         mode = policy.get(group, "bf16")
+        n_fp8 = counts["fp8"] + (counts["fp8_triton"] if triton_counts else 0)
         if mode == "bf16":
-            if counts["fp8"]:
+            n_any = counts["fp8"] + counts["fp8_triton"]
+            if n_any:
                 problems.append(f"group {group!r} is bf16 in the policy but has "
-                                f"{counts['fp8']} FP8 GEMM(s) ({FP8_GEMM_TARGET})")
+                                f"{n_any} FP8 GEMM(s) ({FP8_GEMM_TARGET} or Triton)")
         else:
-            if not counts["fp8"]:
-                fused = (f", {counts['f8_dot']} dot(s) of f8 operands outside cuBLASLt"
-                         if counts["f8_dot"] else "")
+            if not n_fp8:
+                notes = ""
+                if counts["fp8_triton"]:
+                    notes += (f", {counts['fp8_triton']} FP8 dot(s) in Triton GEMM fusions "
+                              "(not cuBLASLt)")
+                if counts["f8_dot"]:
+                    notes += f", {counts['f8_dot']} dot(s) of f8 operands outside cuBLASLt"
+                what = f"{FP8_GEMM_TARGET}{' or Triton' if triton_counts else ''}"
                 problems.append(f"group {group!r} is {mode!r} in the policy but has no FP8 GEMM "
-                                f"({FP8_GEMM_TARGET} with f8 operands); "
-                                f"{counts['other']} non-FP8 GEMM(s){fused}")
+                                f"({what} with f8 operands); "
+                                f"{counts['other']} non-FP8 GEMM(s){notes}")
             elif counts["other"]:
                 problems.append(f"group {group!r} is {mode!r} in the policy but "
                                 f"{counts['other']} of its GEMMs are not FP8 (upcast)")
@@ -209,7 +272,7 @@ def describe(found: Mapping[Optional[str], Mapping[str, int]],
     """One line per group: its FP8 and other GEMM counts (for failure messages)."""
     rows = []
     for g in groups:
-        c = found.get(g, {"fp8": 0, "other": 0, "f8_dot": 0})
-        rows.append(f"{g or '(no group)'}: {c['fp8']} fp8, {c['other']} other GEMM, "
-                    f"{c['f8_dot']} f8 dot")
+        c = found.get(g, _NO_GEMMS)
+        rows.append(f"{g or '(no group)'}: {c['fp8']} fp8, {c['fp8_triton']} fp8 Triton, "
+                    f"{c['other']} other GEMM, {c['f8_dot']} f8 dot")
     return "; ".join(rows)
