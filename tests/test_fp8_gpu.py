@@ -20,6 +20,8 @@ tests compile with ``xla_gpu_enable_triton_gemm=False`` and ask for the cuBLASLt
 every FP8 group; the default-options test asks that every GEMM of an FP8 group take FP8
 operands, by either kernel, as the trainer and the benchmark compile it."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -30,9 +32,10 @@ from umup_jax.model import Decoder, ModelConfig, abstract_params, init_params
 
 ON_GPU = jax.default_backend() == "gpu"
 NEEDS_GPU = pytest.mark.skipif(
-    not ON_GPU, reason="needs a CUDA GPU (FP8 GEMMs and cuDNN attention are lowered to "
-                       "cuBLASLt/cuDNN custom calls only there; -m gpu_aot compiles the FP8 "
-                       "checks for an H100 on a CPU)")
+    not ON_GPU, reason=f"needs a CUDA GPU, and JAX's backend is {jax.default_backend()!r} "
+                       f"(JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS', '')!r}; tests/"
+                       "conftest.py makes it 'cpu' unless set: JAX_PLATFORMS=cuda on a GPU "
+                       "host); -m gpu_aot compiles the FP8 checks for an H100 on a CPU")
 # XLA's option that keeps GEMMs out of Triton fusions: every GEMM goes to cuBLAS(Lt).
 CUBLAS_ONLY = {"xla_gpu_enable_triton_gemm": False}
 
