@@ -155,3 +155,32 @@ def test_fp8_groups_take_fp8_operands_under_xla_defaults(name, target):
     found = hlo_check.gemms_by_group(hlo)
     problems = hlo_check.fp8_policy_problems(hlo, cfg.fp8_policy, triton_counts=True)
     assert not problems, f"{problems}; GEMMs found: {hlo_check.describe(found)}"
+
+
+@pytest.mark.parametrize("extras", [
+    "",
+    ",model.scan_layers=True,model.remat=full,train.grad_accum_steps=2,model.loss_chunks=2",
+], ids=["plain", "scan_remat_accum_chunks"])
+def test_trainer_steps_compile_with_fp8_gemms(extras, target):
+    """The trainer's own jitted steps (``umup_jax.train``: loss, gradients, AdamW, metrics;
+    the stats step with every RMS and the FP8 cast statistics), built for one device of the
+    target and compiled with XLA's defaults, bf16 with ``paper_simple``: every GEMM of the FP8
+    groups takes f8 operands; also with scanned, rematerialised layers, gradient accumulation
+    and the chunked loss."""
+    train_lib = pytest.importorskip("umup_jax.train")  # grain and ml_collections
+    config_lib = pytest.importorskip("umup_jax.config")
+    devices = jax.devices()[:1] if target is None else list(target.mesh.devices.flat)
+    cfg = config_lib.proxy_config(
+        "umup", "smoke,model.dtype=bfloat16,model.fp8=paper_simple,model.attention_impl=xla,"
+        "model.width=256,model.num_heads=4,model.seq_len=128,train.batch_size=8" + extras)
+    run = train_lib.build_run(cfg, devices=devices)
+    batch = {k: jax.ShapeDtypeStruct((8, 128), jnp.int32, sharding=run.batch_sharding)
+             for k in ("inputs", "targets")}
+    for with_stats in (False, True):
+        compiled = train_lib.make_train_step(run, with_stats).lower(
+            run.abstract_state, batch).compile()
+        hlo = compiled.as_text()
+        problems = hlo_check.fp8_policy_problems(hlo, run.model_cfg.fp8_policy,
+                                                 triton_counts=True)
+        assert not problems, (with_stats, problems,
+                              hlo_check.describe(hlo_check.gemms_by_group(hlo)))
