@@ -11,7 +11,10 @@ each under {BF16, FP8 ``paper_simple``, FP8 ``paper_large``} × {xla, cudnn} att
 ``model.dtype='bfloat16'`` (params and optimizer state fp32), and for every shape the plain
 Flax Llama of ``experiments/bench_overhead.py`` (``PlainLlama``: ``nn.Dense``, SP, optax AdamW,
 XLA attention; with ``nn.remat`` blocks for the ~1B model) against our u-μP step with BF16 and
-XLA attention, the same math FLOPs.
+XLA attention, the same math FLOPs.  Not quite the same bytes: ours keeps its residual stream in
+fp32 (``model.residual_dtype``'s default, for the accuracy BUILD.md's "BF16 numerics" gives),
+the plain Llama in bf16, so where ours/plain misses its target, a row of ours with
+``residual_dtype='bfloat16'`` tells that part of the cost from the rest.
 
 Each row runs in a fresh subprocess (``--row JSON``), so that its peak device memory
 (``memory_stats()['peak_bytes_in_use']``, ``peak_memory_gib``, which includes what the GEMM
