@@ -82,8 +82,9 @@ POLICIES = {
 }
 
 
-# The cuDNN tests come first and the eight policy × scan compiles last: where a short GPU slot
-# interrupts the run (experiments/gpu_checks.sh), it is the repeated FP8 coverage that is lost.
+# In the order they run: the cuDNN tests, the lone fp8_dot, the eight policy × scan compiles,
+# the two under XLA's defaults, and the trainer's steps (two compiles each) last: where a short
+# GPU slot interrupts the run (experiments/gpu_checks.sh), the log's --durations says what ran.
 
 
 @pytest.mark.gpu

@@ -173,15 +173,15 @@ def custom_calls(hlo_text: str, prefix: str = "") -> list[Instruction]:
 
 def is_fp8_gemm(inst: Instruction) -> bool:
     """A cuBLASLt FP8 GEMM: the f8 target with (at least) its two matrix operands in FP8."""
-    return (inst.target == FP8_GEMM_TARGET
-            and sum(t in FP8_TYPES for t in inst.operand_types) >= 2)
-
-
-_NO_GEMMS = {"fp8": 0, "fp8_triton": 0, "other": 0, "f8_dot": 0}
+    return inst.target == FP8_GEMM_TARGET and _n_f8(inst) >= 2
 
 
 def _n_f8(inst: Instruction) -> int:
+    """How many of the instruction's operands are FP8."""
     return sum(t in FP8_TYPES for t in inst.operand_types)
+
+
+_NO_GEMMS = {"fp8": 0, "fp8_triton": 0, "other": 0, "f8_dot": 0}
 
 
 def gemms_by_group(hlo_text: str) -> dict[Optional[str], dict[str, int]]:
