@@ -12,6 +12,7 @@ import numpy as np
 
 from umup_jax import config as config_lib
 from umup_jax import data as data_lib
+from umup_jax import hlo_check
 from umup_jax import sharding as sharding_lib
 from umup_jax import train as train_lib
 from umup_jax.checkpoint import CheckpointStore
@@ -65,6 +66,28 @@ def spec_tuple(spec):
     return [a if isinstance(a, str) or a is None else list(a) for a in t]
 
 
+def stream_specs(run, state, batch):
+    """The shardings XLA gives the residual stream (after the embedding, after block 0, after
+    the final norm) in a jitted forward pass traced as the trainer traces its steps."""
+    def forward(params, inputs):
+        with sharding_lib.activation_mesh(run.mesh):
+            _, mut = run.model.apply(params, inputs, mutable=["intermediates"])
+        inter = mut["intermediates"]
+        return {"embedding": inter["embedding"][0], "block_output": inter["layer_0"]["output"][0],
+                "final_norm": inter["final_norm"][0]}
+
+    out = jax.jit(forward)(state["params"], batch["inputs"])
+    return {k: spec_tuple(v.sharding.spec) for k, v in out.items()}
+
+
+def collectives(step, state, batch):
+    """[opcode, op_name] of every collective in the compiled train step."""
+    hlo = step.lower(state, batch).compile().as_text()
+    kinds = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+    return [[i.opcode.replace("-start", ""), i.op_name] for i in hlo_check.instructions(hlo)
+            if i.opcode.replace("-start", "") in kinds]
+
+
 def main(outdir):
     result = {"losses": {}, "sharding_ok": {}, "bytes": {}}
     states = {}
@@ -99,6 +122,8 @@ def main(outdir):
     new_a, m_a = step_a(state_a, train_lib.to_global(run_a, nxt))
     after_a = jax.device_get(new_a["params"])
     result["restore"] = {"2x4x1": float(m_a["loss"])}
+    result["stream_specs"] = stream_specs(run_a, new_a, train_lib.to_global(run_a, nxt))
+    result["collectives"] = collectives(step_a, new_a, train_lib.to_global(run_a, nxt))
     for name in ("4x2x1", "1"):
         run_b = states[name][0]
         step_no, restored, data_state = CheckpointStore(f"{outdir}/ckpt", keep=2).restore_latest(

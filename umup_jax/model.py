@@ -53,6 +53,7 @@ from umup_jax import fp8 as fp8_lib
 from umup_jax import loss_chunks as loss_chunks_lib
 from umup_jax import ops
 from umup_jax import parametrization as P
+from umup_jax import sharding as sharding_lib
 
 POSITIONS = ("rope", "none")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -450,6 +451,7 @@ class Block(nn.Module):
 
         x = residual(x, attention, tau_attn, w_attn)
         x = residual(x, ffn, tau_ffn, w_ffn)
+        x = sharding_lib.constrain_batch(x)
         self.sow("intermediates", "output", x)
         return (x, None) if self.scanned else x
 
@@ -521,10 +523,13 @@ class Decoder(nn.Module):
             self, "readout", (d, v), role=P.OUTPUT, fan_in=d, fan_out=v,
             names=("embed", "vocab"), depth=None, rule=rule,
         )
+        # Under a mesh (sharding.activation_mesh), the stream is split over the batch: see
+        # umup_jax.sharding.constrain_batch.
         x = embed_tokens(rule, table, tokens, m_emb, cfg.stream_dtype, self.grad_tokens)
+        x = sharding_lib.constrain_batch(x)
         self.sow("intermediates", "embedding", x)
         x = block_stack(cfg, self.grad_tokens)(x)
-        x = ops.rms_norm(x, cfg.norm_eps, dtype=cfg.compute_dtype)
+        x = sharding_lib.constrain_batch(ops.rms_norm(x, cfg.norm_eps, dtype=cfg.compute_dtype))
         self.sow("intermediates", "final_norm", x)
         w_out = w_out.astype(cfg.compute_dtype)
         if targets is not None and cfg.loss_chunks > 1:

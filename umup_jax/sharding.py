@@ -7,7 +7,14 @@ The mesh has three axes, ``('data', 'fsdp', 'tensor')``:
   all-gathers a weight where it is used and reduce-scatters its gradient;
 * ``tensor``: tensor (model) parallelism, splitting attention heads and the FFN hidden units.
 
-The batch splits over ``data × fsdp``.  Each parameter's sharding comes from the logical axis
+The batch splits over ``data × fsdp``, and so do the activations: while the trainer traces a
+step inside :func:`activation_mesh`, the model pins its residual stream to that split
+(:func:`constrain_batch`: after the embedding, after each block, after the final norm).
+Without it XLA's sharding propagation gave the stream the embedding table's split (the width
+over ``fsdp``), which turned FSDP into tensor parallelism over the stream: an all-reduce in
+every RMSNorm and all-to-alls of activations: 72 MiB of collectives per step and device
+instead of 27 (8 devices, mesh (2, 4, 1), width 256, depth 2, 16 × 128 tokens; BUILD.md).
+Each parameter's sharding comes from the logical axis
 names it declared in its :class:`~umup_jax.parametrization.ParamMeta` box, through
 :data:`DEFAULT_RULES`; nothing is inferred from shapes.  The u-μP metadata (role, fan-in,
 depth) also comes from the model definition, never from a checkpoint, so the per-parameter
@@ -16,9 +23,11 @@ learning rates are the same after any reshard or restore.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -39,6 +48,33 @@ DEFAULT_RULES: dict[str, Optional[str]] = {
     "head_dim": None,
     "layers": None,       # the stacked-layers axis of scanned blocks: never sharded
 }
+
+
+_ACTIVATION_MESH: contextvars.ContextVar[Optional[Mesh]] = contextvars.ContextVar(
+    "umup_jax_activation_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_mesh(mesh: Mesh) -> Iterator[None]:
+    """Code traced inside this block has :func:`constrain_batch` split activations over
+    ``mesh`` (a one-device mesh changes nothing)."""
+    token = _ACTIVATION_MESH.set(mesh if mesh.size > 1 else None)
+    try:
+        yield
+    finally:
+        _ACTIVATION_MESH.reset(token)
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """``x`` (batch first) split over ``data × fsdp`` on its batch axis and replicated along
+    the rest (the ``tensor`` axis included: tensor parallelism splits heads and FFN units
+    inside a block, not the stream), with the mesh of the enclosing :func:`activation_mesh`;
+    unchanged outside one.  Its gradient is constrained alike."""
+    mesh = _ACTIVATION_MESH.get()
+    if mesh is None:
+        return x
+    spec = PartitionSpec(BATCH_AXES, *([None] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:

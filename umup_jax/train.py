@@ -366,7 +366,8 @@ def make_train_step(run: Run, with_stats: bool):
     def step_fn(state, batch):
         batch = dict(batch)
         votes = batch.pop(STOP_VOTES, None)
-        (loss, acts), (grads, probe_grads) = loss_and_grads(state["params"], batch)
+        with sharding_lib.activation_mesh(run.mesh):  # activations split like the batch
+            (loss, acts), (grads, probe_grads) = loss_and_grads(state["params"], batch)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {
@@ -401,7 +402,8 @@ def make_eval_step(run: Run):
     model = run.model
 
     def eval_fn(params, batch):
-        return model.apply(params, batch["inputs"], batch["targets"], method=Decoder.loss)
+        with sharding_lib.activation_mesh(run.mesh):
+            return model.apply(params, batch["inputs"], batch["targets"], method=Decoder.loss)
 
     return jax.jit(eval_fn, in_shardings=(run.state_sharding["params"], run.batch_sharding))
 
