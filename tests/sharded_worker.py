@@ -80,12 +80,21 @@ def stream_specs(run, state, batch):
     return {k: spec_tuple(v.sharding.spec) for k, v in out.items()}
 
 
-def collectives(step, state, batch):
-    """[opcode, op_name] of every collective in the compiled train step."""
-    hlo = step.lower(state, batch).compile().as_text()
+# A run whose activations have a size no weight has (the sequence, 48), for the collectives.
+STREAM_ARG = ("smoke,model.width=128,model.num_heads=2,model.depth=2,model.seq_len=48,"
+              "train.batch_size=16,train.eval_batch_size=8,mesh.data=2,mesh.fsdp=4,mesh.tensor=1")
+
+
+def collectives(run):
+    """[opcode, result type, op_name] of every collective in the compiled train step."""
+    step = train_lib.make_train_step(run, with_stats=False)
+    batch = {k: jax.ShapeDtypeStruct((run.config.train.batch_size, run.model_cfg.seq_len),
+                                     np.int32, sharding=run.batch_sharding)
+             for k in ("inputs", "targets")}
+    hlo = step.lower(run.abstract_state, batch).compile().as_text()
     kinds = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
-    return [[i.opcode.replace("-start", ""), i.op_name] for i in hlo_check.instructions(hlo)
-            if i.opcode.replace("-start", "") in kinds]
+    return [[i.opcode.replace("-start", ""), i.result, i.op_name]
+            for i in hlo_check.instructions(hlo) if i.opcode.replace("-start", "") in kinds]
 
 
 def main(outdir):
@@ -123,7 +132,8 @@ def main(outdir):
     after_a = jax.device_get(new_a["params"])
     result["restore"] = {"2x4x1": float(m_a["loss"])}
     result["stream_specs"] = stream_specs(run_a, new_a, train_lib.to_global(run_a, nxt))
-    result["collectives"] = collectives(step_a, new_a, train_lib.to_global(run_a, nxt))
+    result["collectives"] = collectives(train_lib.build_run(
+        config_lib.proxy_config("umup", STREAM_ARG), jax.devices()))
     for name in ("4x2x1", "1"):
         run_b = states[name][0]
         step_no, restored, data_state = CheckpointStore(f"{outdir}/ckpt", keep=2).restore_latest(

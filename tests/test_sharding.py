@@ -3,6 +3,7 @@ parameter shardings follow the logical rules, FSDP memory, reshard on restore, t
 with jax.distributed, and errors before compilation."""
 
 import json
+import re
 import os
 import pathlib
 import signal
@@ -66,22 +67,20 @@ def test_save_on_2x4_restore_on_4x2_and_one_device(worker):
 def test_activations_split_over_the_batch_and_only_weights_are_gathered(worker):
     """Under FSDP (mesh 2x4x1) the residual stream is split over data × fsdp on its batch
     axis, not over the width as the embedding table is (XLA's propagation gave it the table's
-    split before ``sharding.constrain_batch``); so the train step's collectives are FSDP's:
-    an all-gather of each weight where it is used (the matmuls forward and backward, the
-    embedding lookup), gradient all-reduces, and no all-to-all resharding activations inside
-    the model (11 of them before, with an all-reduce inside every RMSNorm).  The one place
-    that may reshard is the lookup itself: at these shapes (the table as large as the stream)
-    XLA looks rows up in the width-split table and sends them to their batch shard by one
-    all-to-all instead of gathering the table (it gathers the table at width 256)."""
+    split before ``sharding.constrain_batch``); so, past the embedding lookup, the train
+    step's collectives are FSDP's own, on weights and their gradients: none moves an
+    activation (an array with the run's sequence length, 48, which no weight has: before,
+    every RMSNorm all-reduced one and 11 all-to-alls resharded them) and none is an
+    all-to-all.  The lookup (``jit(_take)``) may exchange rows: XLA looks tokens up in the
+    width-split table and sends the rows to their batch shard (an all-to-all here; at width
+    256 it gathers the table instead)."""
     for name, spec in worker["stream_specs"].items():
         assert spec == [["data", "fsdp"]], (name, spec)
-    ops = worker["collectives"]
-    assert not [o for o in ops if o[0] in ("all-to-all", "collective-permute")
-                and "jit(_take)" not in o[1]], ops
-    gathers = [n for op, n in ops if op == "all-gather"]
-    assert gathers and all(n.endswith("/dot_general") or "_take" in n for n in gathers), gathers
-    assert not [n for op, n in ops if op == "all-reduce" and "jvp(Decoder.loss)/Decoder/layer"
-                in n and "transpose(" not in n], ops  # nothing reduced in the forward blocks
+    ops = [o for o in worker["collectives"] if "jit(_take)" not in o[2]]
+    assert any(op == "all-gather" for op, _, _ in ops), ops  # FSDP gathers its weights
+    assert not [o for o in ops if o[0] in ("all-to-all", "collective-permute")], ops
+    activation = re.compile(r"\[(?:[0-9]+,)*48(?:,[0-9]+)*\]")
+    assert not [o for o in ops if activation.search(o[1])], ops
 
 
 def test_fp8_trains_under_sharding(worker):
