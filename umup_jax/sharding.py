@@ -69,12 +69,10 @@ def constrain_batch(x: jax.Array) -> jax.Array:
     """``x`` (batch first) split over ``data × fsdp`` on its batch axis and replicated along
     the rest (the ``tensor`` axis included: tensor parallelism splits heads and FFN units
     inside a block, not the stream), with the mesh of the enclosing :func:`activation_mesh`;
-    unchanged outside one.  Its gradient is constrained alike."""
+    unchanged outside one: the split :func:`batch_sharding` gives the batch itself.  Its
+    gradient is constrained alike."""
     mesh = _ACTIVATION_MESH.get()
-    if mesh is None:
-        return x
-    spec = PartitionSpec(BATCH_AXES, *([None] * (x.ndim - 1)))
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    return x if mesh is None else jax.lax.with_sharding_constraint(x, batch_sharding(mesh))
 
 
 def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
