@@ -677,10 +677,40 @@ def add(x, y, constraint: Optional[str] = "to_output_scale"):
 # ---------------------------------------------------------------------------------------------
 
 
+@jax.custom_vjp
 def _sum_cross_entropy(logits, targets):
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
-    return jnp.sum(lse - picked)
+    """Σ_i (logsumexp(z_i) − z_i[t_i]) over the rows of ``logits`` (N, V), fp32.
+
+    Its VJP is the closed form g·(softmax(z) − onehot(t)), one elementwise pass over the
+    logits that XLA fuses with the scales around it and the cast back to the compute dtype.
+    Autodiff of the same expression builds the one-hot by scattering into an (N, V) fp32 array
+    of zeros (``take_along_axis``'s transpose) and adds it to the softmax in separate passes:
+    compiled for an H100 at the proxy's shapes (16,384 tokens, V = 32,000) that is 13 GB of
+    memory traffic in the loss's backward where this takes about 3 GB."""
+    return jnp.sum(_logsumexp_rows(logits) - _picked_logits(logits, targets))
+
+
+def _logsumexp_rows(logits):
+    return jax.nn.logsumexp(logits, axis=-1)
+
+
+def _picked_logits(logits, targets):
+    return jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+
+
+def _sum_cross_entropy_fwd(logits, targets):
+    lse = _logsumexp_rows(logits)
+    return jnp.sum(lse - _picked_logits(logits, targets)), (logits, lse, targets)
+
+
+def _sum_cross_entropy_bwd(res, g):
+    logits, lse, targets = res
+    classes = jax.lax.broadcasted_iota(targets.dtype, logits.shape, 1)
+    onehot = (classes == targets[:, None]).astype(logits.dtype)
+    return g * (jnp.exp(logits - lse[:, None]) - onehot), None
+
+
+_sum_cross_entropy.defvjp(_sum_cross_entropy_fwd, _sum_cross_entropy_bwd)
 
 
 def _flatten_logits(logits, targets):
