@@ -127,44 +127,71 @@ def backend_in_a_child() -> tuple[str, str]:
 # ---------------------------------------------------------------------------------------------
 
 
+def row_config(row: dict):
+    """Our u-μP model's ``ModelConfig`` for a row (BF16 compute, the row's FP8 preset,
+    attention kernel and layer layout; the shape's remat)."""
+    from umup_jax import ModelConfig
+
+    shape = SHAPES[row["shape"]]
+    return ModelConfig(
+        vocab_size=VOCAB, width=shape["width"], depth=shape["depth"],
+        num_heads=shape["width"] // HEAD_DIM, ffn_expansion=4, seq_len=shape["seq"],
+        parametrization="umup", dtype="bfloat16", fp8=row["fp8"],
+        attention_impl=row["attention"], remat=shape["remat"], scan_layers=row["scan"],
+    )
+
+
+def build_row(row: dict, abstract: bool = False):
+    """(config, model, params, optimizer) of a row: our u-μP decoder with its optimizer, or
+    the plain Flax Llama (``model='plain'``: SP, BF16, XLA attention) with optax AdamW.
+    ``abstract``: params as ``jax.ShapeDtypeStruct``s (nothing initialised, for compiling
+    ahead of time)."""
+    import jax
+    import jax.numpy as jnp
+    from flax.core import meta as flax_meta
+
+    import bench_overhead as plain_lib
+    from umup_jax import Decoder, OptimizerConfig, make_optimizer
+    from umup_jax.model import init_params
+
+    cfg = row_config(row)
+    shape = SHAPES[row["shape"]]
+    if row["model"] == "umup":
+        model = Decoder(cfg)
+        init = lambda: init_params(model, jax.random.key(0))  # noqa: E731
+        # bench_overhead's Runner applies {"params": params}: the inner tree, as there.
+        boxed = (jax.eval_shape(init) if abstract else init())["params"]
+        opt = make_optimizer(OptimizerConfig(warmup_steps=100, total_steps=1000),
+                             boxed, cfg.rule)
+        return cfg, model, flax_meta.unbox(boxed), opt
+    import optax
+
+    model = plain_lib.PlainLlama(vocab_size=VOCAB, width=cfg.width, depth=cfg.depth,
+                                 num_heads=cfg.num_heads, ffn_hidden=4 * cfg.width,
+                                 dtype=jnp.bfloat16, remat=shape["remat"] != "none")
+    init = lambda k: model.init(k, jnp.zeros((1, cfg.seq_len), jnp.int32))["params"]  # noqa: E731
+    params = (jax.eval_shape(init, jax.random.key(0)) if abstract
+              else jax.jit(init)(jax.random.key(0)))
+    opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 1e-3, 100, 1000, 1e-4),
+                      b1=0.9, b2=0.999, eps=1e-8, weight_decay=2.0**-13)
+    return cfg, model, params, opt
+
+
 def run_row(row: dict, steps: int, warmup: int) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from flax.core import meta as flax_meta
 
     import bench_overhead as plain_lib
-    from umup_jax import Decoder, ModelConfig, OptimizerConfig, make_optimizer, throughput
-    from umup_jax.model import init_params
+    from umup_jax import throughput
 
     shape = SHAPES[row["shape"]]
     width, depth, seq, batch = shape["width"], shape["depth"], shape["seq"], shape["batch"]
     heads = width // HEAD_DIM
-    cfg = ModelConfig(
-        vocab_size=VOCAB, width=width, depth=depth, num_heads=heads, ffn_expansion=4,
-        seq_len=seq, parametrization="umup", dtype="bfloat16",
-        fp8=row["fp8"], attention_impl=row["attention"], remat=shape["remat"],
-        scan_layers=row["scan"],
-    )
+    cfg, model, params, opt = build_row(row)
     rng = np.random.default_rng(0)
     data = rng.integers(0, VOCAB, size=(batch, seq + 1), dtype=np.int32)
     tokens, targets = jnp.asarray(data[:, :-1]), jnp.asarray(data[:, 1:])
-    if row["model"] == "umup":
-        model = Decoder(cfg)
-        # bench_overhead's Runner applies {"params": params}: the inner tree, as there.
-        boxed = init_params(model, jax.random.key(0))["params"]
-        opt = make_optimizer(OptimizerConfig(warmup_steps=100, total_steps=1000),
-                             boxed, cfg.rule)
-        params = flax_meta.unbox(boxed)
-    else:  # the plain Flax Llama, BF16, XLA attention
-        model = plain_lib.PlainLlama(vocab_size=VOCAB, width=width, depth=depth,
-                                     num_heads=heads, ffn_hidden=4 * width,
-                                     dtype=jnp.bfloat16, remat=shape["remat"] != "none")
-        params = jax.jit(lambda k: model.init(k, tokens[:1])["params"])(jax.random.key(0))
-        import optax
-
-        opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 1e-3, 100, 1000, 1e-4),
-                          b1=0.9, b2=0.999, eps=1e-8, weight_decay=2.0**-13)
     runner = plain_lib.Runner(row["model"], model, params, opt, tokens, targets)
     loss = runner.run(warmup, record=False)
     loss = runner.run(steps)

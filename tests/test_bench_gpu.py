@@ -153,3 +153,73 @@ def test_budget_bounds_the_whole_call(bench, monkeypatch, tmp_path):
     assert timeouts == [120.0, 120.0]  # error rows run again; 50 s left is too little
     with pytest.raises(SystemExit):
         bench.main(["--out", str(tmp_path), "--budget-s", "-1"])
+
+
+@pytest.fixture(scope="module")
+def plan():
+    sys.path.append(str(ROOT / "experiments"))
+    spec = importlib.util.spec_from_file_location("gpu_plan", ROOT / "experiments" /
+                                                  "gpu_plan.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _plugin_importable() -> bool:
+    return importlib.util.find_spec("jax_plugins") is not None and any(
+        importlib.util.find_spec(f"jax_plugins.{name}") is not None
+        for name in ("xla_cuda13", "xla_cuda12"))
+
+
+@pytest.mark.skipif(_plugin_importable(), reason="JAX's CUDA plugin is on the path here")
+def test_plan_without_the_cuda_plugin_says_what_to_install(plan):
+    with pytest.raises(SystemExit, match="jax-cuda13-plugin"):
+        plan.main(["--shapes", "proxy256"])
+
+
+def test_plan_rows_on_this_cpu(plan, monkeypatch, tmp_path):
+    """gpu_plan.py's row code compiled for this CPU on a tiny shape: our step and the plain
+    Llama's (same parameter count), each kernel's traffic counted, the memory plan, FLOP and
+    bandwidth bounds from the formulas, the summary comparing them and the plot."""
+    monkeypatch.setitem(plan.bench_gpu.SHAPES, "proxy256",
+                        dict(width=64, depth=2, seq=32, batch=4, remat="none"))
+    monkeypatch.setattr(plan.bench_gpu, "VOCAB", 512)
+    rows = [plan.plan_row(dict(shape="proxy256", model=model, fp8=fp8, attention="xla",
+                               scan=scan))
+            for model, fp8, scan in (("umup", "none", False), ("umup", "paper_simple", True),
+                                     ("plain", "none", False))]
+    for row in rows:
+        assert row["error"] == "" and row["fits_h100"] is True
+        assert (row["width"], row["heads"], row["depth"]) == (64, 1, 2)
+        assert row["kernels"] > row["gemm_kernels"] > 0
+        assert row["gemm_traffic_gib"] > 0 and row["other_traffic_gib"] > 0
+        assert row["step_memory_gib"] > row["temp_memory_gib"] >= 0
+        assert row["other_ms_at_hbm"] == pytest.approx(
+            row["other_traffic_gib"] * 2**30 / 3.35e12 * 1e3, rel=1e-3)
+        assert set(row) >= set(plan.COLUMNS)
+    assert rows[0]["params"] == rows[2]["params"]
+    assert rows[0]["bf16_gemm_ms_at_peak"] == rows[2]["bf16_gemm_ms_at_peak"] > 0
+    assert rows[1]["upcast_gemms"] > 0  # this CPU upcasts FP8 operands
+    lines = plan.summary(rows)
+    assert lines[0].startswith("proxy256: ours / plain Llama: non-GEMM traffic")
+    assert lines[-1] == "every row fits an H100's 79.1 GiB"
+    plan.plot(rows, tmp_path / "gpu_plan.png")
+    assert (tmp_path / "gpu_plan.png").stat().st_size > 0
+
+
+@pytest.mark.gpu_aot
+def test_plan_row_for_an_h100(plan, monkeypatch):
+    """A row compiled for the abstract H100: FP8 GEMMs on f8 operands (Triton or cuBLASLt),
+    none upcast."""
+    from umup_jax import gpu_target
+
+    try:
+        sharding = gpu_target.h100_sharding()
+    except gpu_target.GpuTargetUnavailable as e:
+        pytest.skip(str(e))
+    monkeypatch.setitem(plan.bench_gpu.SHAPES, "proxy256",
+                        dict(width=256, depth=1, seq=128, batch=8, remat="none"))
+    row = plan.plan_row(dict(shape="proxy256", model="umup", fp8="paper_simple",
+                             attention="xla", scan=False), sharding)
+    assert row["error"] == "" and row["upcast_gemms"] == 0
+    assert row["fp8_gemms_cublaslt"] + row["fp8_gemms_triton"] > 0

@@ -1,0 +1,293 @@
+"""Kernels and memory traffic of a compiled XLA program, read from its HLO text.
+
+A compiled step is a sequence of kernels: each top-level instruction of the entry computation,
+and of the bodies of the ``while`` loops it runs (a scan over layers, gradient accumulation,
+the chunked loss), that does work (a fusion, a GEMM custom call, a copy, a collective, …).
+What a kernel reads and writes in device memory is, to first order, its operands and results:
+
+    traffic = Σ_kernels runs · (bytes read + bytes written)
+
+with ``runs`` the product of the trip counts of the loops around it (XLA records a loop's
+``known_trip_count`` in its backend config; a loop without one counts once and is reported).
+Three refinements keep the count from charging what a kernel does not touch:
+
+* an operand that a fusion only slices (``dynamic-slice``, ``slice``, ``gather``: a scanned
+  layer's weights, the picked logits) counts with the slices' sizes;
+* a fusion whose root is a ``dynamic-update-slice`` writes in place (a scan stacking its
+  residuals): it writes the update, and the buffer it updates is not read;
+* a custom call's byte-typed (``s8``/``u8``) results are workspace (cuBLAS's) and not counted.
+
+It is an estimate from above of what the device moves, not a measurement: caches, a kernel
+that reads an operand twice, and what XLA's emitters fuse further are not seen.  What it is for
+is comparing two programs compiled alike (:mod:`umup_jax.gpu_target` compiles for an H100 on
+the CPU): our u-μP step against a plain Llama's, or a step before and after a change, which on
+a GPU at small widths is bound by memory traffic rather than by its GEMMs.  Kernels are of three
+kinds: ``gemm`` (cuBLAS calls, ``dot``/``convolution`` instructions and fusions holding one,
+Triton GEMM fusions), ``attention`` (cuDNN's fused attention) and ``other``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Optional
+
+from umup_jax.hlo_check import (
+    _BACKEND_KIND, _COMPUTATION, _INSTRUCTION, _OP_NAME, _TARGET, _operands, _split_operands,
+)
+
+# Bytes per element of XLA's primitive types (sub-byte types are packed: s4/u4 count ½).
+ELEMENT_BYTES = {
+    "pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "s32": 4, "u32": 4,
+    "s64": 8, "u64": 8, "f16": 2, "bf16": 2, "f32": 4, "f64": 8, "c64": 8, "c128": 16,
+    "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3": 1, "f8e4m3fnuz": 1, "f8e5m2fnuz": 1, "f8e4m3b11fnuz": 1,
+}
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_BODY = re.compile(r"\bbody=%?([\w.\-]+)")
+_CALLED = re.compile(r"\b(?:to_apply|true_computation|false_computation|calls)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
+
+# Instructions that launch nothing: they name, group or alias buffers, or hold other
+# computations (whose instructions are counted where they run).
+NO_KERNEL = frozenset({
+    "parameter", "constant", "bitcast", "get-tuple-element", "tuple", "while", "conditional",
+    "call", "opt-barrier", "after-all", "add-dependency", "partition-id", "replica-id",
+    "domain",
+})
+SLICING = frozenset({"dynamic-slice", "slice", "gather"})
+KINDS = ("gemm", "attention", "other")
+
+
+def type_bytes(type_text: str, workspace: bool = True) -> float:
+    """Bytes of every array in a type's text (``f32[8,128]{1,0}``, or a tuple of them); with
+    ``workspace=False`` byte-typed (``s8``/``u8``) arrays are left out."""
+    total = 0.0
+    for element, dims in _ARRAY.findall(type_text):
+        if element not in ELEMENT_BYTES or (not workspace and element in ("s8", "u8")):
+            continue
+        n = 1
+        for d in dims.split(","):
+            if d:
+                n *= int(d)
+        total += n * ELEMENT_BYTES[element]
+    return total
+
+
+@dataclasses.dataclass(frozen=True)
+class _Inst:
+    name: str
+    result: str
+    opcode: str
+    operands: tuple[str, ...]  # operand names
+    operand_types: tuple[str, ...]  # their type texts ("" where unknown)
+    line: str
+    root: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """One kernel of the program: bytes it reads and writes each time it runs, and how many
+    times it runs per call of the program."""
+
+    name: str
+    opcode: str
+    kind: str  # one of KINDS
+    reads: float
+    writes: float
+    runs: int
+    op_name: str
+
+    @property
+    def traffic(self) -> float:
+        """runs · (reads + writes), in bytes."""
+        return self.runs * (self.reads + self.writes)
+
+
+def _parse(hlo_text: str) -> tuple[dict[str, list[_Inst]], Optional[str]]:
+    computations: dict[str, list[_Inst]] = {}
+    entry, current = None, None
+    raw = []
+    for line in hlo_text.splitlines():
+        if (m := _INSTRUCTION.match(line)) and current is not None:
+            raw.append((current, line, m.groups()))
+        elif (c := _COMPUTATION.match(line)):
+            current = c.group(1)
+            computations[current] = []
+            if line.startswith("ENTRY"):
+                entry = current
+    types = {name: result for _, _, (name, result, _, _) in raw}
+    for computation, line, (name, result, opcode, rest) in raw:
+        names, operand_types = [], []
+        for operand in _split_operands(_operands(rest)):
+            token = operand.split()[-1].lstrip("%")
+            inline = _ARRAY.match(operand)
+            names.append(token)
+            operand_types.append(operand.rsplit(" ", 1)[0] if inline and " " in operand
+                                 else types.get(token, ""))
+        computations[computation].append(_Inst(
+            name=name, result=result, opcode=opcode, operands=tuple(names),
+            operand_types=tuple(operand_types), line=line,
+            root=line.lstrip().startswith("ROOT "),
+        ))
+    return computations, entry
+
+
+def _holds_a_dot(computation: str, computations: dict[str, list[_Inst]],
+                 seen: Optional[set] = None) -> bool:
+    seen = set() if seen is None else seen
+    if computation in seen:
+        return False
+    seen.add(computation)
+    for inst in computations.get(computation, ()):
+        if inst.opcode in ("dot", "convolution"):
+            return True
+        for called in _CALLED.findall(inst.line):
+            if _holds_a_dot(called, computations, seen):
+                return True
+    return False
+
+
+def _kind(inst: _Inst, computations: dict[str, list[_Inst]]) -> str:
+    target = _TARGET.search(inst.line)
+    if inst.opcode == "custom-call" and target:
+        t = target.group(1)
+        if t.startswith("__cudnn$fmha"):
+            return "attention"
+        if t.startswith("__cublas") or "matmul" in t or "gemm" in t:
+            return "gemm"
+        return "other"
+    if inst.opcode in ("dot", "convolution"):
+        return "gemm"
+    if inst.opcode == "fusion":
+        backend = _BACKEND_KIND.search(inst.line)
+        if backend and "gemm" in backend.group(1):
+            return "gemm"
+        called = _CALLED.findall(inst.line)
+        if called and _holds_a_dot(called[0], computations):
+            return "gemm"
+    return "other"
+
+
+def _fusion_bytes(inst: _Inst, fused: list[_Inst]) -> tuple[float, float]:
+    """(reads, writes) of a fusion, its fused computation's slicing and in-place update
+    taken into account."""
+    by_name = {i.name: i for i in fused}
+    params = {}
+    for i in fused:
+        if i.opcode == "parameter":
+            m = re.search(r"parameter\((\d+)\)", i.line)
+            if m:
+                params[int(m.group(1))] = i.name
+    uses: dict[str, list[_Inst]] = {}
+    for i in fused:
+        for o in i.operands:
+            uses.setdefault(o, []).append(i)
+
+    def consumers(name: str) -> list[_Inst]:
+        """The instructions reading ``name``, looking through bitcasts."""
+        out = []
+        for u in uses.get(name, ()):
+            out.extend(consumers(u.name) if u.opcode == "bitcast" else [u])
+        return out
+
+    root = next((i for i in fused if i.root), None)
+    roots = ([by_name[o] for o in root.operands if o in by_name]
+             if root is not None and root.opcode == "tuple" else [root] if root else [])
+    in_place = {r.operands[0] for r in roots if r.opcode == "dynamic-update-slice"}
+    writes = 0.0
+    for r in roots:
+        if r.opcode == "dynamic-update-slice":
+            writes += type_bytes(r.operand_types[1]) if len(r.operand_types) > 1 else 0.0
+        else:
+            writes += type_bytes(r.result)
+    reads = 0.0
+    for index, outer_type in enumerate(inst.operand_types):
+        param = params.get(index)
+        users = consumers(param) if param else []
+        if param and users and all(u.opcode in SLICING
+                                   and _through_bitcasts(param, u.operands[0], by_name)
+                                   for u in users):
+            reads += sum(type_bytes(u.result) for u in users)
+        elif param and any(_through_bitcasts(param, r, by_name) for r in in_place):
+            continue  # updated in place: only the update moves
+        else:
+            reads += type_bytes(outer_type)
+    return reads, writes
+
+
+def _through_bitcasts(param: str, name: str, by_name: dict[str, _Inst]) -> bool:
+    while name != param and name in by_name and by_name[name].opcode == "bitcast":
+        name = by_name[name].operands[0]
+    return name == param
+
+
+def _bytes(inst: _Inst, computations: dict[str, list[_Inst]]) -> tuple[float, float]:
+    if inst.opcode == "fusion":
+        called = _CALLED.findall(inst.line)
+        if called and called[0] in computations:
+            return _fusion_bytes(inst, computations[called[0]])
+    if inst.opcode in SLICING:
+        size = type_bytes(inst.result)
+        return size, size
+    if inst.opcode == "dynamic-update-slice":
+        size = type_bytes(inst.operand_types[1]) if len(inst.operand_types) > 1 else 0.0
+        return size, size
+    reads = sum(type_bytes(t) for t in inst.operand_types)
+    return reads, type_bytes(inst.result, workspace=inst.opcode != "custom-call")
+
+
+def kernels(hlo_text: str) -> tuple[list[Kernel], int]:
+    """(every kernel the program runs, how many loops had no known trip count)."""
+    computations, entry = _parse(hlo_text)
+    if entry is None:
+        raise ValueError("no ENTRY computation in this HLO text")
+    runs = {entry: 1}
+    unknown = 0
+    todo = [entry]
+    while todo:
+        c = todo.pop()
+        for inst in computations.get(c, ()):
+            if inst.opcode == "while":
+                trip = _TRIP_COUNT.search(inst.line)
+                unknown += trip is None
+                n = int(trip.group(1)) if trip else 1
+                targets = [(b, n) for b in _BODY.findall(inst.line)]
+            elif inst.opcode == "conditional":
+                # Each branch counted as if it ran: an upper bound.
+                branches = _BRANCHES.search(inst.line)
+                names = ([b.strip().lstrip("%") for b in branches.group(1).split(",")]
+                         if branches else _CALLED.findall(inst.line))
+                targets = [(b, 1) for b in names]
+            elif inst.opcode == "call":
+                targets = [(b, 1) for b in _CALLED.findall(inst.line)]
+            else:
+                continue
+            for body, n in targets:
+                if body in computations and body not in runs:
+                    runs[body] = runs[c] * n
+                    todo.append(body)
+    out = []
+    for computation, n in runs.items():
+        for inst in computations[computation]:
+            if inst.opcode in NO_KERNEL or inst.opcode.endswith("-done"):
+                continue
+            reads, writes = _bytes(inst, computations)
+            op_name = _OP_NAME.search(inst.line)
+            out.append(Kernel(name=inst.name, opcode=inst.opcode,
+                              kind=_kind(inst, computations), reads=reads, writes=writes,
+                              runs=n, op_name=op_name.group(1) if op_name else ""))
+    return out, unknown
+
+
+def traffic(hlo_text: str) -> dict:
+    """``{kind: {"kernels": launches per call, "bytes": traffic}}`` for each of :data:`KINDS`,
+    plus ``"total"`` and ``"unknown_trip_counts"`` (loops counted once for want of one)."""
+    found, unknown = kernels(hlo_text)
+    out: dict = {k: {"kernels": 0, "bytes": 0.0} for k in (*KINDS, "total")}
+    for k in found:
+        for key in (k.kind, "total"):
+            out[key]["kernels"] += k.runs
+            out[key]["bytes"] += k.traffic
+    out["unknown_trip_counts"] = unknown
+    return out
