@@ -61,21 +61,38 @@ def test_matmuls_are_gemm_kernels():
     assert t["gemm"]["bytes"] >= (128 * 256 + 256 * 64) * 4  # reads both operands
 
 
+# Traffic of the cross-entropy's gradient (2048 tokens × V = 2048), ours / autodiff's, measured
+# 2026-12-07: compiled for the H100 (gpu_target) the closed form moves 64 vs 128 MiB (fp32
+# logits) and 32 vs 96 MiB (bf16) on jax 0.10.2, 64 vs 96 and 32 vs 80 MiB on 0.12.1; on this
+# CPU 96 vs 192 and 72 vs 168 MiB on 0.10.2, but XLA 0.12's CPU pipeline simplifies autodiff's
+# one-hot scatter itself (96.08 vs 96.05 and 72 vs 80 MiB).
+CE_BOUNDS = {("h100", "float32"): 0.7, ("h100", "bfloat16"): 0.45,
+             ("cpu", "float32"): 1.01, ("cpu", "bfloat16"): 1.01}
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_the_cross_entropys_closed_form_backward_moves_half_of_autodiffs(dtype):
-    """What the closed-form VJP of ``ops.cross_entropy`` is for, on this CPU (on an H100 the
-    train step's non-GEMM traffic fell 19.2 → 11.4 GiB, BUILD.md): 96 vs 192 MiB (fp32) and
-    72 vs 168 MiB (bf16) for 2048 tokens × V = 2048."""
+@pytest.mark.parametrize("target", ["cpu", pytest.param("h100", marks=pytest.mark.gpu_aot)])
+def test_the_cross_entropys_closed_form_backward_moves_less_than_autodiffs(target, dtype):
+    """What the closed-form VJP of ``ops.cross_entropy`` is for: in the H100 program its
+    gradient moves at most 0.45× autodiff's bytes for bf16 logits (0.7× for fp32); on this
+    CPU, whose compiler may simplify autodiff's scatter itself, never more (within 1%)."""
     from test_ops import _autodiff_cross_entropy
 
+    from umup_jax import gpu_target
+
     z = jax.ShapeDtypeStruct((4, 512, 2048), dtype)
-    t = jax.random.randint(jax.random.key(0), (4, 512), 0, 2048)
-    ours = hlo_traffic.traffic(compiled(jax.grad(lambda z: ops.cross_entropy(z, t, mult=0.5)),
-                                        z))
-    autodiff = hlo_traffic.traffic(compiled(jax.grad(
-        lambda z: _autodiff_cross_entropy(z, t, 0.5)), z))
-    assert ours["total"]["bytes"] <= 0.55 * autodiff["total"]["bytes"]
-    assert ours["total"]["kernels"] < autodiff["total"]["kernels"]
+    t = jax.ShapeDtypeStruct((4, 512), jnp.int32)
+    if target == "h100":
+        try:
+            sharding = gpu_target.h100_sharding()
+        except gpu_target.GpuTargetUnavailable as e:
+            pytest.skip(str(e))
+        z, t = gpu_target.abstract((z, t), sharding)
+    ours = hlo_traffic.traffic(compiled(
+        jax.grad(lambda z, t: ops.cross_entropy(z, t, mult=0.5)), z, t))
+    autodiff = hlo_traffic.traffic(compiled(
+        jax.grad(lambda z, t: _autodiff_cross_entropy(z, t, 0.5)), z, t))
+    assert ours["total"]["bytes"] <= CE_BOUNDS[target, dtype] * autodiff["total"]["bytes"]
 
 
 # A module as XLA:GPU prints it (operands by name; shapes and names made small).

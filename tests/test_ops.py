@@ -505,8 +505,9 @@ def test_cross_entropy_backward_equals_autodiff_and_scatters_nothing(dtype):
     ≤ 1e-6 of the largest gradient, measured 8e-8; bf16 logits: the gradient differs by at
     most one bf16 step on ≤ 0.1% of its entries, measured 0.003%), for u-μP's loss
     (α_loss-softmax 0.5) and the plain one, on (B, S, V) logits; its program builds no
-    one-hot by scatter, and u-μP's needs at most half of autodiff's temporary memory (measured:
-    16 KiB vs 16 MiB in fp32, 16 vs 32 MiB in bf16)."""
+    one-hot by scatter, and u-μP's needs no more temporary memory than autodiff's (measured
+    on this CPU: 16 KiB vs 16 MiB in fp32 on jax 0.10.2 and 0.12.1; 16 vs 32 MiB in bf16 on
+    0.10.2, 16 vs 16 MiB on 0.12.1, whose compiler simplifies autodiff's scatter itself)."""
     z = normal(0, (4, 512, 2048)).astype(dtype)
     t = jax.random.randint(jax.random.key(SEED), (4, 512), 0, 2048)
     pairs = [(lambda z: ops.cross_entropy(z, t, mult=0.5),
@@ -534,7 +535,7 @@ def test_cross_entropy_backward_equals_autodiff_and_scatters_nothing(dtype):
             return compiled.memory_analysis().temp_size_in_bytes
 
         if i == 0:  # u-μP's loss; the plain sum's autodiff needs little in fp32 too
-            assert temp(ours) <= temp(reference) / 2
+            assert temp(ours) <= temp(reference)
 
 
 def test_cross_entropy_rejects_bad_input():
