@@ -115,10 +115,11 @@ HloModule jit_step, entry_computation_layout={()->()}
   ROOT %dus.1 = f32[8,64,32]{2,1,0} dynamic-update-slice(%q0, %bitcast.2, %q2, %c0, %c0)
 }
 
-%pick_computation (r0: f32[1024,512], r1: s32[1024,1]) -> f32[1024,1] {
-  %r0 = f32[1024,512]{1,0} parameter(0)
+%pick_computation (r0: bf16[1024,512], r1: s32[1024,1]) -> f32[1024,1] {
+  %r0 = bf16[1024,512]{1,0} parameter(0)
   %r1 = s32[1024,1]{1,0} parameter(1)
-  ROOT %gather.1 = f32[1024,1]{1,0} gather(%r0, %r1), offset_dims={1}, collapsed_slice_dims={}, start_index_map={1}, index_vector_dim=1, slice_sizes={1,1}
+  %up = f32[1024,512]{1,0} convert(%r0)
+  ROOT %gather.1 = f32[1024,1]{1,0} gather(%up, %r1), offset_dims={1}, collapsed_slice_dims={}, start_index_map={1}, index_vector_dim=1, slice_sizes={1,1}
 }
 
 %body (t0: (s32[], f32[8,64,32], bf16[64,128], bf16[128,32])) -> (s32[], f32[8,64,32], bf16[64,128], bf16[128,32]) {
@@ -149,11 +150,11 @@ HloModule jit_step, entry_computation_layout={()->()}
   ROOT %f = pred[] constant(false)
 }
 
-ENTRY %main (x: bf16[64,128], w: bf16[128,32], s: f32[8,64,32], l: f32[1024,512], t: s32[1024,1], v: f32[4096], q: bf16[2,256,4,64]) -> f32[8,64,32] {
+ENTRY %main (x: bf16[64,128], w: bf16[128,32], s: f32[8,64,32], l: bf16[1024,512], t: s32[1024,1], v: f32[4096], q: bf16[2,256,4,64]) -> f32[8,64,32] {
   %x = bf16[64,128]{1,0} parameter(0)
   %w = bf16[128,32]{1,0} parameter(1)
   %s = f32[8,64,32]{2,1,0} parameter(2)
-  %l = f32[1024,512]{1,0} parameter(3)
+  %l = bf16[1024,512]{1,0} parameter(3)
   %t = s32[1024,1]{1,0} parameter(4)
   %v = f32[4096]{0} parameter(5)
   %q = bf16[2,256,4,64]{3,2,1,0} parameter(6)
@@ -187,8 +188,8 @@ def test_synthetic_gpu_program():
     update = by_name["update_fusion"]  # in place: reads the update (and index), writes it
     assert (update.kind, update.runs, update.reads, update.writes) == (
         "other", 3, 64 * 32 * 2 + 4, 64 * 32 * 4)
-    pick = by_name["pick"]  # a gather reads the picked elements, not the whole operand
-    assert (pick.reads, pick.writes) == (1024 * 4 + 1024 * 4, 1024 * 4)
+    pick = by_name["pick"]  # a gather (of a convert) reads the picked elements, not all
+    assert (pick.reads, pick.writes) == (1024 * 2 + 1024 * 4, 1024 * 4)
     assert by_name["neg"].runs == 1
     t = hlo_traffic.traffic(GPU_HLO)
     assert t["gemm"]["kernels"] == 1 + 3 and t["attention"]["kernels"] == 1

@@ -11,8 +11,9 @@ with ``runs`` the product of the trip counts of the loops around it (XLA records
 ``known_trip_count`` in its backend config; a loop without one counts once and is reported).
 Three refinements keep the count from charging what a kernel does not touch:
 
-* an operand that a fusion only slices (``dynamic-slice``, ``slice``, ``gather``: a scanned
-  layer's weights, the picked logits) counts with the slices' sizes;
+* an operand that a fusion only slices (``dynamic-slice``, ``slice``, ``gather``, possibly
+  after a bitcast or convert: a scanned layer's weights, the picked logits) counts with the
+  slices' sizes;
 * a fusion whose root is a ``dynamic-update-slice`` writes in place (a scan stacking its
   residuals): it writes the update, and the buffer it updates is not read;
 * a custom call's byte-typed (``s8``/``u8``) results are workspace (cuBLAS's) and not counted.
@@ -56,6 +57,7 @@ NO_KERNEL = frozenset({
     "domain",
 })
 SLICING = frozenset({"dynamic-slice", "slice", "gather"})
+_PASS_THROUGH = frozenset({"bitcast", "convert"})  # elementwise: a slice of them reads a slice
 KINDS = ("gemm", "attention", "other")
 
 
@@ -185,10 +187,11 @@ def _fusion_bytes(inst: _Inst, fused: list[_Inst]) -> tuple[float, float]:
             uses.setdefault(o, []).append(i)
 
     def consumers(name: str) -> list[_Inst]:
-        """The instructions reading ``name``, looking through bitcasts."""
+        """The instructions reading ``name``, looking through bitcasts and converts (an
+        element converted and then gathered is the only one read)."""
         out = []
         for u in uses.get(name, ()):
-            out.extend(consumers(u.name) if u.opcode == "bitcast" else [u])
+            out.extend(consumers(u.name) if u.opcode in _PASS_THROUGH else [u])
         return out
 
     root = next((i for i in fused if i.root), None)
@@ -208,7 +211,9 @@ def _fusion_bytes(inst: _Inst, fused: list[_Inst]) -> tuple[float, float]:
         if param and users and all(u.opcode in SLICING
                                    and _through_bitcasts(param, u.operands[0], by_name)
                                    for u in users):
-            reads += sum(type_bytes(u.result) for u in users)
+            # The sliced elements, in the operand's element type.
+            element = ELEMENT_BYTES.get((_ARRAY.findall(outer_type) or [("", "")])[0][0], 0)
+            reads += sum(_elements(u.result) * element for u in users)
         elif param and any(_through_bitcasts(param, r, by_name) for r in in_place):
             continue  # updated in place: only the update moves
         else:
@@ -217,9 +222,21 @@ def _fusion_bytes(inst: _Inst, fused: list[_Inst]) -> tuple[float, float]:
 
 
 def _through_bitcasts(param: str, name: str, by_name: dict[str, _Inst]) -> bool:
-    while name != param and name in by_name and by_name[name].opcode == "bitcast":
+    """Whether ``name`` is ``param`` or made from it by bitcasts and converts alone."""
+    while name != param and name in by_name and by_name[name].opcode in _PASS_THROUGH:
         name = by_name[name].operands[0]
     return name == param
+
+
+def _elements(type_text: str) -> int:
+    n = 0
+    for _, dims in _ARRAY.findall(type_text):
+        size = 1
+        for d in dims.split(","):
+            if d:
+                size *= int(d)
+        n += size
+    return n
 
 
 def _bytes(inst: _Inst, computations: dict[str, list[_Inst]]) -> tuple[float, float]:
