@@ -29,7 +29,8 @@ the plain Llama's (traffic other than GEMMs, kernels, memory).
 Usage (the plugin of the installed JAX on the path, BUILD.md "Tests")::
 
     JAX_PLATFORMS=cpu PYTHONPATH=.cuda-plugin python experiments/gpu_plan.py
-        [--out experiments/results/gpu_plan] [--shapes proxy256,…,1b] [--scan]
+        [--out experiments/results/gpu_plan] [--shapes proxy256,…,1b]
+        [--scan (our model with model.scan_layers; default out …/gpu_plan_scan)]
 """
 
 from __future__ import annotations
@@ -157,14 +158,17 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
         ax.grid(alpha=0.3, axis="y")
     axes[1].axhline(H100_MEMORY_BYTES / GIB, color="k", ls=":", label="H100 memory")
     axes[1].legend(fontsize=7)
-    fig.suptitle("bench_gpu.py's rows compiled for an H100 ahead of time (XLA attention)")
+    scanned = any(r.get("scan") for r in rows)
+    fig.suptitle("bench_gpu.py's rows compiled for an H100 ahead of time (XLA attention"
+                 + (", our blocks scanned)" if scanned else ")"))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=str(ROOT / "experiments" / "results" / "gpu_plan"))
+    p.add_argument("--out", default=None,
+                   help="default experiments/results/gpu_plan (gpu_plan_scan with --scan)")
     p.add_argument("--shapes", default=",".join(bench_gpu.SHAPES),
                    help=f"comma-separated subset of {list(bench_gpu.SHAPES)}")
     p.add_argument("--scan", action="store_true", help="our model with model.scan_layers")
@@ -179,7 +183,8 @@ def main(argv=None):
         sharding = gpu_target.h100_sharding()
     except gpu_target.GpuTargetUnavailable as e:
         sys.exit(f"gpu_plan.py: {e}")
-    out = pathlib.Path(args.out)
+    out = pathlib.Path(args.out or ROOT / "experiments" / "results" /
+                       ("gpu_plan_scan" if args.scan else "gpu_plan"))
     out.mkdir(parents=True, exist_ok=True)
     todo = [r for r in bench_gpu.rows_for(shapes, args.scan) if r["attention"] == "xla"]
     order = {s: i for i, s in enumerate(bench_gpu.SHAPES)}
