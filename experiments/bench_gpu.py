@@ -20,6 +20,10 @@ Each row runs in a fresh subprocess (``--row JSON``), so that its peak device me
 (``memory_stats()['peak_bytes_in_use']``, ``peak_memory_gib``, which includes what the GEMM
 autotuner held while compiling) is its own and an out-of-memory row fails alone;
 ``step_memory_gib`` is the compiled step's own plan (arguments, outputs, temporaries).
+``kernels`` and ``other_traffic_gib`` are the compiled step's kernel launches and the memory
+traffic of its kernels other than GEMMs (:mod:`umup_jax.hlo_traffic`, as ``gpu_plan.py``
+estimates them ahead of time: set against ``step_ms``, they say how far the step is from its
+bandwidth bound).
 ``fp8_gemms_cublaslt``, ``fp8_gemms_triton`` and ``upcast_gemms`` say how the compiled step
 runs the GEMMs of the FP8 groups (:mod:`umup_jax.hlo_check`): XLA's autotuner gives each GEMM
 to cuBLASLt or to a Triton kernel, and an upcast GEMM is one that does not take the FP8
@@ -93,7 +97,8 @@ HEAD_DIM = 64
 COLUMNS = ("shape", "model", "fp8", "attention", "width", "depth", "heads", "seq", "batch",
            "remat", "scan", "params", "compile_s", "step_ms", "step_ms_min",
            "step_ms_pipelined", "tokens_per_s", "mfu", "peak_memory_gib", "step_memory_gib",
-           "fp8_gemms_cublaslt", "fp8_gemms_triton", "upcast_gemms", "loss", "device", "error")
+           "fp8_gemms_cublaslt", "fp8_gemms_triton", "upcast_gemms", "kernels",
+           "other_traffic_gib", "loss", "device", "error")
 
 
 def require_gpu(backend: str, devices: str) -> None:
@@ -183,7 +188,7 @@ def run_row(row: dict, steps: int, warmup: int) -> dict:
     import numpy as np
 
     import bench_overhead as plain_lib
-    from umup_jax import throughput
+    from umup_jax import hlo_traffic, throughput
 
     shape = SHAPES[row["shape"]]
     width, depth, seq, batch = shape["width"], shape["depth"], shape["seq"], shape["batch"]
@@ -202,8 +207,9 @@ def run_row(row: dict, steps: int, warmup: int) -> dict:
     peak = throughput.peak_flops(device.device_kind, "bfloat16")
     memory = throughput.peak_memory_bytes([device])  # the process's high-water mark
     step_memory = compiled_step_bytes(runner.compiled)
-    gemms = fp8_gemm_kinds(runner.compiled.as_text(), cfg.fp8_policy if row["model"] == "umup"
-                           else {})
+    hlo = runner.compiled.as_text()
+    gemms = fp8_gemm_kinds(hlo, cfg.fp8_policy if row["model"] == "umup" else {})
+    traffic = hlo_traffic.traffic(hlo)
     return {
         **row, "width": width, "depth": depth, "heads": heads, "seq": seq, "batch": batch,
         "remat": shape["remat"], "params": runner.num_params,
@@ -215,7 +221,9 @@ def run_row(row: dict, steps: int, warmup: int) -> dict:
                                     peak, 1), 4),
         "peak_memory_gib": round(memory / 2**30, 3) if memory is not None else "",
         "step_memory_gib": round(step_memory / 2**30, 3) if step_memory is not None else "",
-        **gemms, "loss": round(loss, 4), "device": device.device_kind, "error": "",
+        **gemms, "kernels": traffic["total"]["kernels"],
+        "other_traffic_gib": float(f"{traffic['other']['bytes'] / 2**30:.4g}"),
+        "loss": round(loss, 4), "device": device.device_kind, "error": "",
     }
 
 
@@ -286,9 +294,9 @@ def rows_for(shapes: list[str], scan: bool) -> list[dict]:
 
 
 _INTS = ("width", "depth", "heads", "seq", "batch", "params", "fp8_gemms_cublaslt",
-         "fp8_gemms_triton", "upcast_gemms")
+         "fp8_gemms_triton", "upcast_gemms", "kernels")
 _FLOATS = ("compile_s", "step_ms", "step_ms_min", "step_ms_pipelined", "tokens_per_s", "mfu",
-           "peak_memory_gib", "step_memory_gib", "loss")
+           "peak_memory_gib", "step_memory_gib", "other_traffic_gib", "loss")
 
 
 def read_rows(path: pathlib.Path) -> list[dict]:

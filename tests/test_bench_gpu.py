@@ -77,6 +77,7 @@ def test_rows_summary_and_plot_on_a_tiny_shape(bench, monkeypatch, tmp_path):
         assert row["step_ms_pipelined"] > 0
         assert (row["width"], row["heads"], row["remat"]) == (64, 1, "full")
         assert isinstance(row["step_memory_gib"], float) and row["step_memory_gib"] >= 0
+        assert row["kernels"] > 0 and row["other_traffic_gib"] > 0
         assert (row["fp8_gemms_cublaslt"], row["fp8_gemms_triton"], row["upcast_gemms"]) == (
             0, 0, 0)  # BF16 rows
         rows.append(row)
