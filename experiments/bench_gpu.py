@@ -101,6 +101,11 @@ COLUMNS = ("shape", "model", "fp8", "attention", "width", "depth", "heads", "seq
            "other_traffic_gib", "loss", "device", "error")
 
 
+def four_digits(x: float) -> float:
+    """``x`` to 4 significant digits (table cells of GiB or ms from MiB to TiB)."""
+    return float(f"{x:.4g}")
+
+
 def require_gpu(backend: str, devices: str) -> None:
     if backend != "gpu":
         sys.exit(f"bench_gpu.py needs a CUDA GPU, but JAX's backend here is {backend!r} "
@@ -191,9 +196,8 @@ def run_row(row: dict, steps: int, warmup: int) -> dict:
     from umup_jax import hlo_traffic, throughput
 
     shape = SHAPES[row["shape"]]
-    width, depth, seq, batch = shape["width"], shape["depth"], shape["seq"], shape["batch"]
-    heads = width // HEAD_DIM
     cfg, model, params, opt = build_row(row)
+    seq, batch = cfg.seq_len, shape["batch"]
     rng = np.random.default_rng(0)
     data = rng.integers(0, VOCAB, size=(batch, seq + 1), dtype=np.int32)
     tokens, targets = jnp.asarray(data[:, :-1]), jnp.asarray(data[:, 1:])
@@ -211,7 +215,8 @@ def run_row(row: dict, steps: int, warmup: int) -> dict:
     gemms = fp8_gemm_kinds(hlo, cfg.fp8_policy if row["model"] == "umup" else {})
     traffic = hlo_traffic.traffic(hlo)
     return {
-        **row, "width": width, "depth": depth, "heads": heads, "seq": seq, "batch": batch,
+        **row, "width": cfg.width, "depth": cfg.depth, "heads": cfg.num_heads, "seq": seq,
+        "batch": batch,
         "remat": shape["remat"], "params": runner.num_params,
         "compile_s": round(runner.compile_s, 2), "step_ms": round(step_s * 1e3, 3),
         "step_ms_min": round(min(runner.times) * 1e3, 3),
@@ -222,7 +227,7 @@ def run_row(row: dict, steps: int, warmup: int) -> dict:
         "peak_memory_gib": round(memory / 2**30, 3) if memory is not None else "",
         "step_memory_gib": round(step_memory / 2**30, 3) if step_memory is not None else "",
         **gemms, "kernels": traffic["total"]["kernels"],
-        "other_traffic_gib": float(f"{traffic['other']['bytes'] / 2**30:.4g}"),
+        "other_traffic_gib": four_digits(traffic["other"]["bytes"] / 2**30),
         "loss": round(loss, 4), "device": device.device_kind, "error": "",
     }
 

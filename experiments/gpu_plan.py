@@ -46,8 +46,8 @@ sys.path.append(str(ROOT))
 sys.path.append(str(ROOT / "experiments"))
 
 import bench_gpu  # noqa: E402
+from umup_jax.gpu_target import H100_DEVICE_KIND, H100_MEMORY_BYTES  # noqa: E402
 
-H100_MEMORY_BYTES = 84942979072  # gpu_target.H100_SXM_TARGET_CONFIG's device_memory_size
 H100_HBM_BYTES_PER_S = 3.35e12
 COLUMNS = ("shape", "model", "fp8", "attention", "width", "depth", "heads", "seq", "batch",
            "remat", "scan", "params", "compile_s", "step_memory_gib", "temp_memory_gib",
@@ -55,11 +55,7 @@ COLUMNS = ("shape", "model", "fp8", "attention", "width", "depth", "heads", "seq
            "bf16_gemm_ms_at_peak", "other_ms_at_hbm", "fp8_gemms_cublaslt", "fp8_gemms_triton",
            "upcast_gemms", "error")
 GIB = 2.0**30
-
-
-def _sig(x: float) -> float:
-    """``x`` to 4 significant digits (a table of GiB and ms from MiB to TiB)."""
-    return float(f"{x:.4g}")
+_sig = bench_gpu.four_digits
 
 
 def plan_row(row: dict, sharding=None) -> dict:
@@ -87,7 +83,7 @@ def plan_row(row: dict, sharding=None) -> dict:
     step_bytes = bench_gpu.compiled_step_bytes(compiled)
     temp = compiled.memory_analysis().temp_size_in_bytes
     flops = throughput.train_flops_per_token(cfg) * shape["batch"] * shape["seq"]
-    peak = throughput.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16")
+    peak = throughput.peak_flops(H100_DEVICE_KIND, "bfloat16")
     gemms = bench_gpu.fp8_gemm_kinds(text, cfg.fp8_policy if row["model"] == "umup" else {})
     return {
         **row, "width": cfg.width, "depth": cfg.depth, "heads": cfg.num_heads,

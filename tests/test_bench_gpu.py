@@ -14,14 +14,18 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def bench():
+def _experiment(name: str):
+    """experiments/<name>.py loaded as a module."""
     sys.path.append(str(ROOT / "experiments"))
-    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "experiments" /
-                                                  "bench_gpu.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _experiment("bench_gpu")
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="this machine has a GPU")
@@ -158,12 +162,7 @@ def test_budget_bounds_the_whole_call(bench, monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def plan():
-    sys.path.append(str(ROOT / "experiments"))
-    spec = importlib.util.spec_from_file_location("gpu_plan", ROOT / "experiments" /
-                                                  "gpu_plan.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _experiment("gpu_plan")
 
 
 def _plugin_importable() -> bool:

@@ -34,6 +34,8 @@ import jax
 # clock), with CUDA 13 and cuDNN 9.10.  XLA's GPU compiler reads the compute capability (which
 # FP8 GEMMs and Triton features exist) and the sizes (fusion and tiling heuristics); the
 # versions only gate cuBLASLt and cuDNN features.
+H100_DEVICE_KIND = "NVIDIA H100 80GB HBM3"
+H100_MEMORY_BYTES = 84942979072
 H100_SXM_TARGET_CONFIG = """
 gpu_device_info {
   threads_per_block_limit: 1024
@@ -49,7 +51,7 @@ gpu_device_info {
   memory_bandwidth: 3352320000000
   l2_cache_size: 52428800
   clock_rate_ghz: 1.98
-  device_memory_size: 84942979072
+  device_memory_size: @MEMORY@
   shared_memory_per_block_optin: 232448
   cuda_compute_capability {
     major: 9
@@ -59,7 +61,7 @@ gpu_device_info {
   registers_per_block_limit: 65536
   device_vendor: "NVIDIA Corporation"
   platform_version: "Compute Capability 9.0a"
-  name: "NVIDIA H100 80GB HBM3"
+  name: "@KIND@"
   driver_version: "13.0.0"
   runtime_version: "13.0.0"
   compile_time_toolkit_version: "13.0.0"
@@ -71,8 +73,8 @@ dnn_version_info {
   minor: 10
   patch: 0
 }
-device_description_str: "NVIDIA H100 80GB HBM3"
-"""
+device_description_str: "@KIND@"
+""".replace("@MEMORY@", str(H100_MEMORY_BYTES)).replace("@KIND@", H100_DEVICE_KIND)
 
 
 class GpuTargetUnavailable(RuntimeError):

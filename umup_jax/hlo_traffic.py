@@ -61,19 +61,23 @@ _PASS_THROUGH = frozenset({"bitcast", "convert"})  # elementwise: a slice of the
 KINDS = ("gemm", "attention", "other")
 
 
-def type_bytes(type_text: str, workspace: bool = True) -> float:
-    """Bytes of every array in a type's text (``f32[8,128]{1,0}``, or a tuple of them); with
-    ``workspace=False`` byte-typed (``s8``/``u8``) arrays are left out."""
-    total = 0.0
+def _arrays(type_text: str) -> list[tuple[str, int]]:
+    """(element type, element count) of every array in a type's text."""
+    out = []
     for element, dims in _ARRAY.findall(type_text):
-        if element not in ELEMENT_BYTES or (not workspace and element in ("s8", "u8")):
-            continue
         n = 1
         for d in dims.split(","):
             if d:
                 n *= int(d)
-        total += n * ELEMENT_BYTES[element]
-    return total
+        out.append((element, n))
+    return out
+
+
+def type_bytes(type_text: str, workspace: bool = True) -> float:
+    """Bytes of every array in a type's text (``f32[8,128]{1,0}``, or a tuple of them); with
+    ``workspace=False`` byte-typed (``s8``/``u8``) arrays are left out."""
+    return sum(n * ELEMENT_BYTES[element] for element, n in _arrays(type_text)
+               if element in ELEMENT_BYTES and (workspace or element not in ("s8", "u8")))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,34 +213,23 @@ def _fusion_bytes(inst: _Inst, fused: list[_Inst]) -> tuple[float, float]:
         param = params.get(index)
         users = consumers(param) if param else []
         if param and users and all(u.opcode in SLICING
-                                   and _through_bitcasts(param, u.operands[0], by_name)
+                                   and _made_from(param, u.operands[0], by_name)
                                    for u in users):
             # The sliced elements, in the operand's element type.
-            element = ELEMENT_BYTES.get((_ARRAY.findall(outer_type) or [("", "")])[0][0], 0)
-            reads += sum(_elements(u.result) * element for u in users)
-        elif param and any(_through_bitcasts(param, r, by_name) for r in in_place):
+            element = ELEMENT_BYTES.get((_arrays(outer_type) or [("", 0)])[0][0], 0)
+            reads += sum(n * element for u in users for _, n in _arrays(u.result))
+        elif param and any(_made_from(param, r, by_name) for r in in_place):
             continue  # updated in place: only the update moves
         else:
             reads += type_bytes(outer_type)
     return reads, writes
 
 
-def _through_bitcasts(param: str, name: str, by_name: dict[str, _Inst]) -> bool:
+def _made_from(param: str, name: str, by_name: dict[str, _Inst]) -> bool:
     """Whether ``name`` is ``param`` or made from it by bitcasts and converts alone."""
     while name != param and name in by_name and by_name[name].opcode in _PASS_THROUGH:
         name = by_name[name].operands[0]
     return name == param
-
-
-def _elements(type_text: str) -> int:
-    n = 0
-    for _, dims in _ARRAY.findall(type_text):
-        size = 1
-        for d in dims.split(","):
-            if d:
-                size *= int(d)
-        n += size
-    return n
 
 
 def _bytes(inst: _Inst, computations: dict[str, list[_Inst]]) -> tuple[float, float]:
