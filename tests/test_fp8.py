@@ -11,6 +11,7 @@ from flax.core import meta as flax_meta
 
 from conftest import SEED
 from umup_jax import config as config_lib
+from umup_jax import data as data_lib
 from umup_jax import fp8
 from umup_jax import train as train_lib
 from umup_jax.metrics import read_metrics
@@ -182,7 +183,7 @@ def test_bad_policy_raises():
         ModelConfig(fp8={"qkv": "e4m3"})
 
 
-def _train(tmp_path, name, parametrization, fp8_preset, steps=50, seed=0):
+def _config(parametrization, fp8_preset, steps=50, seed=0):
     arg = (f"smoke,seed={seed},model.width=64,model.depth=2,model.num_heads=1,model.seq_len=64,"
            f"model.dtype=bfloat16,train.batch_size=8,train.steps={steps},"
            f"train.metrics_every=10,train.eval_every={steps},train.checkpoint_every={steps},"
@@ -192,10 +193,38 @@ def _train(tmp_path, name, parametrization, fp8_preset, steps=50, seed=0):
     cfg = config_lib.proxy_config(parametrization, arg)
     if parametrization == "mup":
         cfg.model.hparams.base_width = 64
+    return cfg
+
+
+def _train(tmp_path, name, parametrization, fp8_preset, steps=50, seed=0):
+    """The trainer's run: (results, train rows, stats rows)."""
+    cfg = _config(parametrization, fp8_preset, steps, seed)
     results = train_lib.train_and_evaluate(cfg, str(tmp_path / name))
     rows = read_metrics(tmp_path / name / "metrics.jsonl", "train")
     stats = read_metrics(tmp_path / name / "metrics.jsonl", "stats")
     return results, rows, stats
+
+
+def _losses_by_seed(parametrization, fp8_preset, seeds, steps=50) -> dict[int, list[float]]:
+    """{seed: the loss of each step} of the trainer's runs of ``_config`` with those init
+    seeds, built from the trainer's own pieces (its run, init, step and data order) and
+    compiled once for all seeds: no evaluation, checkpoints or logs, which cost seconds per
+    run here."""
+    cfg = _config(parametrization, fp8_preset, steps)
+    run = train_lib.build_run(cfg)
+    init = train_lib.make_init_fn(run)
+    step = train_lib.make_train_step(run, with_stats=False)
+    data = iter(data_lib.train_dataset(run.tokens.train, run.model_cfg.seq_len,
+                                       cfg.train.batch_size, cfg.data.shuffle_seed))
+    batches = [train_lib.to_global(run, next(data)) for _ in range(steps)]
+    out = {}
+    for seed in seeds:
+        state, losses = init(jax.random.key(seed)), []
+        for batch in batches:
+            state, metrics = step(state, batch)
+            losses.append(metrics["loss"])
+        out[seed] = [float(x) for x in jax.device_get(losses)]
+    return out
 
 
 def _underflow(stats):
@@ -210,17 +239,20 @@ def test_umup_trains_in_fp8_like_bf16_and_mup_underflows_more(tmp_path):
     # within 1.5% and each within 5%. Three seeds were too few: a change of the loss's
     # backward by one rounding moved seeds 0-2's mean from 1.0065 to 1.0169 (2026-12-07, jax
     # 0.10.2); seeds 0-7 then gave 0.990-1.029, mean 1.0077, and seeds 0-5 a mean of 1.0082.
-    last = lambda rows: float(np.mean([r["loss"] for r in rows[-5:]]))
+    # The twelve runs use the trainer's own step (_losses_by_seed); the trainer's FP8 run of
+    # seed 0, which also gives the cast statistics, must log the very same losses.
+    seeds = range(6)
+    bf16 = _losses_by_seed("umup", "none", seeds)
+    fp8_losses = _losses_by_seed("umup", "paper_simple", seeds)
+    _, fp8_rows, u_stats = _train(tmp_path, "u_fp8", "umup", "paper_simple", seed=0)
+    assert [r["loss"] for r in fp8_rows] == fp8_losses[0]
+    last = lambda losses: float(np.mean(losses[-5:]))
     ratios = []
-    for seed in range(6):
-        _, bf16_rows, _ = _train(tmp_path, f"u_bf16_{seed}", "umup", "none", seed=seed)
-        _, fp8_rows, stats = _train(tmp_path, f"u_fp8_{seed}", "umup", "paper_simple",
-                                    seed=seed)
-        u_stats = stats if seed == 0 else u_stats
-        print(f"\nu-μP 50 steps, seed {seed}: bf16 {last(bf16_rows):.4f}, "
-              f"fp8 paper_simple {last(fp8_rows):.4f}")
-        assert last(bf16_rows) < bf16_rows[0]["loss"] - 1.0  # it learned something
-        ratios.append(last(fp8_rows) / last(bf16_rows))
+    for seed in seeds:
+        print(f"\nu-μP 50 steps, seed {seed}: bf16 {last(bf16[seed]):.4f}, "
+              f"fp8 paper_simple {last(fp8_losses[seed]):.4f}")
+        assert last(bf16[seed]) < bf16[seed][0] - 1.0  # it learned something
+        ratios.append(last(fp8_losses[seed]) / last(bf16[seed]))
     assert all(abs(r - 1) < 0.05 for r in ratios), ratios
     assert abs(float(np.mean(ratios)) - 1) < 0.015, ratios
     _, _, m_stats = _train(tmp_path, "m_fp8", "mup", "paper_simple", steps=11)
