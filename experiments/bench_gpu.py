@@ -27,7 +27,8 @@ bandwidth bound).
 ``fp8_gemms_cublaslt``, ``fp8_gemms_triton`` and ``upcast_gemms`` say how the compiled step
 runs the GEMMs of the FP8 groups (:mod:`umup_jax.hlo_check`): XLA's autotuner gives each GEMM
 to cuBLASLt or to a Triton kernel, and an upcast GEMM is one that does not take the FP8
-operands (0 for BF16 rows).  A row
+operands (0 for BF16 rows); ``fp8_dots_elsewhere`` counts the FP8 groups' dots of f8 operands
+in any other kind of kernel (a cuDNN GEMM fusion, say), which neither column above holds.  A row
 compiles the jitted train step (forward, backward, optimizer update, donated state), runs
 ``--warmup`` untimed steps, then ``--steps`` timed steps (``block_until_ready`` after each)
 and reports the median (``step_ms``; the targets and MFU use it); then ``--steps`` more
@@ -97,8 +98,8 @@ HEAD_DIM = 64
 COLUMNS = ("shape", "model", "fp8", "attention", "width", "depth", "heads", "seq", "batch",
            "remat", "scan", "params", "compile_s", "step_ms", "step_ms_min",
            "step_ms_pipelined", "tokens_per_s", "mfu", "peak_memory_gib", "step_memory_gib",
-           "fp8_gemms_cublaslt", "fp8_gemms_triton", "upcast_gemms", "kernels",
-           "other_traffic_gib", "loss", "device", "error")
+           "fp8_gemms_cublaslt", "fp8_gemms_triton", "upcast_gemms", "fp8_dots_elsewhere",
+           "kernels", "other_traffic_gib", "loss", "device", "error")
 
 
 def four_digits(x: float) -> float:
@@ -235,15 +236,17 @@ def run_row(row: dict, steps: int, warmup: int) -> dict:
 def fp8_gemm_kinds(hlo_text: str, policy: dict) -> dict:
     """How the compiled step runs the GEMMs of the policy's FP8 groups (``umup_jax.hlo_check``):
     cuBLASLt FP8 calls, Triton GEMM fusions of FP8 operands (XLA's autotuner picks per GEMM),
-    and GEMMs of other operands (upcast: the cast happened, the FP8 GEMM did not).  All 0 for
-    a BF16 row."""
+    GEMMs of other operands (upcast: the cast happened, the FP8 GEMM did not), and dots of f8
+    operands in kernels of any other kind (``fp8_dots_elsewhere``: neither cuBLASLt nor Triton,
+    e.g. a cuDNN GEMM fusion; counted so that no FP8-group GEMM goes unreported).  All 0 for a
+    BF16 row."""
     from umup_jax import hlo_check
 
     found = hlo_check.gemms_by_group(hlo_text)
     fp8_groups = [g for g, mode in policy.items() if mode != "bf16"]
     total = lambda kind: sum(found.get(g, {}).get(kind, 0) for g in fp8_groups)  # noqa: E731
     return {"fp8_gemms_cublaslt": total("fp8"), "fp8_gemms_triton": total("fp8_triton"),
-            "upcast_gemms": total("other")}
+            "upcast_gemms": total("other"), "fp8_dots_elsewhere": total("f8_dot")}
 
 
 def compiled_step_bytes(compiled) -> Optional[int]:
@@ -299,7 +302,7 @@ def rows_for(shapes: list[str], scan: bool) -> list[dict]:
 
 
 _INTS = ("width", "depth", "heads", "seq", "batch", "params", "fp8_gemms_cublaslt",
-         "fp8_gemms_triton", "upcast_gemms", "kernels")
+         "fp8_gemms_triton", "upcast_gemms", "fp8_dots_elsewhere", "kernels")
 _FLOATS = ("compile_s", "step_ms", "step_ms_min", "step_ms_pipelined", "tokens_per_s", "mfu",
            "peak_memory_gib", "step_memory_gib", "other_traffic_gib", "loss")
 

@@ -53,7 +53,7 @@ COLUMNS = ("shape", "model", "fp8", "attention", "width", "depth", "heads", "seq
            "remat", "scan", "params", "compile_s", "step_memory_gib", "temp_memory_gib",
            "fits_h100", "kernels", "gemm_kernels", "gemm_traffic_gib", "other_traffic_gib",
            "bf16_gemm_ms_at_peak", "other_ms_at_hbm", "fp8_gemms_cublaslt", "fp8_gemms_triton",
-           "upcast_gemms", "error")
+           "upcast_gemms", "fp8_dots_elsewhere", "error")
 GIB = 2.0**30
 _sig = bench_gpu.four_digits
 

@@ -63,10 +63,27 @@ def test_fp8_gemm_columns_count_the_fp8_groups_gemms_by_kind(bench):
     hlo = jax.jit(jax.grad(lambda p: model.apply(p, tokens, tokens, method=Decoder.loss))
                   ).lower(params).compile().as_text()
     assert bench.fp8_gemm_kinds(hlo, cfg.fp8_policy) == {
-        "fp8_gemms_cublaslt": 0, "fp8_gemms_triton": 0, "upcast_gemms": 3 + 6 + 3}
+        "fp8_gemms_cublaslt": 0, "fp8_gemms_triton": 0, "upcast_gemms": 3 + 6 + 3,
+        "fp8_dots_elsewhere": 0}
     assert bench.fp8_gemm_kinds(hlo, {}) == {
-        "fp8_gemms_cublaslt": 0, "fp8_gemms_triton": 0, "upcast_gemms": 0}
+        "fp8_gemms_cublaslt": 0, "fp8_gemms_triton": 0, "upcast_gemms": 0,
+        "fp8_dots_elsewhere": 0}
 
+
+
+def test_fp8_gemm_columns_on_gpu_hlo(bench):
+    """On XLA:GPU HLO (synthetic, as test_hlo_check.py writes it): a cuBLASLt FP8 GEMM, an
+    upcast cuBLAS GEMM, and a dot of f8 operands in a kernel that is neither cuBLASLt nor a
+    Triton GEMM each land in their own column; a BF16 group's GEMMs in none."""
+    from test_hlo_check import F8, LAYER, dot, gemm, module
+
+    hlo = module(gemm("a", F8, "f8e4m3fn", "f8e4m3fn", f"{LAYER}/fp8_qkv"),
+                 gemm("b", "__cublas$gemm", "bf16", "bf16", f"{LAYER}/fp8_qkv"),
+                 dot("c", "f8e4m3fn", "f8e4m3fn", f"{LAYER}/fp8_ffn_down"),
+                 gemm("d", "__cublas$gemm", "bf16", "bf16", f"{LAYER}/fp8_attn_out"))
+    assert bench.fp8_gemm_kinds(hlo, {"qkv": "fp8", "ffn_down": "fp8", "attn_out": "bf16"}) == {
+        "fp8_gemms_cublaslt": 1, "fp8_gemms_triton": 0, "upcast_gemms": 1,
+        "fp8_dots_elsewhere": 1}
 
 @pytest.mark.slow
 def test_rows_summary_and_plot_on_a_tiny_shape(bench, monkeypatch, tmp_path):
