@@ -70,7 +70,6 @@ def test_fp8_gemm_columns_count_the_fp8_groups_gemms_by_kind(bench):
         "fp8_dots_elsewhere": 0}
 
 
-
 def test_fp8_gemm_columns_on_gpu_hlo(bench):
     """On XLA:GPU HLO (synthetic, as test_hlo_check.py writes it): a cuBLASLt FP8 GEMM, an
     upcast cuBLAS GEMM, and a dot of f8 operands in a kernel that is neither cuBLASLt nor a
@@ -84,6 +83,7 @@ def test_fp8_gemm_columns_on_gpu_hlo(bench):
     assert bench.fp8_gemm_kinds(hlo, {"qkv": "fp8", "ffn_down": "fp8", "attn_out": "bf16"}) == {
         "fp8_gemms_cublaslt": 1, "fp8_gemms_triton": 0, "upcast_gemms": 1,
         "fp8_dots_elsewhere": 1}
+
 
 @pytest.mark.slow
 def test_rows_summary_and_plot_on_a_tiny_shape(bench, monkeypatch, tmp_path):

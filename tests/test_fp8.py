@@ -241,10 +241,10 @@ def test_umup_trains_in_fp8_like_bf16_and_mup_underflows_more(tmp_path):
     # 0.10.2); seeds 0-7 then gave 0.990-1.029, mean 1.0077, and seeds 0-5 a mean of 1.0082.
     # Through the trainer's own step (_losses_by_seed) twelve seeds take ~20 s, both compiles
     # included (six seeds as full trainer runs took 92 s), and the mean's seed noise is ~0.4%
-    # instead of ~0.6%: seeds 0-11
-    # gave 0.982-1.036, mean 1.0080, on jax 0.10.2 and 0.987-1.031, mean 1.0078, on 0.12.1
-    # (2026-12-07). The trainer's FP8 run of seed 0, which also gives the cast statistics,
-    # must log the very same losses as _losses_by_seed's.
+    # instead of ~0.6%: seeds 0-11 gave 0.982-1.036, mean 1.0080, on jax 0.10.2 and
+    # 0.987-1.031, mean 1.0078, on 0.12.1 (2026-12-07). The trainer's FP8 run of seed 0,
+    # which also gives the cast statistics, must log the very same losses as
+    # _losses_by_seed's.
     seeds = range(12)
     bf16 = _losses_by_seed("umup", "none", seeds)
     fp8_losses = _losses_by_seed("umup", "paper_simple", seeds)
