@@ -335,10 +335,11 @@ def merge(old: list[dict], new: list[dict]) -> list[dict]:
                   if r["shape"] in shapes else len(shapes))
 
 
-def write_rows(rows: list[dict], path: pathlib.Path) -> None:
+def write_rows(rows: list[dict], path: pathlib.Path, columns: tuple = COLUMNS) -> None:
+    """``rows`` as a CSV of ``columns`` (other keys ignored), replacing ``path`` whole."""
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     tmp.replace(path)  # a crash mid-write never leaves half a table

@@ -36,7 +36,6 @@ Usage (the plugin of the installed JAX on the path, BUILD.md "Tests")::
 from __future__ import annotations
 
 import argparse
-import csv
 import pathlib
 import sys
 import time
@@ -193,10 +192,7 @@ def main(argv=None):
         except Exception as e:  # noqa: BLE001 - a row that does not compile is a result
             result = {**row, "error": f"{type(e).__name__}: {str(e)[:300]}"}
         rows.append(result)
-        with open(out / "gpu_plan.csv", "w", newline="") as f:  # after each row
-            writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
+        bench_gpu.write_rows(rows, out / "gpu_plan.csv", COLUMNS)  # after each row
         print(f"[{i + 1}/{len(todo)}] {row['shape']:9s} {row['model']:5s} {row['fp8']:12s} "
               + (f"compile {result['compile_s']:5.1f} s  memory {result['step_memory_gib']:7.2f}"
                  f" GiB  kernels {result['kernels']:5d}  traffic GEMM "
