@@ -68,6 +68,11 @@ class Instruction:
     computation: str = ""  # the computation holding it
     calls: tuple[str, ...] = ()  # the computations it calls (a fusion's ``calls=``, …)
     backend_kind: Optional[str] = None  # a fusion's kind: ``__triton_gemm``, ``__triton``, …
+    operands: tuple[str, ...] = ()  # the operands' names, in order
+    # Each operand's whole type text, in order (``f32[8,128]{1,0}``, a tuple's; "" if unknown).
+    operand_texts: tuple[str, ...] = ()
+    root: bool = False  # its computation's ROOT
+    line: str = dataclasses.field(default="", repr=False, compare=False)  # as printed
 
     @property
     def group(self) -> Optional[str]:
@@ -126,10 +131,15 @@ def instructions(hlo_text: str) -> list[Instruction]:
             parsed.append((line, computation, m.groups()))
         elif (c := _COMPUTATION.match(line)):
             computation = c.group(1)
-    defined = {name: _element_type(result) for _, _, (name, result, _, _) in parsed}
+    results = {name: result for _, _, (name, result, _, _) in parsed}
+    defined = {name: _element_type(result) for name, result in results.items()}
     out = []
     for line, computation, (name, result, opcode, rest) in parsed:
-        types = (_operand_type(o, defined) for o in _split_operands(_operands(rest)))
+        operands = _split_operands(_operands(rest))
+        types = (_operand_type(o, defined) for o in operands)
+        names = tuple(o.split()[-1].lstrip("%") for o in operands)
+        texts = tuple(o.rsplit(" ", 1)[0] if _TYPE.match(o) and " " in o
+                      else results.get(n, "") for o, n in zip(operands, names))
         target = _TARGET.search(line)
         op_name = _OP_NAME.search(line)
         kind = _BACKEND_KIND.search(line)
@@ -141,6 +151,8 @@ def instructions(hlo_text: str) -> list[Instruction]:
             computation=computation,
             calls=tuple(_CALLS.findall(line)),
             backend_kind=kind.group(1) if kind else None,
+            operands=names, operand_texts=texts, root=line.lstrip().startswith("ROOT "),
+            line=line,
         ))
     return out
 

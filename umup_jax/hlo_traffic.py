@@ -34,7 +34,7 @@ import re
 from typing import Optional
 
 from umup_jax.hlo_check import (
-    _BACKEND_KIND, _COMPUTATION, _INSTRUCTION, _OP_NAME, _TARGET, _operands, _split_operands,
+    _BACKEND_KIND, _COMPUTATION, _OP_NAME, _TARGET, Instruction, instructions,
 )
 
 # Bytes per element of XLA's primitive types (sub-byte types are packed: s4/u4 count ½).
@@ -81,17 +81,6 @@ def type_bytes(type_text: str, workspace: bool = True) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Inst:
-    name: str
-    result: str
-    opcode: str
-    operands: tuple[str, ...]  # operand names
-    operand_types: tuple[str, ...]  # their type texts ("" where unknown)
-    line: str
-    root: bool
-
-
-@dataclasses.dataclass(frozen=True)
 class Kernel:
     """One kernel of the program: bytes it reads and writes each time it runs, and how many
     times it runs per call of the program."""
@@ -110,36 +99,17 @@ class Kernel:
         return self.runs * (self.reads + self.writes)
 
 
-def _parse(hlo_text: str) -> tuple[dict[str, list[_Inst]], Optional[str]]:
-    computations: dict[str, list[_Inst]] = {}
-    entry, current = None, None
-    raw = []
-    for line in hlo_text.splitlines():
-        if (m := _INSTRUCTION.match(line)) and current is not None:
-            raw.append((current, line, m.groups()))
-        elif (c := _COMPUTATION.match(line)):
-            current = c.group(1)
-            computations[current] = []
-            if line.startswith("ENTRY"):
-                entry = current
-    types = {name: result for _, _, (name, result, _, _) in raw}
-    for computation, line, (name, result, opcode, rest) in raw:
-        names, operand_types = [], []
-        for operand in _split_operands(_operands(rest)):
-            token = operand.split()[-1].lstrip("%")
-            inline = _ARRAY.match(operand)
-            names.append(token)
-            operand_types.append(operand.rsplit(" ", 1)[0] if inline and " " in operand
-                                 else types.get(token, ""))
-        computations[computation].append(_Inst(
-            name=name, result=result, opcode=opcode, operands=tuple(names),
-            operand_types=tuple(operand_types), line=line,
-            root=line.lstrip().startswith("ROOT "),
-        ))
+def _parse(hlo_text: str) -> tuple[dict[str, list[Instruction]], Optional[str]]:
+    """({computation: its instructions}, the ENTRY computation's name)."""
+    computations: dict[str, list[Instruction]] = {}
+    for inst in instructions(hlo_text):
+        computations.setdefault(inst.computation, []).append(inst)
+    entry = next((c.group(1) for line in hlo_text.splitlines()
+                  if line.startswith("ENTRY") and (c := _COMPUTATION.match(line))), None)
     return computations, entry
 
 
-def _holds_a_dot(computation: str, computations: dict[str, list[_Inst]],
+def _holds_a_dot(computation: str, computations: dict[str, list[Instruction]],
                  seen: Optional[set] = None) -> bool:
     seen = set() if seen is None else seen
     if computation in seen:
@@ -154,7 +124,7 @@ def _holds_a_dot(computation: str, computations: dict[str, list[_Inst]],
     return False
 
 
-def _kind(inst: _Inst, computations: dict[str, list[_Inst]]) -> str:
+def _kind(inst: Instruction, computations: dict[str, list[Instruction]]) -> str:
     target = _TARGET.search(inst.line)
     if inst.opcode == "custom-call" and target:
         t = target.group(1)
@@ -175,7 +145,7 @@ def _kind(inst: _Inst, computations: dict[str, list[_Inst]]) -> str:
     return "other"
 
 
-def _fusion_bytes(inst: _Inst, fused: list[_Inst]) -> tuple[float, float]:
+def _fusion_bytes(inst: Instruction, fused: list[Instruction]) -> tuple[float, float]:
     """(reads, writes) of a fusion, its fused computation's slicing and in-place update
     taken into account."""
     by_name = {i.name: i for i in fused}
@@ -185,12 +155,12 @@ def _fusion_bytes(inst: _Inst, fused: list[_Inst]) -> tuple[float, float]:
             m = re.search(r"parameter\((\d+)\)", i.line)
             if m:
                 params[int(m.group(1))] = i.name
-    uses: dict[str, list[_Inst]] = {}
+    uses: dict[str, list[Instruction]] = {}
     for i in fused:
         for o in i.operands:
             uses.setdefault(o, []).append(i)
 
-    def consumers(name: str) -> list[_Inst]:
+    def consumers(name: str) -> list[Instruction]:
         """The instructions reading ``name``, looking through bitcasts and converts (an
         element converted and then gathered is the only one read)."""
         out = []
@@ -205,11 +175,11 @@ def _fusion_bytes(inst: _Inst, fused: list[_Inst]) -> tuple[float, float]:
     writes = 0.0
     for r in roots:
         if r.opcode == "dynamic-update-slice":
-            writes += type_bytes(r.operand_types[1]) if len(r.operand_types) > 1 else 0.0
+            writes += type_bytes(r.operand_texts[1]) if len(r.operand_texts) > 1 else 0.0
         else:
             writes += type_bytes(r.result)
     reads = 0.0
-    for index, outer_type in enumerate(inst.operand_types):
+    for index, outer_type in enumerate(inst.operand_texts):
         param = params.get(index)
         users = consumers(param) if param else []
         if param and users and all(u.opcode in SLICING
@@ -225,14 +195,14 @@ def _fusion_bytes(inst: _Inst, fused: list[_Inst]) -> tuple[float, float]:
     return reads, writes
 
 
-def _made_from(param: str, name: str, by_name: dict[str, _Inst]) -> bool:
+def _made_from(param: str, name: str, by_name: dict[str, Instruction]) -> bool:
     """Whether ``name`` is ``param`` or made from it by bitcasts and converts alone."""
     while name != param and name in by_name and by_name[name].opcode in _PASS_THROUGH:
         name = by_name[name].operands[0]
     return name == param
 
 
-def _bytes(inst: _Inst, computations: dict[str, list[_Inst]]) -> tuple[float, float]:
+def _bytes(inst: Instruction, computations: dict[str, list[Instruction]]) -> tuple[float, float]:
     if inst.opcode == "fusion":
         called = _CALLED.findall(inst.line)
         if called and called[0] in computations:
@@ -241,9 +211,9 @@ def _bytes(inst: _Inst, computations: dict[str, list[_Inst]]) -> tuple[float, fl
         size = type_bytes(inst.result)
         return size, size
     if inst.opcode == "dynamic-update-slice":
-        size = type_bytes(inst.operand_types[1]) if len(inst.operand_types) > 1 else 0.0
+        size = type_bytes(inst.operand_texts[1]) if len(inst.operand_texts) > 1 else 0.0
         return size, size
-    reads = sum(type_bytes(t) for t in inst.operand_types)
+    reads = sum(type_bytes(t) for t in inst.operand_texts)
     return reads, type_bytes(inst.result, workspace=inst.opcode != "custom-call")
 
 
