@@ -13,6 +13,7 @@ import numpy as np
 from umup_jax import config as config_lib
 from umup_jax import data as data_lib
 from umup_jax import hlo_check
+from umup_jax import hlo_traffic
 from umup_jax import sharding as sharding_lib
 from umup_jax import train as train_lib
 from umup_jax.checkpoint import CheckpointStore
@@ -97,6 +98,78 @@ def collectives(run):
             for i in hlo_check.instructions(hlo) if i.opcode.replace("-start", "") in kinds]
 
 
+# Gradient accumulation over data replicas (train.make_grad_fn's vmap over `data`): each
+# variant's one-step loss, activation RMS and gradients against one device without
+# accumulation, for (model arg, mesh + accumulation arg, parametrization, with_stats).
+ACCUM_ARG = ("smoke,model.width=64,model.num_heads=2,model.depth=2,train.batch_size=16,"
+             "train.eval_batch_size=8")
+ACCUM_VARIANTS = {
+    "umup_8x1x1_k2": ("", ",mesh.data=8,train.grad_accum_steps=2", "umup", True),
+    "umup_2x2x2_k2_scan_remat_chunks": (
+        ",model.scan_layers=True,model.remat=full,model.loss_chunks=2",
+        ",mesh.data=2,mesh.fsdp=2,mesh.tensor=2,train.grad_accum_steps=2", "umup", True),
+    "sp_4x2x1_k2": ("", ",mesh.data=4,mesh.fsdp=2,train.grad_accum_steps=2", "sp", False),
+}
+
+
+def one_step_grads(parametrization, arg, devices, with_stats):
+    run = train_lib.build_run(config_lib.proxy_config(parametrization, arg), devices)
+    state = train_lib.make_init_fn(run)(jax.random.key(0))
+    ids = np.random.default_rng(0).integers(0, 256, (16, 33)).astype(np.int32)
+    batch = train_lib.to_global(run, {"inputs": ids[:, :32], "targets": ids[:, 1:]})
+    (loss, acts), (grads, _) = jax.jit(train_lib.make_grad_fn(run, with_stats))(
+        state["params"], batch)
+    return train_lib.splits_over_data_replicas(run), jax.device_get((loss, acts, grads))
+
+
+def accumulation_over_replicas():
+    """{variant: {"split": vmapped over the replicas, "max_rel": the largest RMS difference
+    over RMS of loss, activation RMS and gradients, "leaves": how many}}."""
+    out = {}
+    for name, (model_arg, mesh_arg, parametrization, stats) in ACCUM_VARIANTS.items():
+        _, ref = one_step_grads(parametrization, ACCUM_ARG + model_arg, jax.devices()[:1],
+                                stats)
+        split, got = one_step_grads(parametrization, ACCUM_ARG + model_arg + mesh_arg,
+                                    jax.devices(), stats)
+        assert jax.tree.structure(ref) == jax.tree.structure(got), name
+        rel = [float(np.sqrt(np.mean((np.float64(a) - b) ** 2)) / np.sqrt(np.mean(
+            np.float64(a) ** 2))) for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got))]
+        out[name] = {"split": split, "max_rel": max(rel), "leaves": len(rel)}
+    return out
+
+
+def accumulation_collectives(split):
+    """Per collective opcode of the compiled train step on mesh 8x1x1 with 4 micro-batches
+    and the chunked loss: [launches per step inside loops, outside, bytes all-reduced per
+    step]; ``split=False`` forces the plain accumulation loop, as before the vmap."""
+    run = train_lib.build_run(config_lib.proxy_config(
+        "umup", ACCUM_ARG.replace("batch_size=16", "batch_size=32")
+        + ",model.loss_chunks=2,mesh.data=8,train.grad_accum_steps=4"), jax.devices())
+    saved = train_lib.splits_over_data_replicas
+    if not split:
+        train_lib.splits_over_data_replicas = lambda run: False
+    try:
+        step = train_lib.make_train_step(run, with_stats=False)
+    finally:
+        train_lib.splits_over_data_replicas = saved
+    batch = {k: jax.ShapeDtypeStruct((32, 32), np.int32, sharding=run.batch_sharding)
+             for k in ("inputs", "targets")}
+    kernels, unknown = hlo_traffic.kernels(step.lower(run.abstract_state, batch).compile()
+                                           .as_text())
+    assert unknown == 0
+    out: dict = {}
+    kinds = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+    for k in kernels:
+        op = k.opcode.replace("-start", "")
+        if op in kinds:
+            row = out.setdefault(op, [0, 0, 0.0])
+            row[0 if k.runs > 1 else 1] += k.runs
+            row[2] += k.runs * k.writes
+    out["param_bytes"] = sum(x.size * x.dtype.itemsize
+                             for x in jax.tree.leaves(run.abstract_state["params"]))
+    return out
+
+
 def main(outdir):
     result = {"losses": {}, "sharding_ok": {}, "bytes": {}}
     states = {}
@@ -177,6 +250,9 @@ def main(outdir):
         except ValueError as e:
             errors[label] = str(e)
     result["errors"] = errors
+    result["accum"] = accumulation_over_replicas()
+    result["accum_collectives"] = {"split": accumulation_collectives(True),
+                                   "plain": accumulation_collectives(False)}
     print("RESULT " + json.dumps(result))
 
 

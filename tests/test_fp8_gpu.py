@@ -185,3 +185,64 @@ def test_trainer_steps_compile_with_fp8_gemms(extras, target):
                                                  triton_counts=True)
         assert not problems, (with_stats, problems,
                               hlo_check.describe(hlo_check.gemms_by_group(hlo)))
+
+
+def _collectives_by_place(hlo: str) -> dict:
+    """{opcode: [launches per step inside loops, launches outside, bytes written per step]}
+    of the collectives of a compiled program (:func:`umup_jax.hlo_traffic.kernels`)."""
+    from umup_jax import hlo_traffic
+
+    kernels, unknown = hlo_traffic.kernels(hlo)
+    assert unknown == 0
+    out: dict = {}
+    for k in kernels:
+        op = k.opcode.replace("-start", "")
+        if op in ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
+                  "collective-permute"):
+            row = out.setdefault(op, [0, 0, 0.0])
+            row[0 if k.runs > 1 else 1] += k.runs
+            row[2] += k.runs * k.writes
+    return out
+
+
+@pytest.mark.gpu_aot
+def test_data_parallel_accumulation_on_8_h100s_all_reduces_once_in_fp8(monkeypatch):
+    """The trainer's step for one host of 8 H100s (compiled ahead of time, mesh 8x1x1, the
+    default ``mesh.data=-1``), bf16 with ``paper_simple``, 4 micro-batches and the chunked
+    loss: the gradient is all-reduced once per step, outside every loop, and in fp32 (one
+    set of the params' bytes), every FP8 group's GEMMs are cuBLASLt FP8 calls; the plain
+    accumulation loop, as XLA's GPU pipeline partitions it, all-reduced inside the loop
+    (per micro-batch, and per chunk the readout's gradient)."""
+    train_lib = pytest.importorskip("umup_jax.train")  # grain and ml_collections
+    config_lib = pytest.importorskip("umup_jax.config")
+    try:
+        devices = gpu_target.h100_devices(8)
+    except gpu_target.GpuTargetUnavailable as e:
+        pytest.skip(str(e))
+    cfg = config_lib.proxy_config(
+        "umup", "smoke,model.dtype=bfloat16,model.fp8=paper_simple,model.attention_impl=xla,"
+        "model.width=256,model.num_heads=4,model.seq_len=128,train.batch_size=32,"
+        "train.eval_batch_size=8,mesh.data=8,train.grad_accum_steps=4,model.loss_chunks=2")
+    run = train_lib.build_run(cfg, devices=list(devices))
+    assert train_lib.splits_over_data_replicas(run)
+    batch = {k: jax.ShapeDtypeStruct((32, 128), jnp.int32, sharding=run.batch_sharding)
+             for k in ("inputs", "targets")}
+    param_bytes = sum(x.size * 4 for x in jax.tree.leaves(run.abstract_state["params"]))
+
+    def step_hlo():
+        return train_lib.make_train_step(run, False).lower(run.abstract_state, batch).compile(
+            compiler_options=CUBLAS_ONLY).as_text()
+
+    hlo = step_hlo()
+    problems = hlo_check.fp8_policy_problems(hlo, run.model_cfg.fp8_policy)
+    assert not problems, (problems, hlo_check.describe(hlo_check.gemms_by_group(hlo)))
+    found = _collectives_by_place(hlo)
+    assert set(found) == {"all-reduce"}, found
+    in_loops, outside, written = found["all-reduce"]
+    assert in_loops == 0 and outside >= 1, found
+    assert param_bytes <= written <= param_bytes + 1024, (found, param_bytes)
+
+    monkeypatch.setattr(train_lib, "splits_over_data_replicas", lambda run: False)
+    plain = _collectives_by_place(step_hlo())
+    assert plain["all-reduce"][0] >= 4, plain
+

@@ -82,22 +82,31 @@ class GpuTargetUnavailable(RuntimeError):
 
 
 @functools.lru_cache(maxsize=None)
-def h100_sharding() -> jax.sharding.NamedSharding:
-    """A sharding onto one abstract H100: place a jitted function's arguments on it
-    (:func:`abstract`) and ``.lower(…).compile()`` compiles the H100 program."""
+def h100_devices(count: int = 1) -> tuple:
+    """``count`` abstract H100s of one host (topology ``1x1x<count>``, one process, as on an
+    8-GPU node): build a mesh of them (``umup_jax.train.build_run(config, devices=…)``) and
+    ``.lower(…).compile()`` compiles the program XLA's SPMD partitioner makes for them,
+    collectives included."""
     from jax.experimental import topologies
 
     try:
         topology = topologies.get_topology_desc(
             topology_name="h100", platform="cuda", target_config=H100_SXM_TARGET_CONFIG,
-            topology="1x1x1")
+            topology=f"1x1x{count}")
     except Exception as e:  # noqa: BLE001 - the plugin's absence shows as several types
         raise GpuTargetUnavailable(
             f"compiling for an H100 without one needs JAX's CUDA PJRT plugin for jax "
             f"{jax.__version__} (pip install --no-deps --target DIR "
             f"jax-cuda13-plugin=={jax.__version__} jax-cuda13-pjrt=={jax.__version__}; then "
             f"JAX_PLATFORMS=cpu PYTHONPATH=DIR): {type(e).__name__}: {e}") from e
-    mesh = jax.sharding.Mesh(topology.devices[:1], ("device",))
+    return tuple(topology.devices[:count])
+
+
+@functools.lru_cache(maxsize=None)
+def h100_sharding() -> jax.sharding.NamedSharding:
+    """A sharding onto one abstract H100: place a jitted function's arguments on it
+    (:func:`abstract`) and ``.lower(…).compile()`` compiles the H100 program."""
+    mesh = jax.sharding.Mesh(h100_devices(1), ("device",))
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 

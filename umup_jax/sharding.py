@@ -50,15 +50,19 @@ DEFAULT_RULES: dict[str, Optional[str]] = {
 }
 
 
-_ACTIVATION_MESH: contextvars.ContextVar[Optional[Mesh]] = contextvars.ContextVar(
+_ACTIVATION_MESH: contextvars.ContextVar[Optional[NamedSharding]] = contextvars.ContextVar(
     "umup_jax_activation_mesh", default=None)
 
 
 @contextlib.contextmanager
-def activation_mesh(mesh: Mesh) -> Iterator[None]:
-    """Code traced inside this block has :func:`constrain_batch` split activations over
-    ``mesh`` (a one-device mesh changes nothing)."""
-    token = _ACTIVATION_MESH.set(mesh if mesh.size > 1 else None)
+def activation_mesh(mesh: Mesh, batch_axes: Sequence[str] = BATCH_AXES) -> Iterator[None]:
+    """Code traced inside this block has :func:`constrain_batch` split activations' batch
+    axis over ``batch_axes`` of ``mesh`` (a one-device mesh changes nothing).  Inside a
+    ``jax.vmap(…, spmd_axis_name='data')`` over the data replicas (the trainer's
+    :func:`umup_jax.train.make_grad_fn`), ``batch_axes=('fsdp',)``: vmap puts ``data`` on the
+    axis it maps."""
+    sharding = NamedSharding(mesh, PartitionSpec(tuple(batch_axes)))
+    token = _ACTIVATION_MESH.set(sharding if mesh.size > 1 else None)
     try:
         yield
     finally:
@@ -71,8 +75,8 @@ def constrain_batch(x: jax.Array) -> jax.Array:
     inside a block, not the stream), with the mesh of the enclosing :func:`activation_mesh`;
     unchanged outside one: the split :func:`batch_sharding` gives the batch itself.  Its
     gradient is constrained alike."""
-    mesh = _ACTIVATION_MESH.get()
-    return x if mesh is None else jax.lax.with_sharding_constraint(x, batch_sharding(mesh))
+    sharding = _ACTIVATION_MESH.get()
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
 def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:

@@ -283,6 +283,16 @@ def micro_batches(batch: dict, k: int, mesh: Optional[Mesh] = None) -> dict:
     return jax.tree.map(split, batch)
 
 
+def splits_over_data_replicas(run: Run) -> bool:
+    """Whether :func:`make_grad_fn` computes each data replica's gradient apart (a vmap over
+    the mesh's ``data`` axis) and all-reduces their sum once per step: on a mesh with
+    ``data`` > 1 and ``train.grad_accum_steps`` > 1.  Otherwise XLA, which sees replicated
+    parameters and a batch split over the replicas, all-reduces each micro-batch's gradient
+    inside the accumulation loop: k all-reduces per step (on the CPU and, compiled for 8
+    H100s, in XLA's GPU pipeline too)."""
+    return run.mesh.shape["data"] > 1 and run.config.train.grad_accum_steps > 1
+
+
 def make_grad_fn(run: Run, with_stats: bool):
     """``fn(params, batch) → ((loss, activation RMS), (grads, FP8 probe grads))`` of one
     optimizer step, unjitted; activations and probes only ``with_stats``.
@@ -294,11 +304,22 @@ def make_grad_fn(run: Run, with_stats: bool):
     the rule's :meth:`~umup_jax.parametrization.Parametrization.grad_accumulation_weight` (1/k
     for a plain mean loss, 1 for u-μP's).  The loss is the micro-batches' mean, activation RMS
     the root of their mean square, FP8 statistics their mean.
+
+    Where :func:`splits_over_data_replicas`, each micro-batch is further split into its n
+    data replicas' rows, whose gradients ``jax.vmap(…, spmd_axis_name='data')`` computes
+    apart (each replica its own, the rows it holds) and the loop sums per replica, a running
+    (n, …) sum split over ``data``; one sum over the replicas after the loop is the step's
+    only all-reduce of the gradient.  That is accumulation over k·n equal pieces, so the
+    weight is the rule's for k·n, and the result the full batch's as above.  An
+    ``fp8_dynamic`` cast then scales by the RMS of its replica's rows of the micro-batch (as
+    it does by the micro-batch's with accumulation alone).
     """
     k = run.config.train.grad_accum_steps
+    split = splits_over_data_replicas(run)
+    n = run.mesh.shape["data"] if split else 1
     step_tokens = run.config.train.batch_size * run.model_cfg.seq_len
     model = run.model if k == 1 else Decoder(run.model_cfg, grad_tokens=step_tokens)
-    weight = run.model_cfg.rule.grad_accumulation_weight(k)
+    weight = run.model_cfg.rule.grad_accumulation_weight(k * n)
     probes = fp8_probes(run.model_cfg) if with_stats else {}
 
     def loss_fn(params, probe_vars, batch):
@@ -316,21 +337,54 @@ def make_grad_fn(run: Run, with_stats: bool):
 
     grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
 
+    def per_replica(params, micro):
+        """The gradients of each data replica's rows of ``micro``, stacked (n, …) over
+        ``data``: no all-reduce."""
+        def one(rows):
+            with sharding_lib.activation_mesh(run.mesh, batch_axes=("fsdp",)):
+                return grad_fn(params, probes, rows)
+
+        rows = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+            x.reshape(n, x.shape[0] // n, *x.shape[1:]),
+            NamedSharding(run.mesh, PartitionSpec("data", "fsdp"))), micro)
+        return jax.vmap(one, spmd_axis_name="data")(rows)
+
+    def stacked_zeros(tree, shardings=None):
+        """(n, …) zeros of ``tree``'s leaves, split over ``data`` and then as ``shardings``
+        (default: replicated)."""
+        def zeros(x, sh=None):
+            spec = PartitionSpec("data", *(sh.spec if sh is not None else ()))
+            return jax.lax.with_sharding_constraint(
+                jnp.zeros((n, *x.shape), x.dtype), NamedSharding(run.mesh, spec))
+        return jax.tree.map(zeros, tree) if shardings is None else jax.tree.map(
+            zeros, tree, shardings)
+
     def accumulate(params, batch):
         def body(carry, micro):
-            (loss, acts), (grads, probe_grads) = grad_fn(params, probes, micro)
+            if split:  # loss (n,), every leaf (n, …): nothing summed over the replicas
+                (loss, acts), (grads, probe_grads) = per_replica(params, micro)
+            else:
+                (loss, acts), (grads, probe_grads) = grad_fn(params, probes, micro)
             acc_loss, acc_grads, acc_probes = carry
             carry = (acc_loss + loss, jax.tree.map(jnp.add, acc_grads, grads),
                      jax.tree.map(jnp.add, acc_probes, probe_grads))
             return carry, jax.tree.map(jnp.square, acts)
 
-        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params),
-                 jax.tree.map(jnp.zeros_like, probes))
+        if split:
+            zeros = (stacked_zeros(jnp.zeros((), jnp.float32)),
+                     stacked_zeros(params, run.state_sharding["params"]),
+                     stacked_zeros(probes))
+        else:
+            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params),
+                     jax.tree.map(jnp.zeros_like, probes))
         (loss, grads, probe_grads), act_ms = jax.lax.scan(
             body, zeros, micro_batches(batch, k, run.mesh))
+        if split:  # the step's one all-reduce of the gradient
+            loss, grads, probe_grads = jax.tree.map(lambda g: jnp.sum(g, axis=0),
+                                                    (loss, grads, probe_grads))
         grads = jax.tree.map(lambda g: g * weight, grads)
         acts = jax.tree.map(lambda ms: jnp.sqrt(jnp.mean(ms)), act_ms)
-        return (loss / k, acts), (grads, jax.tree.map(lambda p: p / k, probe_grads))
+        return (loss / (k * n), acts), (grads, jax.tree.map(lambda p: p / (k * n), probe_grads))
 
     def loss_and_grads(params, batch):
         if k == 1:
