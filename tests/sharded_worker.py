@@ -139,9 +139,9 @@ def accumulation_over_replicas():
 
 
 def accumulation_collectives(split):
-    """Per collective opcode of the compiled train step on mesh 8x1x1 with 4 micro-batches
-    and the chunked loss: [launches per step inside loops, outside, bytes all-reduced per
-    step]; ``split=False`` forces the plain accumulation loop, as before the vmap."""
+    """The collectives of the compiled train step on mesh 8x1x1 with 4 micro-batches and the
+    chunked loss (:func:`umup_jax.hlo_traffic.collectives`) and the params' bytes;
+    ``split=False`` forces the plain accumulation loop, as before the vmap."""
     run = train_lib.build_run(config_lib.proxy_config(
         "umup", ACCUM_ARG.replace("batch_size=16", "batch_size=32")
         + ",model.loss_chunks=2,mesh.data=8,train.grad_accum_steps=4"), jax.devices())
@@ -154,17 +154,8 @@ def accumulation_collectives(split):
         train_lib.splits_over_data_replicas = saved
     batch = {k: jax.ShapeDtypeStruct((32, 32), np.int32, sharding=run.batch_sharding)
              for k in ("inputs", "targets")}
-    kernels, unknown = hlo_traffic.kernels(step.lower(run.abstract_state, batch).compile()
-                                           .as_text())
-    assert unknown == 0
-    out: dict = {}
-    kinds = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
-    for k in kernels:
-        op = k.opcode.replace("-start", "")
-        if op in kinds:
-            row = out.setdefault(op, [0, 0, 0.0])
-            row[0 if k.runs > 1 else 1] += k.runs
-            row[2] += k.runs * k.writes
+    out = hlo_traffic.collectives(step.lower(run.abstract_state, batch).compile().as_text())
+    assert out.pop("unknown_trip_counts") == 0
     out["param_bytes"] = sum(x.size * x.dtype.itemsize
                              for x in jax.tree.leaves(run.abstract_state["params"]))
     return out

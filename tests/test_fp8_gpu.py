@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import pytest
 from flax.core import meta as flax_meta
 
-from umup_jax import fp8, gpu_target, hlo_check
+from umup_jax import fp8, gpu_target, hlo_check, hlo_traffic
 from umup_jax.model import Decoder, ModelConfig, abstract_params, init_params
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -187,24 +187,6 @@ def test_trainer_steps_compile_with_fp8_gemms(extras, target):
                               hlo_check.describe(hlo_check.gemms_by_group(hlo)))
 
 
-def _collectives_by_place(hlo: str) -> dict:
-    """{opcode: [launches per step inside loops, launches outside, bytes written per step]}
-    of the collectives of a compiled program (:func:`umup_jax.hlo_traffic.kernels`)."""
-    from umup_jax import hlo_traffic
-
-    kernels, unknown = hlo_traffic.kernels(hlo)
-    assert unknown == 0
-    out: dict = {}
-    for k in kernels:
-        op = k.opcode.replace("-start", "")
-        if op in ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
-                  "collective-permute"):
-            row = out.setdefault(op, [0, 0, 0.0])
-            row[0 if k.runs > 1 else 1] += k.runs
-            row[2] += k.runs * k.writes
-    return out
-
-
 @pytest.mark.gpu_aot
 def test_data_parallel_accumulation_on_8_h100s_all_reduces_once_in_fp8(monkeypatch):
     """The trainer's step for one host of 8 H100s (compiled ahead of time, mesh 8x1x1, the
@@ -236,13 +218,13 @@ def test_data_parallel_accumulation_on_8_h100s_all_reduces_once_in_fp8(monkeypat
     hlo = step_hlo()
     problems = hlo_check.fp8_policy_problems(hlo, run.model_cfg.fp8_policy)
     assert not problems, (problems, hlo_check.describe(hlo_check.gemms_by_group(hlo)))
-    found = _collectives_by_place(hlo)
-    assert set(found) == {"all-reduce"}, found
-    in_loops, outside, written = found["all-reduce"]
-    assert in_loops == 0 and outside >= 1, found
-    assert param_bytes <= written <= param_bytes + 1024, (found, param_bytes)
+    found = hlo_traffic.collectives(hlo)
+    assert set(found) == {"all-reduce", "unknown_trip_counts"}, found
+    reduced = found["all-reduce"]
+    assert reduced["in_loops"] == 0 and reduced["outside"] >= 1, found
+    assert param_bytes <= reduced["bytes"] <= param_bytes + 1024, (found, param_bytes)
 
     monkeypatch.setattr(train_lib, "splits_over_data_replicas", lambda run: False)
-    plain = _collectives_by_place(step_hlo())
-    assert plain["all-reduce"][0] >= 4, plain
+    plain = hlo_traffic.collectives(step_hlo())
+    assert plain["all-reduce"]["in_loops"] >= 4, plain
 

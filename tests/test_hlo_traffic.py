@@ -197,6 +197,62 @@ def test_synthetic_gpu_program():
     assert t["total"]["kernels"] == 1 + 1 + 3 + 3 + 1 + 1
 
 
+COLLECTIVES_HLO = """\
+HloModule jit_step, entry_computation_layout={()->()}
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %sum = f32[] add(%a, %b)
+}
+
+%body (t0: (s32[], f32[1024], bf16[128])) -> (s32[], f32[1024], bf16[128]) {
+  %t0 = (s32[], f32[1024]{0}, bf16[128]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%t0), index=0
+  %g = f32[1024]{0} get-tuple-element(%t0), index=1
+  %w = bf16[128]{0} get-tuple-element(%t0), index=2
+  %all-reduce.1 = f32[1024]{0} all-reduce(%g), channel_id=1, replica_groups=[1,8]<=[8], to_apply=%add
+  %all-gather-start = (bf16[128]{0}, bf16[1024]{0}) all-gather-start(%w), channel_id=2, dimensions={0}
+  %all-gather-done = bf16[1024]{0} all-gather-done(%all-gather-start)
+  ROOT %t1 = (s32[], f32[1024]{0}, bf16[128]{0}) tuple(%i, %all-reduce.1, %w)
+}
+
+%cond (t2: (s32[], f32[1024], bf16[128])) -> pred[] {
+  %t2 = (s32[], f32[1024]{0}, bf16[128]{0}) parameter(0)
+  %i2 = s32[] get-tuple-element(%t2), index=0
+  %n = s32[] constant(4)
+  ROOT %lt = pred[] compare(%i2, %n), direction=LT
+}
+
+ENTRY %main (g0: f32[1024], w0: bf16[128], x: f32[256], y: f32[64]) -> f32[256] {
+  %g0 = f32[1024]{0} parameter(0)
+  %w0 = bf16[128]{0} parameter(1)
+  %x = f32[256]{0} parameter(2)
+  %y = f32[64]{0} parameter(3)
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[1024]{0}, bf16[128]{0}) tuple(%zero, %g0, %w0)
+  %while.1 = (s32[], f32[1024]{0}, bf16[128]{0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"4"}}
+  %all-reduce-start = ((f32[256]{0}, f32[64]{0}), f32[256]{0}, f32[64]{0}) all-reduce-start(%x, %y), channel_id=3, to_apply=%add, output_to_operand_aliasing={{1}: (0, {})}
+  %all-reduce-done = (f32[256]{0}, f32[64]{0}) all-reduce-done(%all-reduce-start)
+  %reduce-scatter.1 = f32[32]{0} reduce-scatter(%x), channel_id=4, dimensions={0}, to_apply=%add
+  ROOT %out = f32[256]{0} get-tuple-element(%all-reduce-done), index=0
+}
+"""
+
+
+def test_collectives_in_and_outside_loops_by_their_operands():
+    """A loop body's collectives count once per trip as ``in_loops``; bytes are the operands'
+    (an all-gather's shard, a reduce-scatter's whole input), so XLA 0.12's async all-reduce,
+    typed as the tuple of its aliased operands and its results, counts its data once."""
+    found = hlo_traffic.collectives(COLLECTIVES_HLO)
+    assert found == {
+        "all-reduce": {"in_loops": 4, "outside": 1, "bytes": 4 * 1024 * 4 + (256 + 64) * 4},
+        "all-gather": {"in_loops": 4, "outside": 0, "bytes": 4 * 128 * 2},
+        "reduce-scatter": {"in_loops": 0, "outside": 1, "bytes": 256 * 4},
+        "unknown_trip_counts": 0,
+    }
+
+
 def test_text_without_an_entry_is_refused():
     with pytest.raises(ValueError, match="no ENTRY computation"):
         hlo_traffic.traffic("HloModule m\n")

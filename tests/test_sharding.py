@@ -110,10 +110,11 @@ def test_accumulation_all_reduces_the_gradient_once_per_step(worker):
     split, plain = (dict(worker["accum_collectives"][k]) for k in ("split", "plain"))
     params = split.pop("param_bytes")
     assert set(split) == {"all-reduce"}, split
-    in_loops, outside, reduced = split["all-reduce"]
-    assert (in_loops, outside) == (0, 1)
-    assert params <= reduced <= params + 64
-    assert plain["all-reduce"][0] >= 4 and plain["all-reduce"][2] >= 3 * params, plain
+    reduced = split["all-reduce"]
+    assert (reduced["in_loops"], reduced["outside"]) == (0, 1)
+    assert params <= reduced["bytes"] <= params + 64
+    assert plain["all-reduce"]["in_loops"] >= 4, plain
+    assert plain["all-reduce"]["bytes"] >= 3 * params, plain
 
 
 def test_bad_meshes_fail_before_compilation_naming_sizes(worker):

@@ -93,9 +93,14 @@ def _operands(rest: str) -> str:
     return rest
 
 
+_COMMENT = re.compile(r"/\*.*?\*/")
+
+
 def _split_operands(operands: str) -> list[str]:
     """The operand list split at its top-level commas (a layout ``{1,0}`` or a shape
-    ``[128,64]`` inside an inline-typed operand holds commas of its own)."""
+    ``[128,64]`` inside an inline-typed operand holds commas of its own), without the
+    ``/*index=5*/`` comments XLA prints before every fifth operand of a long list."""
+    operands = _COMMENT.sub("", operands)
     parts, depth, start = [], 0, 0
     for i, ch in enumerate(operands):
         depth += ch in "([{"

@@ -217,9 +217,10 @@ def _bytes(inst: Instruction, computations: dict[str, list[Instruction]]) -> tup
     return reads, type_bytes(inst.result, workspace=inst.opcode != "custom-call")
 
 
-def kernels(hlo_text: str) -> tuple[list[Kernel], int]:
-    """(every kernel the program runs, how many loops had no known trip count)."""
-    computations, entry = _parse(hlo_text)
+def _runs(computations: dict[str, list[Instruction]], entry: Optional[str]
+          ) -> tuple[dict[str, int], int]:
+    """({computation the program runs: how many times per call}, how many loops had no known
+    trip count)."""
     if entry is None:
         raise ValueError("no ENTRY computation in this HLO text")
     runs = {entry: 1}
@@ -247,6 +248,13 @@ def kernels(hlo_text: str) -> tuple[list[Kernel], int]:
                 if body in computations and body not in runs:
                     runs[body] = runs[c] * n
                     todo.append(body)
+    return runs, unknown
+
+
+def kernels(hlo_text: str) -> tuple[list[Kernel], int]:
+    """(every kernel the program runs, how many loops had no known trip count)."""
+    computations, entry = _parse(hlo_text)
+    runs, unknown = _runs(computations, entry)
     out = []
     for computation, n in runs.items():
         for inst in computations[computation]:
@@ -258,6 +266,36 @@ def kernels(hlo_text: str) -> tuple[list[Kernel], int]:
                               kind=_kind(inst, computations), reads=reads, writes=writes,
                               runs=n, op_name=op_name.group(1) if op_name else ""))
     return out, unknown
+
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+def collectives(hlo_text: str) -> dict:
+    """``{opcode: {"in_loops": launches, "outside": launches, "bytes": operand bytes}}`` per
+    call of the program, for each collective it runs (an async ``…-start`` counted as its
+    opcode): ``in_loops`` the launches that loops repeat (a body's, times its trip count;
+    a loop without a known count runs once, as in :func:`kernels`), ``outside`` the rest;
+    plus ``"unknown_trip_counts"``.
+
+    ``bytes`` are the operands' (what each device sends in: an all-reduce's data, an
+    all-gather's shard, a reduce-scatter's whole input), not the results': XLA 0.12 types an
+    async ``all-reduce-start`` as the tuple of its aliased operand and its result, which would
+    count the data twice.  "In loops" is what gradient accumulation or a chunked loss would
+    repeat every trip (:func:`umup_jax.train.splits_over_data_replicas`)."""
+    computations, entry = _parse(hlo_text)
+    runs, unknown = _runs(computations, entry)
+    out: dict = {}
+    for computation, n in runs.items():
+        for inst in computations[computation]:
+            opcode = inst.opcode.removesuffix("-start")
+            if opcode not in COLLECTIVES:
+                continue
+            row = out.setdefault(opcode, {"in_loops": 0, "outside": 0, "bytes": 0.0})
+            row["in_loops" if n > 1 else "outside"] += n
+            row["bytes"] += n * sum(type_bytes(t) for t in inst.operand_texts)
+    out["unknown_trip_counts"] = unknown
+    return out
 
 
 def traffic(hlo_text: str) -> dict:
