@@ -240,3 +240,59 @@ def test_plan_row_for_an_h100(plan, monkeypatch):
                              attention="xla", scan=False), sharding)
     assert row["error"] == "" and row["upcast_gemms"] == 0
     assert row["fp8_gemms_cublaslt"] + row["fp8_gemms_triton"] > 0
+
+
+@pytest.fixture(scope="module")
+def plan_mesh():
+    return _experiment("gpu_plan_mesh")
+
+
+TINY_1B = dict(width=128, depth=2, seq=32, batch=8, remat="full")
+
+
+def test_mesh_plan_row_on_this_cpu(plan_mesh, monkeypatch, tmp_path):
+    """gpu_plan_mesh.py's row code (the trainer's step, sharded) on this CPU's one device
+    and a tiny shape: no collectives, the memory plan, the GEMM bound from the formula, its
+    table and plot; meshes that are not 8 devices are refused."""
+    from umup_jax import throughput
+
+    monkeypatch.setitem(plan_mesh.bench_gpu.SHAPES, "1b", TINY_1B)
+    row = plan_mesh.plan_row("1b", "1x1x1", 2, "none", 8, jax.devices()[:1])
+    assert row["error"] == "" and row["fits_h100"] is True
+    assert row["collectives_in_loops"] == row["collectives_outside"] == 0
+    assert row["wire_gib"] == row["all_reduce_gib"] == row["collective_ms_at_nvlink"] == 0
+    assert row["step_memory_gib"] > row["temp_memory_gib"] > 0
+    cfg = plan_mesh.row_config("1b", "1x1x1", 2, "none", 8)
+    assert (cfg.model.width, cfg.model.depth, cfg.model.vocab_size) == (128, 2, 32000)
+    flops = 8 * 32 * throughput.train_flops_per_token(
+        plan_mesh.bench_gpu.row_config(dict(shape="1b", fp8="none", attention="xla",
+                                            scan=False)))
+    assert row["bf16_gemm_ms_at_peak"] == pytest.approx(flops / 989.4e12 * 1e3, rel=1e-3)
+    plan_mesh.bench_gpu.write_rows([row], tmp_path / "plan.csv", plan_mesh.COLUMNS)
+    assert (tmp_path / "plan.csv").read_text().splitlines()[0].split(",") == list(
+        plan_mesh.COLUMNS)
+    plan_mesh.plot([row], tmp_path / "plan.png")
+    assert (tmp_path / "plan.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        plan_mesh.main(["--meshes", "2x2x1", "--out", str(tmp_path)])
+
+
+@pytest.mark.gpu_aot
+def test_mesh_plan_rows_for_8_h100s(plan_mesh, monkeypatch):
+    """On 8 abstract H100s with 2 micro-batches: data parallelism all-reduces the fp32
+    gradient once, outside the loop (2·7/8 of it sent per device); FSDP gathers weights and
+    reduce-scatters gradients in every micro-batch."""
+    from umup_jax import gpu_target
+
+    try:
+        devices = gpu_target.h100_devices(8)
+    except gpu_target.GpuTargetUnavailable as e:
+        pytest.skip(str(e))
+    monkeypatch.setitem(plan_mesh.bench_gpu.SHAPES, "1b", TINY_1B)
+    dp = plan_mesh.plan_row("1b", "8x1x1", 2, "none", 16, devices)
+    assert dp["error"] == "" and dp["collectives_in_loops"] == 0
+    assert dp["all_reduce_gib"] == pytest.approx(dp["params"] * 4 / 2**30, rel=1e-3)
+    assert dp["wire_gib"] == pytest.approx(dp["all_reduce_gib"] * 2 * 7 / 8, rel=1e-3)
+    fsdp = plan_mesh.plan_row("1b", "1x8x1", 2, "none", 16, devices)
+    assert fsdp["error"] == "" and fsdp["collectives_in_loops"] > 0
+    assert fsdp["all_gather_gib"] > 0 and fsdp["reduce_scatter_gib"] > 0

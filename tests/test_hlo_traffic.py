@@ -198,7 +198,7 @@ def test_synthetic_gpu_program():
 
 
 COLLECTIVES_HLO = """\
-HloModule jit_step, entry_computation_layout={()->()}
+HloModule jit_step, entry_computation_layout={()->()}, num_partitions=8
 
 %add (a: f32[], b: f32[]) -> f32[] {
   %a = f32[] parameter(0)
@@ -212,7 +212,7 @@ HloModule jit_step, entry_computation_layout={()->()}
   %g = f32[1024]{0} get-tuple-element(%t0), index=1
   %w = bf16[128]{0} get-tuple-element(%t0), index=2
   %all-reduce.1 = f32[1024]{0} all-reduce(%g), channel_id=1, replica_groups=[1,8]<=[8], to_apply=%add
-  %all-gather-start = (bf16[128]{0}, bf16[1024]{0}) all-gather-start(%w), channel_id=2, dimensions={0}
+  %all-gather-start = (bf16[128]{0}, bf16[1024]{0}) all-gather-start(%w), channel_id=2, replica_groups=mesh['data'=2,'fsdp'=4,'tensor'=1], device_ids=([2,4]T(1,0)) {'fsdp'}, dimensions={0}
   %all-gather-done = bf16[1024]{0} all-gather-done(%all-gather-start)
   ROOT %t1 = (s32[], f32[1024]{0}, bf16[128]{0}) tuple(%i, %all-reduce.1, %w)
 }
@@ -234,7 +234,7 @@ ENTRY %main (g0: f32[1024], w0: bf16[128], x: f32[256], y: f32[64]) -> f32[256] 
   %while.1 = (s32[], f32[1024]{0}, bf16[128]{0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"4"}}
   %all-reduce-start = ((f32[256]{0}, f32[64]{0}), f32[256]{0}, f32[64]{0}) all-reduce-start(%x, %y), channel_id=3, to_apply=%add, output_to_operand_aliasing={{1}: (0, {})}
   %all-reduce-done = (f32[256]{0}, f32[64]{0}) all-reduce-done(%all-reduce-start)
-  %reduce-scatter.1 = f32[32]{0} reduce-scatter(%x), channel_id=4, dimensions={0}, to_apply=%add
+  %reduce-scatter.1 = f32[32]{0} reduce-scatter(%x), channel_id=4, replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={0}, to_apply=%add
   ROOT %out = f32[256]{0} get-tuple-element(%all-reduce-done), index=0
 }
 """
@@ -246,11 +246,28 @@ def test_collectives_in_and_outside_loops_by_their_operands():
     typed as the tuple of its aliased operands and its results, counts its data once."""
     found = hlo_traffic.collectives(COLLECTIVES_HLO)
     assert found == {
-        "all-reduce": {"in_loops": 4, "outside": 1, "bytes": 4 * 1024 * 4 + (256 + 64) * 4},
-        "all-gather": {"in_loops": 4, "outside": 0, "bytes": 4 * 128 * 2},
-        "reduce-scatter": {"in_loops": 0, "outside": 1, "bytes": 256 * 4},
+        # groups of 8: [1,8]<=[8] in the loop, empty (all 8 partitions) outside
+        "all-reduce": {"in_loops": 4, "outside": 1, "bytes": 4 * 1024 * 4 + (256 + 64) * 4,
+                       "wire_bytes": (4 * 1024 * 4 + (256 + 64) * 4) * 2 * 7 / 8},
+        # over the mesh axis 'fsdp' of 4: 3 shards sent
+        "all-gather": {"in_loops": 4, "outside": 0, "bytes": 4 * 128 * 2,
+                       "wire_bytes": 4 * 128 * 2 * 3},
+        # one listed group of 8
+        "reduce-scatter": {"in_loops": 0, "outside": 1, "bytes": 256 * 4,
+                           "wire_bytes": 256 * 4 * 7 / 8},
         "unknown_trip_counts": 0,
     }
+
+
+@pytest.mark.parametrize("groups, size", [
+    ("replica_groups={{0,2},{1,3}}", 2), ("replica_groups=[4,2]<=[2,4]T(1,0)", 2),
+    ("replica_groups=mesh['data'=2,'fsdp'=4,'tensor'=1] {'data'}", 2),
+    ("replica_groups=mesh['data'=2,'fsdp'=4] {'data','fsdp'}", 8),
+    ("replica_groups=mesh['axis_0'=2,'axis_1'=4]", 8), ("replica_groups={}", 8),
+])
+def test_collective_group_sizes_in_each_form(groups, size):
+    line = f"%ar = f32[8]{{0}} all-reduce(%x), channel_id=1, {groups}, to_apply=%add"
+    assert hlo_traffic.group_size(line, partitions=8) == size
 
 
 def test_text_without_an_entry_is_refused():

@@ -269,6 +269,52 @@ def kernels(hlo_text: str) -> tuple[list[Kernel], int]:
 
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_IOTA_GROUPS = re.compile(r"replica_groups=\[(\d+),(\d+)\]<=")
+_LISTED_GROUPS = re.compile(r"replica_groups=\{\{([0-9,]*)\}")
+_MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\]")
+_MESH_AXIS = re.compile(r"'([^']+)'=(\d+)")
+_PARTITIONS = re.compile(r"\bnum_partitions=(\d+)")
+
+
+def group_size(line: str, partitions: int) -> int:
+    """How many devices take part in each group of a collective, from its ``replica_groups``
+    in any of the forms XLA prints: listed (``{{0,1},{2,3}}``), iota (``[2,4]<=[8]``: 2
+    groups of 4), over named mesh axes (XLA 0.12 and later: ``mesh['data'=2,'fsdp'=4] {'fsdp'}``,
+    possibly with ``device_ids=(…)`` between; no axis set: all of them), or empty (every one
+    of the module's ``partitions``)."""
+    if (m := _IOTA_GROUPS.search(line)):
+        return int(m.group(2))
+    if (m := _LISTED_GROUPS.search(line)):
+        return len([d for d in m.group(1).split(",") if d])
+    if (m := _MESH_GROUPS.search(line)):
+        sizes = {a: int(n) for a, n in _MESH_AXIS.findall(m.group(1))}
+        tail = line[m.end():]
+        if tail.startswith(", device_ids="):  # skip its balanced parentheses
+            depth, i = 0, len(", device_ids=")
+            for i in range(i, len(tail)):
+                depth += tail[i] == "("
+                depth -= tail[i] == ")"
+                if depth == 0:
+                    break
+            tail = tail[i + 1:]
+        axes = re.match(r"\s*\{([^}]*)\}", tail)
+        names = re.findall(r"'([^']+)'", axes.group(1)) if axes else list(sizes)
+        n = 1
+        for a in names:
+            n *= sizes.get(a, 1)
+        return n
+    return partitions
+
+
+def wire_bytes(opcode: str, operand_bytes: float, n: int) -> float:
+    """Bytes each device sends for one collective over groups of ``n`` (ring algorithms, as
+    NCCL's): all-reduce 2(n−1)/n of its data, all-gather (n−1) shards, reduce-scatter and
+    all-to-all (n−1)/n of their input, a collective-permute its data."""
+    if n <= 1:
+        return 0.0
+    return operand_bytes * {"all-reduce": 2 * (n - 1) / n, "all-gather": n - 1,
+                            "reduce-scatter": (n - 1) / n, "all-to-all": (n - 1) / n,
+                            "collective-permute": 1.0}[opcode]
 
 
 def collectives(hlo_text: str) -> dict:
@@ -281,19 +327,25 @@ def collectives(hlo_text: str) -> dict:
     ``bytes`` are the operands' (what each device sends in: an all-reduce's data, an
     all-gather's shard, a reduce-scatter's whole input), not the results': XLA 0.12 types an
     async ``all-reduce-start`` as the tuple of its aliased operand and its result, which would
-    count the data twice.  "In loops" is what gradient accumulation or a chunked loss would
+    count the data twice.  ``wire_bytes``: what each device sends over the links, by
+    :func:`wire_bytes` for its groups' size (:func:`group_size`).  "In loops" is what gradient accumulation or a chunked loss would
     repeat every trip (:func:`umup_jax.train.splits_over_data_replicas`)."""
     computations, entry = _parse(hlo_text)
     runs, unknown = _runs(computations, entry)
+    partitions = _PARTITIONS.search(hlo_text[:hlo_text.find("\n")])
+    partitions = int(partitions.group(1)) if partitions else 1
     out: dict = {}
     for computation, n in runs.items():
         for inst in computations[computation]:
             opcode = inst.opcode.removesuffix("-start")
             if opcode not in COLLECTIVES:
                 continue
-            row = out.setdefault(opcode, {"in_loops": 0, "outside": 0, "bytes": 0.0})
+            row = out.setdefault(opcode, {"in_loops": 0, "outside": 0, "bytes": 0.0,
+                                          "wire_bytes": 0.0})
             row["in_loops" if n > 1 else "outside"] += n
-            row["bytes"] += n * sum(type_bytes(t) for t in inst.operand_texts)
+            data = sum(type_bytes(t) for t in inst.operand_texts)
+            row["bytes"] += n * data
+            row["wire_bytes"] += n * wire_bytes(opcode, data, group_size(inst.line, partitions))
     out["unknown_trip_counts"] = unknown
     return out
 
