@@ -184,7 +184,8 @@ def _finish(procs, logs, timeout=240):
 
 
 def test_two_processes_match_one_and_a_sigterm_to_one_stops_both_at_one_step(tmp_path):
-    """Two processes train as one does; a SIGTERM to one of them stops both after the same step
+    """Two processes train as one does (they with 2 accumulated micro-batches, over the data
+    replicas, the one process without); a SIGTERM to one of them stops both after the same step
     (143 each, one checkpoint there) instead of one process entering the checkpoint's
     collectives while the other enters the next step's, and the resumed run's losses are the
     uninterrupted run's."""
@@ -195,8 +196,11 @@ def test_two_processes_match_one_and_a_sigterm_to_one_stops_both_at_one_step(tmp
                             capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
 
+    # The two processes accumulate 2 micro-batches: each process's replica computes its
+    # gradient apart and the step all-reduces once (train.splits_over_data_replicas).
     multi = tmp_path / "multi"
-    procs = _two_processes(multi, arg, tmp_path / "logs")
+    multi_arg = arg + ",train.grad_accum_steps=2"
+    procs = _two_processes(multi, multi_arg, tmp_path / "logs")
     # Before the training loop (process 0's banner, after jax.distributed is up): JAX's
     # preemption notifier would take it and the run would train on to the end.
     deadline = time.time() + 240
@@ -216,7 +220,7 @@ def test_two_processes_match_one_and_a_sigterm_to_one_stops_both_at_one_step(tmp
 
     # The rerun resumes and finishes.
     logs2 = tmp_path / "logs2"
-    for rc, _, err in _finish(_two_processes(multi, arg, logs2), logs2):
+    for rc, _, err in _finish(_two_processes(multi, multi_arg, logs2), logs2):
         assert rc == 0, err[-3000:]
     done = json.loads((multi / "results.json").read_text())
     assert not done["interrupted"] and done["steps"] == steps
