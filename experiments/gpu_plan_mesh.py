@@ -5,7 +5,8 @@ one: per-device memory and what each mesh and gradient accumulation costs in col
 (``umup_jax.train``'s own jitted step: forward, backward, AdamW, donated state) of the ~1B
 model (width 2048, depth 16, heads of 64, seq 2048, vocab 32000, ``remat=full``, BF16, XLA
 attention) on the abstract 8-GPU host of :func:`umup_jax.gpu_target.h100_devices` for each
-``mesh`` (data × fsdp × tensor) and ``train.grad_accum_steps``, at a global batch of 64
+``mesh`` (data × fsdp × tensor) and ``train.grad_accum_steps`` (FSDP meshes with accumulation also with
+``train.fsdp_gather_once``), at a global batch of 64
 sequences (131,072 tokens).  Nothing runs and nothing is autotuned.  Per row:
 
 * ``step_memory_gib``: the compiled step's plan on one device (arguments + outputs +
@@ -44,7 +45,7 @@ from gpu_plan import GIB, H100_HBM_BYTES_PER_S  # noqa: E402
 NVLINK_BYTES_PER_S = 450e9  # H100 SXM, NVLink 4: 18 links of 25 GB/s each way
 BATCH = 64  # global batch of the plan: 64 × 2048 tokens
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-COLUMNS = ("shape", "mesh", "grad_accum_steps", "fp8", "batch", "seq", "params", "compile_s",
+COLUMNS = ("shape", "mesh", "grad_accum_steps", "fsdp_gather_once", "fp8", "batch", "seq", "params", "compile_s",
            "step_memory_gib", "temp_memory_gib", "fits_h100",
            *(k.replace("-", "_") + "_gib" for k in KINDS), "collectives_in_loops",
            "collectives_outside", "wire_gib", "bf16_gemm_ms_at_peak", "other_ms_at_hbm",
@@ -52,7 +53,8 @@ COLUMNS = ("shape", "mesh", "grad_accum_steps", "fp8", "batch", "seq", "params",
 _sig = bench_gpu.four_digits
 
 
-def row_config(shape: str, mesh: str, accum: int, fp8: str, batch: int):
+def row_config(shape: str, mesh: str, accum: int, fp8: str, batch: int,
+               gather_once: bool = False):
     """The trainer's config of a row: ``shape`` of :data:`bench_gpu.SHAPES`, ``mesh``
     ``"DxFxT"``, on the bundled corpus's tokens (only their shapes matter here)."""
     from umup_jax import config as config_lib
@@ -65,11 +67,13 @@ def row_config(shape: str, mesh: str, accum: int, fp8: str, batch: int):
         f"model.vocab_size={bench_gpu.VOCAB}", "model.dtype=bfloat16",
         "model.attention_impl=xla", f"model.remat={s['remat']}", f"model.fp8={fp8}",
         f"train.batch_size={batch}", f"train.eval_batch_size={data * fsdp}",
-        f"train.grad_accum_steps={accum}", f"mesh.data={data}", f"mesh.fsdp={fsdp}",
+        f"train.grad_accum_steps={accum}", f"train.fsdp_gather_once={gather_once}",
+        f"mesh.data={data}", f"mesh.fsdp={fsdp}",
         f"mesh.tensor={tensor}"]))
 
 
-def plan_row(shape: str, mesh: str, accum: int, fp8: str, batch: int, devices) -> dict:
+def plan_row(shape: str, mesh: str, accum: int, fp8: str, batch: int, devices,
+             gather_once: bool = False) -> dict:
     """One row compiled for ``devices`` (8 abstract H100s; on this CPU in the tests)."""
     import jax
     import jax.numpy as jnp
@@ -78,7 +82,7 @@ def plan_row(shape: str, mesh: str, accum: int, fp8: str, batch: int, devices) -
     from umup_jax import train as train_lib
     from umup_jax.gpu_target import H100_DEVICE_KIND, H100_MEMORY_BYTES
 
-    cfg = row_config(shape, mesh, accum, fp8, batch)
+    cfg = row_config(shape, mesh, accum, fp8, batch, gather_once)
     run = train_lib.build_run(cfg, devices=list(devices))
     seq = run.model_cfg.seq_len
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=run.batch_sharding)
@@ -93,8 +97,8 @@ def plan_row(shape: str, mesh: str, accum: int, fp8: str, batch: int, devices) -
     flops = throughput.train_flops_per_token(run.model_cfg) * batch * seq / len(devices)
     wire = sum(found.get(k, {}).get("wire_bytes", 0.0) for k in KINDS)
     return {
-        "shape": shape, "mesh": mesh, "grad_accum_steps": accum, "fp8": fp8, "batch": batch,
-        "seq": seq,
+        "shape": shape, "mesh": mesh, "grad_accum_steps": accum,
+        "fsdp_gather_once": gather_once, "fp8": fp8, "batch": batch, "seq": seq,
         "params": sum(x.size for x in jax.tree.leaves(run.abstract_state["params"])),
         "compile_s": round(compile_s, 1),
         "step_memory_gib": _sig(step_bytes / GIB),
@@ -120,7 +124,8 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in rows if not r["error"]]
-    labels = [f"{r['mesh']}\nk={r['grad_accum_steps']}" for r in rows]
+    labels = [f"{r['mesh']}\nk={r['grad_accum_steps']}"
+              + ("\ngather once" if r["fsdp_gather_once"] else "") for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     bottom = [0.0] * len(rows)
     for kind in KINDS:
@@ -170,16 +175,20 @@ def main(argv=None):
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, t0 = [], time.time()
-    todo = [(m, k) for m in meshes for k in accums]
-    for i, (mesh, accum) in enumerate(todo):
+    # FSDP meshes with accumulation also with train.fsdp_gather_once.
+    todo = [(m, k, once) for m in meshes for k in accums
+            for once in ((False, True) if int(m.split("x")[1]) > 1 and k > 1 else (False,))]
+    for i, (mesh, accum, once) in enumerate(todo):
         try:
-            row = plan_row("1b", mesh, accum, args.fp8, args.batch, devices)
+            row = plan_row("1b", mesh, accum, args.fp8, args.batch, devices, once)
         except Exception as e:  # noqa: BLE001 - a row that does not build is a result
-            row = {"shape": "1b", "mesh": mesh, "grad_accum_steps": accum, "fp8": args.fp8,
-                   "batch": args.batch, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+            row = {"shape": "1b", "mesh": mesh, "grad_accum_steps": accum,
+                   "fsdp_gather_once": once, "fp8": args.fp8, "batch": args.batch,
+                   "error": f"{type(e).__name__}: {str(e)[:300]}"}
         rows.append(row)
         bench_gpu.write_rows(rows, out / "gpu_plan_mesh.csv", COLUMNS)  # after each row
-        print(f"[{i + 1}/{len(todo)}] mesh {mesh} k={accum}: " + (
+        print(f"[{i + 1}/{len(todo)}] mesh {mesh} k={accum}"
+              + (" gather once" if once else "") + ": " + (
             f"compile {row['compile_s']:5.1f} s  memory {row['step_memory_gib']:6.2f} GiB  "
             f"collectives {row['collectives_in_loops']} in loops + "
             f"{row['collectives_outside']} outside, wire {row['wire_gib']:.2f} GiB = "

@@ -109,6 +109,9 @@ ACCUM_VARIANTS = {
         ",model.scan_layers=True,model.remat=full,model.loss_chunks=2",
         ",mesh.data=2,mesh.fsdp=2,mesh.tensor=2,train.grad_accum_steps=2", "umup", True),
     "sp_4x2x1_k2": ("", ",mesh.data=4,mesh.fsdp=2,train.grad_accum_steps=2", "sp", False),
+    "umup_2x4x1_k2_gather_once": (
+        "", ",mesh.data=2,mesh.fsdp=4,train.grad_accum_steps=2,train.fsdp_gather_once=True",
+        "umup", False),
 }
 
 

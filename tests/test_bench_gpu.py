@@ -281,7 +281,8 @@ def test_mesh_plan_row_on_this_cpu(plan_mesh, monkeypatch, tmp_path):
 def test_mesh_plan_rows_for_8_h100s(plan_mesh, monkeypatch):
     """On 8 abstract H100s with 2 micro-batches: data parallelism all-reduces the fp32
     gradient once, outside the loop (2·7/8 of it sent per device); FSDP gathers weights and
-    reduce-scatters gradients in every micro-batch."""
+    reduce-scatters gradients in every micro-batch, and with ``train.fsdp_gather_once``
+    gathers them once, holding more."""
     from umup_jax import gpu_target
 
     try:
@@ -296,3 +297,9 @@ def test_mesh_plan_rows_for_8_h100s(plan_mesh, monkeypatch):
     fsdp = plan_mesh.plan_row("1b", "1x8x1", 2, "none", 16, devices)
     assert fsdp["error"] == "" and fsdp["collectives_in_loops"] > 0
     assert fsdp["all_gather_gib"] > 0 and fsdp["reduce_scatter_gib"] > 0
+    # train.fsdp_gather_once: the weights gathered once, before the loop, at more memory
+    once = plan_mesh.plan_row("1b", "1x8x1", 2, "none", 16, devices, gather_once=True)
+    assert once["error"] == "" and once["fsdp_gather_once"] is True
+    assert once["all_gather_gib"] < fsdp["all_gather_gib"]
+    assert 0 < once["collectives_in_loops"] < fsdp["collectives_in_loops"]
+    assert once["step_memory_gib"] > fsdp["step_memory_gib"]

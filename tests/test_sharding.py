@@ -90,13 +90,14 @@ def test_fp8_trains_under_sharding(worker):
 
 
 @pytest.mark.parametrize("variant", ["umup_8x1x1_k2", "umup_2x2x2_k2_scan_remat_chunks",
-                                     "sp_4x2x1_k2"])
+                                     "sp_4x2x1_k2", "umup_2x4x1_k2_gather_once"])
 def test_accumulation_over_data_replicas_equals_one_device(worker, variant):
     """With ``mesh.data`` > 1 and 2 micro-batches each replica's gradient is computed apart
     (``train.make_grad_fn``'s vmap over ``data``) and summed once: one step's loss, activation
     RMS (u-μP) and every gradient equal one device's without accumulation to 1e-6 of their
     RMS (measured ≤ 5.5e-7), also scanned, rematerialised, with the chunked loss and the
-    three mesh axes."""
+    three mesh axes, and with FSDP's weights gathered once per step
+    (``train.fsdp_gather_once``)."""
     found = worker["accum"][variant]
     assert found["split"]
     assert found["max_rel"] <= 1e-6, found

@@ -94,6 +94,10 @@ def base_config(parametrization: str = "umup") -> ml_collections.ConfigDict:
         # Split each step's batch into this many micro-batches (a lax.scan inside the jitted
         # step): the same update with less activation memory.  Must divide the per-device batch.
         grad_accum_steps=1,
+        # With FSDP (mesh.fsdp > 1) and grad_accum_steps > 1: all-gather the fp32 params once
+        # per step before the micro-batches instead of in each (the same update; more memory:
+        # each device holds its data replica's whole params through the step).
+        fsdp_gather_once=False,
         eval_every=512, eval_batches=16, eval_batch_size=64,
         log_every=10, metrics_every=256,
         checkpoint_every=1024, keep_checkpoints=3,

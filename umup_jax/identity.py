@@ -47,6 +47,7 @@ EXECUTION_KEYS = (
     "model.attention_impl",
     "model.loss_chunks",
     "train.grad_accum_steps",
+    "train.fsdp_gather_once",
 )
 
 # Keys that may change on resume in one direction only: (key, allowed change, explanation).
