@@ -94,7 +94,7 @@ def test_fp8_trains_under_sharding(worker):
 def test_accumulation_over_data_replicas_equals_one_device(worker, variant):
     """With ``mesh.data`` > 1 and 2 micro-batches each replica's gradient is computed apart
     (``train.make_grad_fn``'s vmap over ``data``) and summed once: one step's loss, activation
-    RMS (u-μP) and every gradient equal one device's without accumulation to 1e-6 of their
+    RMS (two u-μP variants) and every gradient equal one device's without accumulation to 1e-6 of their
     RMS (measured ≤ 5.5e-7), also scanned, rematerialised, with the chunked loss and the
     three mesh axes, and with FSDP's weights gathered once per step
     (``train.fsdp_gather_once``)."""
