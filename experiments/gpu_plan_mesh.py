@@ -41,10 +41,11 @@ sys.path.append(str(ROOT / "experiments"))
 
 import bench_gpu  # noqa: E402
 from gpu_plan import GIB, H100_HBM_BYTES_PER_S  # noqa: E402
+from umup_jax import hlo_traffic  # noqa: E402
 
 NVLINK_BYTES_PER_S = 450e9  # H100 SXM, NVLink 4: 18 links of 25 GB/s each way
 BATCH = 64  # global batch of the plan: 64 × 2048 tokens
-KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+KINDS = hlo_traffic.COLLECTIVES
 COLUMNS = ("shape", "mesh", "grad_accum_steps", "fsdp_gather_once", "fp8", "batch", "seq", "params", "compile_s",
            "step_memory_gib", "temp_memory_gib", "fits_h100",
            *(k.replace("-", "_") + "_gib" for k in KINDS), "collectives_in_loops",
@@ -78,7 +79,7 @@ def plan_row(shape: str, mesh: str, accum: int, fp8: str, batch: int, devices,
     import jax
     import jax.numpy as jnp
 
-    from umup_jax import hlo_traffic, throughput
+    from umup_jax import throughput
     from umup_jax import train as train_lib
     from umup_jax.gpu_target import H100_DEVICE_KIND, H100_MEMORY_BYTES
 

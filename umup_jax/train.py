@@ -319,6 +319,9 @@ def make_grad_fn(run: Run, with_stats: bool):
     k = run.config.train.grad_accum_steps
     split = splits_over_data_replicas(run)
     n = run.mesh.shape["data"] if split else 1
+    # train.fsdp_gather_once: the params' shardings without fsdp, to gather them before the loop
+    gathered = (jax.tree.map(_without_fsdp, run.state_sharding["params"])
+                if gathers_weights_once(run) else None)
     step_tokens = run.config.train.batch_size * run.model_cfg.seq_len
     model = run.model if k == 1 else Decoder(run.model_cfg, grad_tokens=step_tokens)
     weight = run.model_cfg.rule.grad_accumulation_weight(k * n)
@@ -391,22 +394,20 @@ def make_grad_fn(run: Run, with_stats: bool):
     def loss_and_grads(params, batch):
         if k == 1:
             return grad_fn(params, probes, batch)
-        if gathers_weights_once(run):
-            params = jax.tree.map(gathered_over_fsdp, params, run.state_sharding["params"])
+        if gathered is not None:  # one all-gather per weight, before the loop
+            params = jax.lax.with_sharding_constraint(params, gathered)
         return accumulate(params, batch)
 
-    def gathered_over_fsdp(p, sharding):
-        """``p`` replicated along ``fsdp`` (an all-gather, before the loop) and split as
-        before along the other axes."""
-        def drop(axes):
-            if isinstance(axes, tuple):
-                kept = tuple(a for a in axes if a != "fsdp")
-                return kept or None
-            return None if axes == "fsdp" else axes
-        spec = PartitionSpec(*(drop(a) for a in sharding.spec))
-        return jax.lax.with_sharding_constraint(p, NamedSharding(run.mesh, spec))
-
     return loss_and_grads
+
+
+def _without_fsdp(sharding: NamedSharding) -> NamedSharding:
+    """``sharding`` replicated along ``fsdp`` and split as before along the other axes."""
+    def drop(axes):
+        if isinstance(axes, tuple):
+            return tuple(a for a in axes if a != "fsdp") or None
+        return None if axes == "fsdp" else axes
+    return NamedSharding(sharding.mesh, PartitionSpec(*(drop(a) for a in sharding.spec)))
 
 
 def gathers_weights_once(run: Run) -> bool:
