@@ -120,16 +120,29 @@ def one_step_grads(parametrization, arg, devices, with_stats):
     state = train_lib.make_init_fn(run)(jax.random.key(0))
     ids = np.random.default_rng(0).integers(0, 256, (16, 33)).astype(np.int32)
     batch = train_lib.to_global(run, {"inputs": ids[:, :32], "targets": ids[:, 1:]})
-    (loss, acts), (grads, _) = jax.jit(train_lib.make_grad_fn(run, with_stats))(
+    (loss, acts), (grads, probe_grads) = jax.jit(train_lib.make_grad_fn(run, with_stats))(
         state["params"], batch)
-    return train_lib.splits_over_data_replicas(run), jax.device_get((loss, acts, grads))
+    return (train_lib.splits_over_data_replicas(run),
+            jax.device_get((loss, acts, grads, probe_grads)))
 
 
-def accumulation_over_replicas():
+# The chunked loss without accumulation on meshes with data > 1 (its backward sums each data
+# replica's readout gradient apart, loss_chunks.py): the same comparison with one device.
+# FP8 with statistics: the FP8 probes' gradients (cast statistics) are compared too.
+CHUNK_VARIANTS = {
+    "umup_8x1x1_chunks4_fp8": (",model.loss_chunks=4,model.fp8=paper_simple", ",mesh.data=8",
+                               "umup", True),
+    "sp_2x2x2_chunks2_scan": (",model.loss_chunks=2,model.scan_layers=True",
+                              ",mesh.data=2,mesh.fsdp=2,mesh.tensor=2", "sp", False),
+}
+
+
+def accumulation_over_replicas(variants=ACCUM_VARIANTS):
     """{variant: {"split": vmapped over the replicas, "max_rel": the largest RMS difference
-    over RMS of loss, activation RMS and gradients, "leaves": how many}}."""
+    over RMS of loss, activation RMS, gradients and FP8 probe gradients, "leaves": how
+    many}}."""
     out = {}
-    for name, (model_arg, mesh_arg, parametrization, stats) in ACCUM_VARIANTS.items():
+    for name, (model_arg, mesh_arg, parametrization, stats) in variants.items():
         _, ref = one_step_grads(parametrization, ACCUM_ARG + model_arg, jax.devices()[:1],
                                 stats)
         split, got = one_step_grads(parametrization, ACCUM_ARG + model_arg + mesh_arg,
@@ -161,6 +174,30 @@ def accumulation_collectives(split):
     assert out.pop("unknown_trip_counts") == 0
     out["param_bytes"] = sum(x.size * x.dtype.itemsize
                              for x in jax.tree.leaves(run.abstract_state["params"]))
+    return out
+
+
+def chunked_loss_collectives(per_replica):
+    """The collectives of the compiled train step on mesh 8x1x1 with ``model.loss_chunks=4``
+    and no accumulation; ``per_replica=False`` takes away the chunked loss's per-replica sums
+    (``sharding.data_replicas``), as before them."""
+    run = train_lib.build_run(config_lib.proxy_config(
+        "umup", ACCUM_ARG + ",model.loss_chunks=4,mesh.data=8"), jax.devices())
+    saved = sharding_lib.data_replicas
+    if not per_replica:
+        sharding_lib.data_replicas = lambda: None
+    try:
+        step = train_lib.make_train_step(run, with_stats=False)
+        batch = {k: jax.ShapeDtypeStruct((16, 32), np.int32, sharding=run.batch_sharding)
+                 for k in ("inputs", "targets")}
+        hlo = step.lower(run.abstract_state, batch).compile().as_text()
+    finally:
+        sharding_lib.data_replicas = saved
+    out = hlo_traffic.collectives(hlo)
+    assert out.pop("unknown_trip_counts") == 0
+    out["param_bytes"] = sum(x.size * x.dtype.itemsize
+                             for x in jax.tree.leaves(run.abstract_state["params"]))
+    out["readout_bytes"] = int(np.prod(run.abstract_state["params"]["params"]["readout"].shape)) * 4
     return out
 
 
@@ -247,6 +284,9 @@ def main(outdir):
     result["accum"] = accumulation_over_replicas()
     result["accum_collectives"] = {"split": accumulation_collectives(True),
                                    "plain": accumulation_collectives(False)}
+    result["chunks"] = accumulation_over_replicas(CHUNK_VARIANTS)
+    result["chunks_collectives"] = {"per_replica": chunked_loss_collectives(True),
+                                    "plain": chunked_loss_collectives(False)}
     print("RESULT " + json.dumps(result))
 
 

@@ -22,12 +22,19 @@ order of summation.  An FP8 readout's cast statistics (its probe's gradient) are
 the chunks' fractions, which for equal chunks are the whole call's.
 
 Under data parallelism each chunk's readout weight gradient (and loss) is a partial sum over
-the local batch rows.  XLA's CPU pipeline all-reduces it inside the scan, once per chunk
-(8 forced CPU devices, mesh (8, 1, 1), c = 4: one (f32[], D×V) all-reduce in the loop body
-besides the step's single gradient all-reduce); XLA's GPU pipeline runs
-``WhileLoopAllReduceCodeMotion``, which moves an all-reduce whose result is only accumulated
-into a loop carry out of the loop, so there it should be one all-reduce per step (not yet
-measured on a multi-GPU host).
+each replica's batch rows.  Summed into a replicated carry, XLA all-reduces it inside the
+scan, once per chunk (8 forced CPU devices, mesh (8, 1, 1), c = 4: four (f32[], D×V)
+all-reduces in the loop body besides the step's gradient all-reduce; XLA's GPU pipeline,
+compiled for 8 H100s, keeps them in the loop too: its ``WhileLoopAllReduceCodeMotion`` does
+not move them).  So where the trainer's :func:`~umup_jax.sharding.activation_mesh` splits
+the batch over ``data`` (n > 1 replicas, :func:`~umup_jax.sharding.data_replicas`), the
+backward's scan keeps one running sum per replica: each chunk is viewed as (n, B/n, S/c, D),
+a ``jax.vmap(…, spmd_axis_name='data')`` computes each replica's vjp, and the (n, D, V) fp32
+carry is split over ``data``, one D×V per device as before.  The replicas' fp32 sums are
+added once after the scan (then cast to the readout weight's dtype, as without replicas),
+so the step all-reduces the readout gradient once instead of c times: 4·D·V bytes where
+XLA's GPU pipeline had sent c·2·D·V in bf16 compute, fewer from c = 3 on, and no rounding
+to bf16 before the replicas' sum.
 
 A custom VJP has no forward-mode rule: ``jax.jvp`` through the chunked loss fails (nothing in
 umup-jax uses forward mode; with ``loss_chunks=1`` the model is plain autodiff again).
@@ -35,14 +42,16 @@ umup-jax uses forward mode; with ``loss_chunks=1`` the model is plain autodiff a
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 
 def chunked_readout_loss(x, w, targets, probe: Optional[jax.Array], *, chunks: int,
-                         readout: Callable, loss_sum: Callable, loss_from_sum: Callable):
+                         readout: Callable, loss_sum: Callable, loss_from_sum: Callable,
+                         replicas: Optional[tuple[Mesh, Sequence[str]]] = None):
     """(mean loss, RMS of the logits) of ``loss_from_sum(Σ_c loss_sum(readout(x_c, w, p), t_c),
     B·S)`` over ``chunks`` equal chunks of the sequence axis of ``x`` (B, S, D) and
     ``targets`` (B, S).
@@ -50,6 +59,11 @@ def chunked_readout_loss(x, w, targets, probe: Optional[jax.Array], *, chunks: i
     ``readout(x_c, w, probe)`` gives a chunk's logits (``probe`` is ``None`` when ``probe`` is);
     ``loss_sum(logits, targets)`` and ``loss_from_sum(total, num_tokens)`` are the rule's.  The
     RMS (a scalar, no gradient) is what the activation metrics read of the logits.
+
+    ``replicas``: ``(mesh, the batch's other axes)`` of a batch split over the mesh's
+    ``data`` axis (:func:`umup_jax.sharding.data_replicas`): the backward then sums each data
+    replica's readout gradient apart and adds them once (module docstring).  The batch must
+    divide into the replicas.
     """
     b, s, d = x.shape
     if s % chunks or targets.shape != (b, s):
@@ -81,19 +95,47 @@ def chunked_readout_loss(x, w, targets, probe: Optional[jax.Array], *, chunks: i
                                            (split(x), split(targets)))
         return total, jnp.sqrt(jnp.mean(mean_squares))
 
+    n_rep = replicas[0].shape["data"] if replicas is not None else 1
+    if b % n_rep:
+        raise ValueError(f"a batch of {b} rows does not split into {n_rep} data replicas")
+
+    def by_replica(a):  # (c, B, …) → (c, n, B/n, …), the n replicas' rows over `data`
+        a = a.reshape(chunks, n_rep, b // n_rep, *a.shape[2:])
+        mesh, rows = replicas
+        spec = PartitionSpec(None, "data", tuple(rows) or None)
+        return jax.lax.with_sharding_constraint(a, NamedSharding(mesh, spec))
+
+    def chunk_grads(xc, w, tc, p):
+        """A chunk's (loss, mean square, (dx, dw, dprobe)) at cotangent 1."""
+        (loss, mean_square), vjp = jax.vjp(lambda xc_, w_, p_: chunk_loss(xc_, w_, tc, p_),
+                                           xc, w, p)
+        return loss, mean_square, vjp((jnp.ones_like(loss), jnp.zeros_like(mean_square)))
+
     def fused_fwd(x, w, targets, p):
+        if n_rep > 1:  # every value below has a leading (n,) replica axis, split over data
+            grads = jax.vmap(chunk_grads, in_axes=(0, None, 0, None), spmd_axis_name="data")
+            xs = (by_replica(split(x)), by_replica(split(targets)))
+            mesh = replicas[0]
+            keep = PartitionSpec.UNCONSTRAINED
+            lead = lambda shape, dtype: jax.lax.with_sharding_constraint(  # noqa: E731
+                jnp.zeros((n_rep, *shape), dtype),
+                NamedSharding(mesh, PartitionSpec("data", *([keep] * len(shape)))))
+        else:
+            grads, xs = chunk_grads, (split(x), split(targets))
+            lead = jnp.zeros  # noqa: E731
+
         def body(carry, inputs):
             total, dw, dp = carry
             xc, tc = inputs
-            (loss, mean_square), vjp = jax.vjp(lambda xc_, w_, p_: chunk_loss(xc_, w_, tc, p_),
-                                               xc, w, p)
-            dxc, dwc, dpc = vjp((jnp.ones_like(loss), jnp.zeros_like(mean_square)))
+            loss, mean_square, (dxc, dwc, dpc) = grads(xc, w, tc, p)
             carry = (total + loss, dw + dwc.astype(jnp.float32), dp + dpc)
             return carry, (dxc, mean_square)
 
-        init = (jnp.zeros((), jnp.float32), jnp.zeros(w.shape, jnp.float32), jnp.zeros_like(p))
-        (total, dw, dp), (dx, mean_squares) = jax.lax.scan(body, init,
-                                                            (split(x), split(targets)))
+        init = (lead((), jnp.float32), lead(w.shape, jnp.float32), lead(p.shape, p.dtype))
+        (total, dw, dp), (dx, mean_squares) = jax.lax.scan(body, init, xs)
+        if n_rep > 1:  # the replicas' sums, added once: the readout gradient's one all-reduce
+            total, dw, dp = jnp.sum(total, 0), jnp.sum(dw, 0), jnp.mean(dp, 0)
+            dx = dx.reshape(chunks, b, *dx.shape[3:])
         out = (total, jnp.sqrt(jnp.mean(mean_squares)))
         return out, (unsplit(dx), dw.astype(w.dtype), dp / chunks)
 

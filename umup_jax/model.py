@@ -35,7 +35,10 @@ Scale options (they compute the same function):
   instead of the full (B, S, V) fp32 logits, their softmax and their gradient (at the proxy's
   16384 tokens × 32000 vocabulary, 2 GiB each), with no recomputation.  Loss and gradients are
   the unchunked ones up to the order of summation; u-μP's readout weight-gradient scale uses
-  the token count of the whole call (or ``grad_tokens``), not the chunk's.
+  the token count of the whole call (or ``grad_tokens``), not the chunk's.  Traced inside the
+  trainer's :func:`~umup_jax.sharding.activation_mesh` with ``mesh.data`` > 1, its backward
+  sums each data replica's readout gradient apart and adds them once
+  (:func:`~umup_jax.sharding.data_replicas`): one all-reduce per step instead of one per chunk.
 """
 
 from __future__ import annotations
@@ -556,7 +559,8 @@ class Decoder(nn.Module):
 
         loss, logits_rms = loss_chunks_lib.chunked_readout_loss(
             x, w_out, targets, probe, chunks=cfg.loss_chunks, readout=readout,
-            loss_sum=rule.loss_sum, loss_from_sum=rule.loss_from_sum)
+            loss_sum=rule.loss_sum, loss_from_sum=rule.loss_from_sum,
+            replicas=sharding_lib.data_replicas())
         self.sow("intermediates", "logits", logits_rms)
         return loss
 

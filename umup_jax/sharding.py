@@ -79,6 +79,24 @@ def constrain_batch(x: jax.Array) -> jax.Array:
     return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
+def data_replicas() -> Optional[tuple[Mesh, tuple[str, ...]]]:
+    """``(mesh, the other batch axes)`` where the enclosing :func:`activation_mesh` splits
+    the batch over a ``data`` axis of size n > 1, so that code traced there can compute the
+    n replicas' partial sums apart (``jax.vmap(…, spmd_axis_name='data')`` over an (n, B/n, …)
+    view of the batch, its rows split over the other axes) and reduce them once, rather
+    than let XLA all-reduce a partial sum wherever one meets a replicated value
+    (:mod:`umup_jax.loss_chunks`); ``None`` otherwise, inside the trainer's own vmap over
+    the replicas included."""
+    sharding = _ACTIVATION_MESH.get()
+    if sharding is None:
+        return None
+    axes = sharding.spec[0]
+    axes = axes if isinstance(axes, tuple) else (axes,)
+    if "data" not in axes or sharding.mesh.shape["data"] == 1:
+        return None
+    return sharding.mesh, tuple(a for a in axes if a != "data")
+
+
 def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
     """Resolves ``{'data': d, 'fsdp': f, 'tensor': t}`` (one of them may be -1, "the rest")."""
     values = [int(sizes.get(a, 1)) for a in AXES]
