@@ -2,7 +2,11 @@
 # Every GPU item of the project in one command, for a CUDA host whose time is short:
 #   1. the GPU tests (`pytest -m gpu`: FP8 GEMMs per matmul group, cuDNN attention calls);
 #   2. the speed table (experiments/bench_gpu.py), target rows first, within what is left of
-#      the budget, merging into the table a previous call left (the next call fills in the rest).
+#      the budget, merging into the table a previous call left (the next call fills in the rest);
+#   3. when the table is complete and at least 150 s are left: the compile time at depth 32,
+#      scan vs the unrolled loop, on this GPU with its autotuning (experiments/bench_compile.py,
+#      one round, no remat, bf16: issue 11's last target measured where it matters) into
+#      RESULTS_DIR/compile_gpu/.
 #
 #   bash experiments/gpu_checks.sh [RESULTS_DIR] [TOTAL_S]
 #
@@ -80,6 +84,16 @@ else
     python3 experiments/bench_gpu.py --out "$RESULTS/bench_gpu" --budget-s "$BUDGET" 2>&1 \
         | tee "$RESULTS/bench_gpu/bench_gpu.log"
     bench_rc=${PIPESTATUS[0]}
+fi
+LEFT=$((TOTAL - (SECONDS - START)))
+if [ "$bench_rc" -eq 0 ] && [ "$LEFT" -ge 150 ]; then
+    echo "== bench_compile.py on this GPU (at most $((LEFT - 20)) s)"
+    mkdir -p "$RESULTS/compile_gpu"
+    timeout -s INT -k 10 $((LEFT - 20)) python3 experiments/bench_compile.py --rounds 1 \
+        --remat none --out "$RESULTS/compile_gpu" 2>&1 | tee "$RESULTS/compile_gpu/bench_compile.log"
+    echo "bench_compile exit ${PIPESTATUS[0]} (informational)"
+else
+    echo "bench_compile.py skipped: the speed table is not complete or ${LEFT} s < 150 s are left"
 fi
 echo "gpu tests exit $tests_rc, bench exit $bench_rc"
 [ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
