@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from umup_jax import gpu_target
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--depth", "2", "--width", "32", "--heads", "2", "--seq", "16", "--batch", "2",
         "--vocab", "64", "--rounds", "1"]
@@ -62,13 +64,8 @@ def test_bad_arguments_are_refused(bench):
         bench.main(TINY + ["--target", "tpu"])
 
 
-def _plugin_importable() -> bool:
-    return importlib.util.find_spec("jax_plugins") is not None and any(
-        importlib.util.find_spec(f"jax_plugins.{name}") is not None
-        for name in ("xla_cuda13", "xla_cuda12"))
-
-
-@pytest.mark.skipif(_plugin_importable(), reason="JAX's CUDA plugin is on the path here")
+@pytest.mark.skipif(gpu_target.cuda_plugin_on_path(),
+                    reason="JAX's CUDA plugin is on the path here")
 def test_h100_target_without_the_plugin_says_what_to_install(bench):
     with pytest.raises(SystemExit, match="jax-cuda13-plugin"):
         bench.main(TINY + ["--target", "h100"])
@@ -78,7 +75,6 @@ def test_h100_target_without_the_plugin_says_what_to_install(bench):
 def test_h100_table(bench, tmp_path):
     """``--target h100``: the same steps compiled by XLA's GPU compiler for an abstract H100,
     in bf16 by default."""
-    from umup_jax import gpu_target
 
     try:
         gpu_target.h100_sharding()

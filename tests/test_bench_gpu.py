@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from umup_jax import gpu_target
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -182,13 +184,8 @@ def plan():
     return _experiment("gpu_plan")
 
 
-def _plugin_importable() -> bool:
-    return importlib.util.find_spec("jax_plugins") is not None and any(
-        importlib.util.find_spec(f"jax_plugins.{name}") is not None
-        for name in ("xla_cuda13", "xla_cuda12"))
-
-
-@pytest.mark.skipif(_plugin_importable(), reason="JAX's CUDA plugin is on the path here")
+@pytest.mark.skipif(gpu_target.cuda_plugin_on_path(),
+                    reason="JAX's CUDA plugin is on the path here")
 def test_plan_without_the_cuda_plugin_says_what_to_install(plan):
     with pytest.raises(SystemExit, match="jax-cuda13-plugin"):
         plan.main(["--shapes", "proxy256"])
@@ -228,8 +225,6 @@ def test_plan_rows_on_this_cpu(plan, monkeypatch, tmp_path):
 def test_plan_row_for_an_h100(plan, monkeypatch):
     """A row compiled for the abstract H100: FP8 GEMMs on f8 operands (Triton or cuBLASLt),
     none upcast."""
-    from umup_jax import gpu_target
-
     try:
         sharding = gpu_target.h100_sharding()
     except gpu_target.GpuTargetUnavailable as e:
@@ -283,8 +278,6 @@ def test_mesh_plan_rows_for_8_h100s(plan_mesh, monkeypatch):
     gradient once, outside the loop (2·7/8 of it sent per device); FSDP gathers weights and
     reduce-scatters gradients in every micro-batch, and with ``train.fsdp_gather_once``
     gathers them once, holding more."""
-    from umup_jax import gpu_target
-
     try:
         devices = gpu_target.h100_devices(8)
     except gpu_target.GpuTargetUnavailable as e:

@@ -187,14 +187,11 @@ def test_trainer_steps_compile_with_fp8_gemms(extras, target):
                               hlo_check.describe(hlo_check.gemms_by_group(hlo)))
 
 
-@pytest.mark.gpu_aot
-def test_data_parallel_accumulation_on_8_h100s_all_reduces_once_in_fp8(monkeypatch):
-    """The trainer's step for one host of 8 H100s (compiled ahead of time, mesh 8x1x1, the
-    default ``mesh.data=-1``), bf16 with ``paper_simple``, 4 micro-batches and the chunked
-    loss: the gradient is all-reduced once per step, outside every loop, and in fp32 (one
-    set of the params' bytes), every FP8 group's GEMMs are cuBLASLt FP8 calls; the plain
-    accumulation loop, as XLA's GPU pipeline partitions it, all-reduced inside the loop
-    (per micro-batch, and per chunk the readout's gradient)."""
+def _eight_h100_step(extra: str):
+    """(train module, run, ``step_hlo()``) of the trainer's step for one host of 8 abstract
+    H100s: mesh 8x1x1, bf16 with ``paper_simple``, XLA attention, width 256, 32 × 128 tokens,
+    config ``extra`` on top; ``step_hlo()`` compiles it, GEMMs kept out of Triton, and gives
+    the HLO text (the run's module-level functions are looked up when it is called)."""
     train_lib = pytest.importorskip("umup_jax.train")  # grain and ml_collections
     config_lib = pytest.importorskip("umup_jax.config")
     try:
@@ -204,30 +201,50 @@ def test_data_parallel_accumulation_on_8_h100s_all_reduces_once_in_fp8(monkeypat
     cfg = config_lib.proxy_config(
         "umup", "smoke,model.dtype=bfloat16,model.fp8=paper_simple,model.attention_impl=xla,"
         "model.width=256,model.num_heads=4,model.seq_len=128,train.batch_size=32,"
-        "train.eval_batch_size=8,mesh.data=8,train.grad_accum_steps=4,model.loss_chunks=2")
+        "train.eval_batch_size=8,mesh.data=8" + extra)
     run = train_lib.build_run(cfg, devices=list(devices))
-    assert train_lib.splits_over_data_replicas(run)
     batch = {k: jax.ShapeDtypeStruct((32, 128), jnp.int32, sharding=run.batch_sharding)
              for k in ("inputs", "targets")}
-    param_bytes = sum(x.size * 4 for x in jax.tree.leaves(run.abstract_state["params"]))
 
     def step_hlo():
         return train_lib.make_train_step(run, False).lower(run.abstract_state, batch).compile(
             compiler_options=CUBLAS_ONLY).as_text()
 
-    hlo = step_hlo()
+    return train_lib, run, step_hlo
+
+
+def _fp8_gemms_and_the_gradients_all_reduce(hlo: str, run) -> dict:
+    """Asserts that every FP8 group's GEMMs in ``hlo`` are cuBLASLt FP8 calls and that its
+    only collectives are all-reduces, none inside a loop, together carrying the params'
+    fp32 bytes (and the loss); gives their counts (``hlo_traffic.collectives``)."""
     problems = hlo_check.fp8_policy_problems(hlo, run.model_cfg.fp8_policy)
     assert not problems, (problems, hlo_check.describe(hlo_check.gemms_by_group(hlo)))
     found = hlo_traffic.collectives(hlo)
     assert set(found) == {"all-reduce", "unknown_trip_counts"}, found
     reduced = found["all-reduce"]
-    assert reduced["in_loops"] == 0 and reduced["outside"] >= 1, found
+    param_bytes = sum(x.size * 4 for x in jax.tree.leaves(run.abstract_state["params"]))
+    assert reduced["in_loops"] == 0, found
     assert param_bytes <= reduced["bytes"] <= param_bytes + 1024, (found, param_bytes)
+    return reduced
+
+
+@pytest.mark.gpu_aot
+def test_data_parallel_accumulation_on_8_h100s_all_reduces_once_in_fp8(monkeypatch):
+    """The trainer's step for one host of 8 H100s (compiled ahead of time, mesh 8x1x1, the
+    default ``mesh.data=-1``), bf16 with ``paper_simple``, 4 micro-batches and the chunked
+    loss: the gradient is all-reduced once per step, outside every loop, and in fp32 (one
+    set of the params' bytes), every FP8 group's GEMMs are cuBLASLt FP8 calls; the plain
+    accumulation loop, as XLA's GPU pipeline partitions it, all-reduced inside the loop
+    (per micro-batch, and per chunk the readout's gradient)."""
+    train_lib, run, step_hlo = _eight_h100_step(
+        ",train.grad_accum_steps=4,model.loss_chunks=2")
+    assert train_lib.splits_over_data_replicas(run)
+    reduced = _fp8_gemms_and_the_gradients_all_reduce(step_hlo(), run)
+    assert reduced["outside"] >= 1, reduced
 
     monkeypatch.setattr(train_lib, "splits_over_data_replicas", lambda run: False)
     plain = hlo_traffic.collectives(step_hlo())
     assert plain["all-reduce"]["in_loops"] >= 4, plain
-
 
 
 @pytest.mark.gpu_aot
@@ -239,36 +256,14 @@ def test_chunked_loss_on_8_h100s_all_reduces_the_readout_gradient_once(monkeypat
     params' fp32 bytes), every FP8 group's GEMMs cuBLASLt FP8 calls; summed into a replicated
     carry, XLA's GPU pipeline all-reduced each chunk's readout gradient inside the loop
     (4 all-reduces, 3 readout gradients more: measured 5.25 vs 4.50 MiB)."""
-    train_lib = pytest.importorskip("umup_jax.train")  # grain and ml_collections
-    config_lib = pytest.importorskip("umup_jax.config")
     from umup_jax import sharding as sharding_lib
-    try:
-        devices = gpu_target.h100_devices(8)
-    except gpu_target.GpuTargetUnavailable as e:
-        pytest.skip(str(e))
-    cfg = config_lib.proxy_config(
-        "umup", "smoke,model.dtype=bfloat16,model.fp8=paper_simple,model.attention_impl=xla,"
-        "model.width=256,model.num_heads=4,model.seq_len=128,train.batch_size=32,"
-        "train.eval_batch_size=8,mesh.data=8,model.loss_chunks=4")
-    run = train_lib.build_run(cfg, devices=list(devices))
-    batch = {k: jax.ShapeDtypeStruct((32, 128), jnp.int32, sharding=run.batch_sharding)
-             for k in ("inputs", "targets")}
+
+    _, run, step_hlo = _eight_h100_step(",model.loss_chunks=4")
+    reduced = _fp8_gemms_and_the_gradients_all_reduce(step_hlo(), run)
+    assert reduced["outside"] == 1, reduced
     params = run.abstract_state["params"]
     param_bytes = sum(x.size * 4 for x in jax.tree.leaves(params))
     readout_bytes = params["params"]["readout"].size * 4
-
-    def step_hlo():
-        return train_lib.make_train_step(run, False).lower(run.abstract_state, batch).compile(
-            compiler_options=CUBLAS_ONLY).as_text()
-
-    hlo = step_hlo()
-    problems = hlo_check.fp8_policy_problems(hlo, run.model_cfg.fp8_policy)
-    assert not problems, (problems, hlo_check.describe(hlo_check.gemms_by_group(hlo)))
-    found = hlo_traffic.collectives(hlo)
-    assert set(found) == {"all-reduce", "unknown_trip_counts"}, found
-    reduced = found["all-reduce"]
-    assert (reduced["in_loops"], reduced["outside"]) == (0, 1), found
-    assert param_bytes <= reduced["bytes"] <= param_bytes + 1024, (found, param_bytes)
 
     monkeypatch.setattr(sharding_lib, "data_replicas", lambda: None)
     plain = hlo_traffic.collectives(step_hlo())["all-reduce"]

@@ -81,6 +81,17 @@ class GpuTargetUnavailable(RuntimeError):
     """The CUDA plugin that compiles for a GPU ahead of time is not importable here."""
 
 
+def cuda_plugin_on_path() -> bool:
+    """Whether a JAX CUDA plugin (``jax_plugins.xla_cuda13`` or ``xla_cuda12``) is importable,
+    without importing it: where it is not, :func:`h100_devices` raises
+    :class:`GpuTargetUnavailable`, naming the wheels."""
+    import importlib.util
+
+    return importlib.util.find_spec("jax_plugins") is not None and any(
+        importlib.util.find_spec(f"jax_plugins.{name}") is not None
+        for name in ("xla_cuda13", "xla_cuda12"))
+
+
 @functools.lru_cache(maxsize=None)
 def h100_devices(count: int = 1) -> tuple:
     """``count`` abstract H100s of one host (topology ``1x1x<count>``, one process, as on an
