@@ -126,12 +126,13 @@ def one_step_grads(parametrization, arg, devices, with_stats):
             jax.device_get((loss, acts, grads, probe_grads)))
 
 
-# The chunked loss without accumulation on meshes with data > 1 (its backward sums each data
-# replica's readout gradient apart, loss_chunks.py): the same comparison with one device.
+# The chunked loss without accumulation on meshes that split the batch (its backward sums each
+# batch replica's readout gradient apart, loss_chunks.py): the same comparison with one device.
 # FP8 with statistics: the FP8 probes' gradients (cast statistics) are compared too.
 CHUNK_VARIANTS = {
     "umup_8x1x1_chunks4_fp8": (",model.loss_chunks=4,model.fp8=paper_simple", ",mesh.data=8",
                                "umup", True),
+    "umup_2x4x1_chunks4": (",model.loss_chunks=4", ",mesh.data=2,mesh.fsdp=4", "umup", True),
     "sp_2x2x2_chunks2_scan": (",model.loss_chunks=2,model.scan_layers=True",
                               ",mesh.data=2,mesh.fsdp=2,mesh.tensor=2", "sp", False),
 }
@@ -177,27 +178,27 @@ def accumulation_collectives(split):
     return out
 
 
-def chunked_loss_collectives(per_replica):
-    """The collectives of the compiled train step on mesh 8x1x1 with ``model.loss_chunks=4``
-    and no accumulation; ``per_replica=False`` takes away the chunked loss's per-replica sums
-    (``sharding.data_replicas``), as before them."""
+def chunked_loss_collectives(mesh_arg, per_replica):
+    """The collectives of the compiled train step with ``model.loss_chunks=4`` and no
+    accumulation on the mesh of ``mesh_arg``; ``per_replica=False`` takes away the chunked
+    loss's per-replica sums (``sharding.batch_replicas``), as before them."""
     run = train_lib.build_run(config_lib.proxy_config(
-        "umup", ACCUM_ARG + ",model.loss_chunks=4,mesh.data=8"), jax.devices())
-    saved = sharding_lib.data_replicas
+        "umup", ACCUM_ARG + ",model.loss_chunks=4" + mesh_arg), jax.devices())
+    saved = sharding_lib.batch_replicas
     if not per_replica:
-        sharding_lib.data_replicas = lambda: None
+        sharding_lib.batch_replicas = lambda: None
     try:
         step = train_lib.make_train_step(run, with_stats=False)
         batch = {k: jax.ShapeDtypeStruct((16, 32), np.int32, sharding=run.batch_sharding)
                  for k in ("inputs", "targets")}
         hlo = step.lower(run.abstract_state, batch).compile().as_text()
     finally:
-        sharding_lib.data_replicas = saved
+        sharding_lib.batch_replicas = saved
     out = hlo_traffic.collectives(hlo)
     assert out.pop("unknown_trip_counts") == 0
     out["param_bytes"] = sum(x.size * x.dtype.itemsize
                              for x in jax.tree.leaves(run.abstract_state["params"]))
-    out["readout_bytes"] = int(np.prod(run.abstract_state["params"]["params"]["readout"].shape)) * 4
+    out["readout_bytes"] = run.abstract_state["params"]["params"]["readout"].size * 4
     return out
 
 
@@ -285,8 +286,10 @@ def main(outdir):
     result["accum_collectives"] = {"split": accumulation_collectives(True),
                                    "plain": accumulation_collectives(False)}
     result["chunks"] = accumulation_over_replicas(CHUNK_VARIANTS)
-    result["chunks_collectives"] = {"per_replica": chunked_loss_collectives(True),
-                                    "plain": chunked_loss_collectives(False)}
+    result["chunks_collectives"] = {
+        f"{mesh}_{label}": chunked_loss_collectives(arg, label == "per_replica")
+        for mesh, arg in (("8x1x1", ",mesh.data=8"), ("2x4x1", ",mesh.data=2,mesh.fsdp=4"))
+        for label in ("per_replica", "plain")}
     print("RESULT " + json.dumps(result))
 
 

@@ -118,26 +118,30 @@ def test_accumulation_all_reduces_the_gradient_once_per_step(worker):
     assert plain["all-reduce"]["bytes"] >= 3 * params, plain
 
 
-@pytest.mark.parametrize("variant", ["umup_8x1x1_chunks4_fp8", "sp_2x2x2_chunks2_scan"])
-def test_chunked_loss_over_data_replicas_equals_one_device(worker, variant):
-    """``model.loss_chunks`` without accumulation on a mesh with ``mesh.data`` > 1: the
-    chunked loss's backward sums each data replica's readout gradient apart
-    (``loss_chunks.chunked_readout_loss``'s vmap over ``data``); one step's loss, every
-    gradient, and (u-μP, FP8 ``paper_simple``) activation RMS and the FP8 cast statistics
-    equal one device's to 1e-6 of their RMS (measured ≤ 5.2e-7), also scanned on three mesh
-    axes (SP)."""
+@pytest.mark.parametrize("variant", ["umup_8x1x1_chunks4_fp8", "umup_2x4x1_chunks4",
+                                     "sp_2x2x2_chunks2_scan"])
+def test_chunked_loss_over_batch_replicas_equals_one_device(worker, variant):
+    """``model.loss_chunks`` without accumulation on a mesh that splits the batch: the chunked
+    loss's backward sums each batch replica's readout gradient apart
+    (``loss_chunks.chunked_readout_loss``'s vmap over the batch axes, the readout weight
+    gathered once); one step's loss, every gradient, activation RMS (u-μP) and FP8 cast
+    statistics (``paper_simple``) equal one device's to 1e-6 of their RMS (measured
+    ≤ 5.2e-7), on data parallelism, FSDP and, scanned, three mesh axes (SP)."""
     found = worker["chunks"][variant]
     assert not found["split"]  # no accumulation: only the chunked loss splits the replicas
     assert found["max_rel"] <= 1e-6, found
 
 
-def test_chunked_loss_all_reduces_the_readout_gradient_once(worker):
-    """Mesh 8x1x1, ``model.loss_chunks=4``, no accumulation: the compiled step's only
+def test_chunked_loss_reduces_the_readout_gradient_once(worker):
+    """``model.loss_chunks=4``, no accumulation. Mesh 8x1x1: the compiled step's only
     all-reduce is outside every loop and carries the gradient once (the params' fp32 bytes
     and the loss); summed into a replicated carry, XLA all-reduced each chunk's readout
-    gradient inside the chunks' loop, 4 times, the step moving 3 readout gradients more."""
-    per_replica, plain = (dict(worker["chunks_collectives"][k])
-                          for k in ("per_replica", "plain"))
+    gradient inside the chunks' loop, 4 times, the step moving 3 readout gradients more.
+    Mesh 2x4x1 (FSDP): no collective inside the loop either (the readout weight gathered
+    before it, its gradient reduced after it), and fewer bytes in all than with an
+    FSDP-sharded carry, whose loop reduced each chunk's gradient."""
+    c = {k: dict(v) for k, v in worker["chunks_collectives"].items()}
+    per_replica, plain = c["8x1x1_per_replica"], c["8x1x1_plain"]
     params, readout = per_replica.pop("param_bytes"), per_replica.pop("readout_bytes")
     assert set(per_replica) == {"all-reduce"}, per_replica
     reduced = per_replica["all-reduce"]
@@ -145,6 +149,15 @@ def test_chunked_loss_all_reduces_the_readout_gradient_once(worker):
     assert params <= reduced["bytes"] <= params + 64
     assert plain["all-reduce"]["in_loops"] == 4, plain
     assert plain["all-reduce"]["bytes"] >= params + 3 * readout, plain
+
+    def kinds(found):
+        return {k: v for k, v in found.items() if isinstance(v, dict)}
+
+    fsdp, fsdp_plain = kinds(c["2x4x1_per_replica"]), kinds(c["2x4x1_plain"])
+    assert sum(v["in_loops"] for v in fsdp.values()) == 0, fsdp
+    assert sum(v["in_loops"] for v in fsdp_plain.values()) >= 4, fsdp_plain
+    assert (sum(v["bytes"] for v in fsdp.values())
+            < sum(v["bytes"] for v in fsdp_plain.values()) - 2 * readout), (fsdp, fsdp_plain)
 
 
 def test_bad_meshes_fail_before_compilation_naming_sizes(worker):

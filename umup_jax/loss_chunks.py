@@ -26,15 +26,23 @@ each replica's batch rows.  Summed into a replicated carry, XLA all-reduces it i
 scan, once per chunk (8 forced CPU devices, mesh (8, 1, 1), c = 4: four (f32[], D×V)
 all-reduces in the loop body besides the step's gradient all-reduce; XLA's GPU pipeline,
 compiled for 8 H100s, keeps them in the loop too: its ``WhileLoopAllReduceCodeMotion`` does
-not move them).  So where the trainer's :func:`~umup_jax.sharding.activation_mesh` splits
-the batch over ``data`` (n > 1 replicas, :func:`~umup_jax.sharding.data_replicas`), the
-backward's scan keeps one running sum per replica: each chunk is viewed as (n, B/n, S/c, D),
-a ``jax.vmap(…, spmd_axis_name='data')`` computes each replica's vjp, and the (n, D, V) fp32
-carry is split over ``data``, one D×V per device as before.  The replicas' fp32 sums are
-added once after the scan (then cast to the readout weight's dtype, as without replicas),
-so the step all-reduces the readout gradient once instead of c times: 4·D·V bytes where
-XLA's GPU pipeline had sent c·2·D·V in bf16 compute, fewer from c = 3 on, and no rounding
-to bf16 before the replicas' sum.
+not move them).  Under FSDP it is worse: the readout weight, split over ``fsdp``, is
+all-gathered in every chunk and each chunk's gradient reduce-scattered.  So where the
+trainer's :func:`~umup_jax.sharding.activation_mesh` splits the batch over mesh axes
+(n > 1 batch replicas over ``data`` and ``fsdp``,
+:func:`~umup_jax.sharding.batch_replicas`), the backward's scan keeps one running sum per
+replica: each chunk is viewed as (n, B/n, S/c, D), a ``jax.vmap(…, spmd_axis_name=axes)``
+computes each replica's vjp, the readout weight is gathered over those axes once, before
+the scan (its tensor-parallel split kept), and the (n, D, V) fp32 carry is split over the
+axes, one whole D×V per device.  The replicas' fp32 sums are added once after the scan
+(then cast to the readout weight's dtype, as without replicas), so the step reduces the
+readout gradient once instead of c times: for data parallelism 4·D·V bytes where XLA's
+GPU pipeline had sent c·2·D·V in bf16 compute, fewer from c = 3 on, and no rounding to
+bf16 before the replicas' sum.  Under FSDP each device holds the gathered weight and a
+whole fp32 D×V through the scan where it held 1/fsdp of them (at the ~1B model's 2048 ×
+32000, 375 MiB instead of 47 MiB on 8 devices; its step's plan moved by −0.35 to +0.18 GiB).
+A tensor-parallel vocabulary still reduces each chunk's logsumexp over ``tensor`` in the
+loop: that is the loss's own.
 
 A custom VJP has no forward-mode rule: ``jax.jvp`` through the chunked loss fails (nothing in
 umup-jax uses forward mode; with ``loss_chunks=1`` the model is plain autodiff again).
@@ -42,6 +50,7 @@ umup-jax uses forward mode; with ``loss_chunks=1`` the model is plain autodiff a
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -51,7 +60,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 def chunked_readout_loss(x, w, targets, probe: Optional[jax.Array], *, chunks: int,
                          readout: Callable, loss_sum: Callable, loss_from_sum: Callable,
-                         replicas: Optional[tuple[Mesh, Sequence[str]]] = None):
+                         replicas: Optional[tuple[Mesh, Sequence[str]]] = None,
+                         gathered_w: Optional[NamedSharding] = None):
     """(mean loss, RMS of the logits) of ``loss_from_sum(Σ_c loss_sum(readout(x_c, w, p), t_c),
     B·S)`` over ``chunks`` equal chunks of the sequence axis of ``x`` (B, S, D) and
     ``targets`` (B, S).
@@ -60,10 +70,11 @@ def chunked_readout_loss(x, w, targets, probe: Optional[jax.Array], *, chunks: i
     ``loss_sum(logits, targets)`` and ``loss_from_sum(total, num_tokens)`` are the rule's.  The
     RMS (a scalar, no gradient) is what the activation metrics read of the logits.
 
-    ``replicas``: ``(mesh, the batch's other axes)`` of a batch split over the mesh's
-    ``data`` axis (:func:`umup_jax.sharding.data_replicas`): the backward then sums each data
-    replica's readout gradient apart and adds them once (module docstring).  The batch must
-    divide into the replicas.
+    ``replicas``: ``(mesh, axes)`` of a batch split over those mesh axes
+    (:func:`umup_jax.sharding.batch_replicas`): the backward then sums each batch replica's
+    readout gradient apart and adds them once, with ``w`` constrained to ``gathered_w``
+    (its sharding without those axes: FSDP's weight gathered once, before the scan) where
+    given (module docstring).  The batch must divide into the replicas.
     """
     b, s, d = x.shape
     if s % chunks or targets.shape != (b, s):
@@ -95,15 +106,16 @@ def chunked_readout_loss(x, w, targets, probe: Optional[jax.Array], *, chunks: i
                                            (split(x), split(targets)))
         return total, jnp.sqrt(jnp.mean(mean_squares))
 
-    n_rep = replicas[0].shape["data"] if replicas is not None else 1
+    axes = tuple(replicas[1]) if replicas is not None else ()
+    n_rep = math.prod(replicas[0].shape[a] for a in axes) if axes else 1
     if b % n_rep:
-        raise ValueError(f"a batch of {b} rows does not split into {n_rep} data replicas")
+        raise ValueError(f"a batch of {b} rows does not split into {n_rep} replicas over "
+                         f"the mesh axes {axes}")
 
-    def by_replica(a):  # (c, B, …) → (c, n, B/n, …), the n replicas' rows over `data`
+    def by_replica(a):  # (c, B, …) → (c, n, B/n, …), the n replicas' rows over `axes`
         a = a.reshape(chunks, n_rep, b // n_rep, *a.shape[2:])
-        mesh, rows = replicas
-        spec = PartitionSpec(None, "data", tuple(rows) or None)
-        return jax.lax.with_sharding_constraint(a, NamedSharding(mesh, spec))
+        spec = PartitionSpec(None, axes)
+        return jax.lax.with_sharding_constraint(a, NamedSharding(replicas[0], spec))
 
     def chunk_grads(xc, w, tc, p):
         """A chunk's (loss, mean square, (dx, dw, dprobe)) at cotangent 1."""
@@ -112,14 +124,16 @@ def chunked_readout_loss(x, w, targets, probe: Optional[jax.Array], *, chunks: i
         return loss, mean_square, vjp((jnp.ones_like(loss), jnp.zeros_like(mean_square)))
 
     def fused_fwd(x, w, targets, p):
-        if n_rep > 1:  # every value below has a leading (n,) replica axis, split over data
-            grads = jax.vmap(chunk_grads, in_axes=(0, None, 0, None), spmd_axis_name="data")
+        if n_rep > 1:  # every value below has a leading (n,) replica axis, split over axes
+            grads = jax.vmap(chunk_grads, in_axes=(0, None, 0, None), spmd_axis_name=axes)
             xs = (by_replica(split(x)), by_replica(split(targets)))
+            if gathered_w is not None:  # gathered once here, not in every chunk
+                w = jax.lax.with_sharding_constraint(w, gathered_w)
             mesh = replicas[0]
             keep = PartitionSpec.UNCONSTRAINED
             lead = lambda shape, dtype: jax.lax.with_sharding_constraint(  # noqa: E731
                 jnp.zeros((n_rep, *shape), dtype),
-                NamedSharding(mesh, PartitionSpec("data", *([keep] * len(shape)))))
+                NamedSharding(mesh, PartitionSpec(axes, *([keep] * len(shape)))))
         else:
             grads, xs = chunk_grads, (split(x), split(targets))
             lead = jnp.zeros  # noqa: E731

@@ -36,9 +36,10 @@ Scale options (they compute the same function):
   16384 tokens × 32000 vocabulary, 2 GiB each), with no recomputation.  Loss and gradients are
   the unchunked ones up to the order of summation; u-μP's readout weight-gradient scale uses
   the token count of the whole call (or ``grad_tokens``), not the chunk's.  Traced inside the
-  trainer's :func:`~umup_jax.sharding.activation_mesh` with ``mesh.data`` > 1, its backward
-  sums each data replica's readout gradient apart and adds them once
-  (:func:`~umup_jax.sharding.data_replicas`): one all-reduce per step instead of one per chunk.
+  trainer's :func:`~umup_jax.sharding.activation_mesh` on a mesh that splits the batch, its
+  backward sums each batch replica's readout gradient apart and reduces them once, the
+  readout weight gathered once (:func:`~umup_jax.sharding.batch_replicas`): no collective
+  per chunk.
 """
 
 from __future__ import annotations
@@ -557,10 +558,12 @@ class Decoder(nn.Module):
                 return rule.readout(xc, w, m_out, dot=dot_for(cfg, "readout", pc),
                                     tokens=tokens)
 
+        replicas = sharding_lib.batch_replicas()
         loss, logits_rms = loss_chunks_lib.chunked_readout_loss(
             x, w_out, targets, probe, chunks=cfg.loss_chunks, readout=readout,
-            loss_sum=rule.loss_sum, loss_from_sum=rule.loss_from_sum,
-            replicas=sharding_lib.data_replicas())
+            loss_sum=rule.loss_sum, loss_from_sum=rule.loss_from_sum, replicas=replicas,
+            gathered_w=None if replicas is None else sharding_lib.gathered_over(
+                replicas[0], ("embed", "vocab"), replicas[1]))
         self.sow("intermediates", "logits", logits_rms)
         return loss
 

@@ -79,22 +79,29 @@ def constrain_batch(x: jax.Array) -> jax.Array:
     return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
-def data_replicas() -> Optional[tuple[Mesh, tuple[str, ...]]]:
-    """``(mesh, the other batch axes)`` where the enclosing :func:`activation_mesh` splits
-    the batch over a ``data`` axis of size n > 1, so that code traced there can compute the
-    n replicas' partial sums apart (``jax.vmap(…, spmd_axis_name='data')`` over an (n, B/n, …)
-    view of the batch, its rows split over the other axes) and reduce them once, rather
-    than let XLA all-reduce a partial sum wherever one meets a replicated value
-    (:mod:`umup_jax.loss_chunks`); ``None`` otherwise, inside the trainer's own vmap over
-    the replicas included."""
+def batch_replicas() -> Optional[tuple[Mesh, tuple[str, ...]]]:
+    """``(mesh, axes)`` where the enclosing :func:`activation_mesh` splits the batch over
+    mesh axes of more than one device (``axes``, those of its batch axes, in mesh order), so
+    that code traced there can compute the n = ∏ sizes batch replicas' partial sums apart
+    (``jax.vmap(…, spmd_axis_name=axes)`` over an (n, B/n, …) view of the batch) and reduce
+    them once, rather than let XLA reduce a partial sum wherever one meets a replicated or
+    FSDP-sharded value (:mod:`umup_jax.loss_chunks`); ``None`` otherwise.  Inside the
+    trainer's own vmap over the data replicas the batch axes are ``('fsdp',)``."""
     sharding = _ACTIVATION_MESH.get()
     if sharding is None:
         return None
-    axes = sharding.spec[0]
-    axes = axes if isinstance(axes, tuple) else (axes,)
-    if "data" not in axes or sharding.mesh.shape["data"] == 1:
-        return None
-    return sharding.mesh, tuple(a for a in axes if a != "data")
+    spec = sharding.spec[0]
+    spec = spec if isinstance(spec, tuple) else (spec,)
+    axes = tuple(a for a in spec if a is not None and sharding.mesh.shape[a] > 1)
+    return (sharding.mesh, axes) if axes else None
+
+
+def gathered_over(mesh: Mesh, names: Sequence[Optional[str]], axes: Sequence[str],
+                  rules: Mapping[str, Optional[str]] = DEFAULT_RULES) -> NamedSharding:
+    """The sharding of a parameter with logical ``names`` (:data:`DEFAULT_RULES`) with the
+    mesh ``axes`` replicated: FSDP's weight gathered, its tensor-parallel split kept."""
+    spec = logical_to_spec(names, rules)
+    return NamedSharding(mesh, PartitionSpec(*(None if a in axes else a for a in spec)))
 
 
 def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
