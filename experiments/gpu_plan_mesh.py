@@ -25,7 +25,7 @@ Usage (the CUDA plugin of the installed JAX on the path, BUILD.md "Tests")::
 
     JAX_PLATFORMS=cpu PYTHONPATH=.cuda-plugin python experiments/gpu_plan_mesh.py
         [--out experiments/results/gpu_plan_mesh] [--meshes 8x1x1,1x8x1,2x4x1]
-        [--accum 1,4] [--fp8 none]
+        [--accum 1,4] [--fp8 none] [--loss-chunks 1]
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ from umup_jax import hlo_traffic  # noqa: E402
 NVLINK_BYTES_PER_S = 450e9  # H100 SXM, NVLink 4: 18 links of 25 GB/s each way
 BATCH = 64  # global batch of the plan: 64 × 2048 tokens
 KINDS = hlo_traffic.COLLECTIVES
-COLUMNS = ("shape", "mesh", "grad_accum_steps", "fsdp_gather_once", "fp8", "batch", "seq", "params", "compile_s",
+COLUMNS = ("shape", "mesh", "grad_accum_steps", "fsdp_gather_once", "loss_chunks", "fp8", "batch",
+           "seq", "params", "compile_s",
            "step_memory_gib", "temp_memory_gib", "fits_h100",
            *(k.replace("-", "_") + "_gib" for k in KINDS), "collectives_in_loops",
            "collectives_outside", "wire_gib", "bf16_gemm_ms_at_peak", "other_ms_at_hbm",
@@ -55,9 +56,10 @@ _sig = bench_gpu.four_digits
 
 
 def row_config(shape: str, mesh: str, accum: int, fp8: str, batch: int,
-               gather_once: bool = False):
+               gather_once: bool = False, loss_chunks: int = 1):
     """The trainer's config of a row: ``shape`` of :data:`bench_gpu.SHAPES`, ``mesh``
-    ``"DxFxT"``, on the bundled corpus's tokens (only their shapes matter here)."""
+    ``"DxFxT"``, ``model.loss_chunks``, on the bundled corpus's tokens (only their shapes
+    matter here)."""
     from umup_jax import config as config_lib
 
     s = bench_gpu.SHAPES[shape]
@@ -69,12 +71,13 @@ def row_config(shape: str, mesh: str, accum: int, fp8: str, batch: int,
         "model.attention_impl=xla", f"model.remat={s['remat']}", f"model.fp8={fp8}",
         f"train.batch_size={batch}", f"train.eval_batch_size={data * fsdp}",
         f"train.grad_accum_steps={accum}", f"train.fsdp_gather_once={gather_once}",
+        f"model.loss_chunks={loss_chunks}",
         f"mesh.data={data}", f"mesh.fsdp={fsdp}",
         f"mesh.tensor={tensor}"]))
 
 
 def plan_row(shape: str, mesh: str, accum: int, fp8: str, batch: int, devices,
-             gather_once: bool = False) -> dict:
+             gather_once: bool = False, loss_chunks: int = 1) -> dict:
     """One row compiled for ``devices`` (8 abstract H100s; on this CPU in the tests)."""
     import jax
     import jax.numpy as jnp
@@ -83,7 +86,7 @@ def plan_row(shape: str, mesh: str, accum: int, fp8: str, batch: int, devices,
     from umup_jax import train as train_lib
     from umup_jax.gpu_target import H100_DEVICE_KIND, H100_MEMORY_BYTES
 
-    cfg = row_config(shape, mesh, accum, fp8, batch, gather_once)
+    cfg = row_config(shape, mesh, accum, fp8, batch, gather_once, loss_chunks)
     run = train_lib.build_run(cfg, devices=list(devices))
     seq = run.model_cfg.seq_len
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=run.batch_sharding)
@@ -99,7 +102,8 @@ def plan_row(shape: str, mesh: str, accum: int, fp8: str, batch: int, devices,
     wire = sum(found.get(k, {}).get("wire_bytes", 0.0) for k in KINDS)
     return {
         "shape": shape, "mesh": mesh, "grad_accum_steps": accum,
-        "fsdp_gather_once": gather_once, "fp8": fp8, "batch": batch, "seq": seq,
+        "fsdp_gather_once": gather_once, "loss_chunks": loss_chunks, "fp8": fp8,
+        "batch": batch, "seq": seq,
         "params": sum(x.size for x in jax.tree.leaves(run.abstract_state["params"])),
         "compile_s": round(compile_s, 1),
         "step_memory_gib": _sig(step_bytes / GIB),
@@ -155,7 +159,11 @@ def main(argv=None):
     p.add_argument("--accum", default="1,4", help="comma-separated train.grad_accum_steps")
     p.add_argument("--fp8", default="none", choices=bench_gpu.FP8)
     p.add_argument("--batch", type=int, default=BATCH, help="global batch (sequences)")
+    p.add_argument("--loss-chunks", type=int, default=1,
+                   help="model.loss_chunks of every row (a divisor of the sequence, 2048)")
     args = p.parse_args(argv)
+    if args.loss_chunks < 1:
+        p.error(f"--loss-chunks={args.loss_chunks} is invalid: it must be >= 1")
     meshes = [m.strip() for m in args.meshes.split(",") if m.strip()]
     for m in meshes:
         parts = m.split("x")
@@ -181,15 +189,18 @@ def main(argv=None):
             for once in ((False, True) if int(m.split("x")[1]) > 1 and k > 1 else (False,))]
     for i, (mesh, accum, once) in enumerate(todo):
         try:
-            row = plan_row("1b", mesh, accum, args.fp8, args.batch, devices, once)
+            row = plan_row("1b", mesh, accum, args.fp8, args.batch, devices, once,
+                           args.loss_chunks)
         except Exception as e:  # noqa: BLE001 - a row that does not build is a result
             row = {"shape": "1b", "mesh": mesh, "grad_accum_steps": accum,
-                   "fsdp_gather_once": once, "fp8": args.fp8, "batch": args.batch,
+                   "fsdp_gather_once": once, "loss_chunks": args.loss_chunks,
+                   "fp8": args.fp8, "batch": args.batch,
                    "error": f"{type(e).__name__}: {str(e)[:300]}"}
         rows.append(row)
         bench_gpu.write_rows(rows, out / "gpu_plan_mesh.csv", COLUMNS)  # after each row
         print(f"[{i + 1}/{len(todo)}] mesh {mesh} k={accum}"
-              + (" gather once" if once else "") + ": " + (
+              + (" gather once" if once else "")
+              + (f" loss_chunks={args.loss_chunks}" if args.loss_chunks > 1 else "") + ": " + (
             f"compile {row['compile_s']:5.1f} s  memory {row['step_memory_gib']:6.2f} GiB  "
             f"collectives {row['collectives_in_loops']} in loops + "
             f"{row['collectives_outside']} outside, wire {row['wire_gib']:.2f} GiB = "

@@ -259,6 +259,9 @@ def test_mesh_plan_row_on_this_cpu(plan_mesh, monkeypatch, tmp_path):
     assert row["step_memory_gib"] > row["temp_memory_gib"] > 0
     cfg = plan_mesh.row_config("1b", "1x1x1", 2, "none", 8)
     assert (cfg.model.width, cfg.model.depth, cfg.model.vocab_size) == (128, 2, 32000)
+    assert cfg.model.loss_chunks == 1 and row["loss_chunks"] == 1
+    chunked = plan_mesh.row_config("1b", "1x1x1", 2, "none", 8, loss_chunks=4)
+    assert chunked.model.loss_chunks == 4
     flops = 8 * 32 * throughput.train_flops_per_token(
         plan_mesh.bench_gpu.row_config(dict(shape="1b", fp8="none", attention="xla",
                                             scan=False)))
@@ -270,6 +273,8 @@ def test_mesh_plan_row_on_this_cpu(plan_mesh, monkeypatch, tmp_path):
     assert (tmp_path / "plan.png").stat().st_size > 0
     with pytest.raises(SystemExit):
         plan_mesh.main(["--meshes", "2x2x1", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        plan_mesh.main(["--loss-chunks", "0", "--out", str(tmp_path)])
 
 
 @pytest.mark.gpu_aot
@@ -277,7 +282,8 @@ def test_mesh_plan_rows_for_8_h100s(plan_mesh, monkeypatch):
     """On 8 abstract H100s with 2 micro-batches: data parallelism all-reduces the fp32
     gradient once, outside the loop (2·7/8 of it sent per device); FSDP gathers weights and
     reduce-scatters gradients in every micro-batch, and with ``train.fsdp_gather_once``
-    gathers them once, holding more."""
+    gathers them once, holding more; with the chunked loss and no accumulation FSDP leaves
+    no collective in the chunks' loop."""
     try:
         devices = gpu_target.h100_devices(8)
     except gpu_target.GpuTargetUnavailable as e:
@@ -296,3 +302,7 @@ def test_mesh_plan_rows_for_8_h100s(plan_mesh, monkeypatch):
     assert once["all_gather_gib"] < fsdp["all_gather_gib"]
     assert 0 < once["collectives_in_loops"] < fsdp["collectives_in_loops"]
     assert once["step_memory_gib"] > fsdp["step_memory_gib"]
+    # model.loss_chunks without accumulation under FSDP: nothing collective in the chunks' loop
+    chunks = plan_mesh.plan_row("1b", "1x8x1", 1, "none", 16, devices, loss_chunks=4)
+    assert chunks["error"] == "" and chunks["loss_chunks"] == 4
+    assert chunks["collectives_in_loops"] == 0
