@@ -6,7 +6,7 @@ one: per-device memory and what each mesh and gradient accumulation costs in col
 model (width 2048, depth 16, heads of 64, seq 2048, vocab 32000, ``remat=full``, BF16, XLA
 attention) on the abstract 8-GPU host of :func:`umup_jax.gpu_target.h100_devices` for each
 ``mesh`` (data × fsdp × tensor) and ``train.grad_accum_steps`` (FSDP meshes with accumulation also with
-``train.fsdp_gather_once``), at a global batch of 64
+``train.fsdp_gather_once``, and with it and ``train.fsdp_reduce_once``), at a global batch of 64
 sequences (131,072 tokens).  Nothing runs and nothing is autotuned.  Per row:
 
 * ``step_memory_gib``: the compiled step's plan on one device (arguments + outputs +
@@ -46,7 +46,8 @@ from umup_jax import hlo_traffic  # noqa: E402
 NVLINK_BYTES_PER_S = 450e9  # H100 SXM, NVLink 4: 18 links of 25 GB/s each way
 BATCH = 64  # global batch of the plan: 64 × 2048 tokens
 KINDS = hlo_traffic.COLLECTIVES
-COLUMNS = ("shape", "mesh", "grad_accum_steps", "fsdp_gather_once", "loss_chunks", "fp8", "batch",
+COLUMNS = ("shape", "mesh", "grad_accum_steps", "fsdp_gather_once", "fsdp_reduce_once",
+           "loss_chunks", "fp8", "batch",
            "seq", "params", "compile_s",
            "step_memory_gib", "temp_memory_gib", "fits_h100",
            *(k.replace("-", "_") + "_gib" for k in KINDS), "collectives_in_loops",
@@ -56,7 +57,7 @@ _sig = bench_gpu.four_digits
 
 
 def row_config(shape: str, mesh: str, accum: int, fp8: str, batch: int,
-               gather_once: bool = False, loss_chunks: int = 1):
+               gather_once: bool = False, loss_chunks: int = 1, reduce_once: bool = False):
     """The trainer's config of a row: ``shape`` of :data:`bench_gpu.SHAPES`, ``mesh``
     ``"DxFxT"``, ``model.loss_chunks``, on the bundled corpus's tokens (only their shapes
     matter here)."""
@@ -71,13 +72,14 @@ def row_config(shape: str, mesh: str, accum: int, fp8: str, batch: int,
         "model.attention_impl=xla", f"model.remat={s['remat']}", f"model.fp8={fp8}",
         f"train.batch_size={batch}", f"train.eval_batch_size={data * fsdp}",
         f"train.grad_accum_steps={accum}", f"train.fsdp_gather_once={gather_once}",
-        f"model.loss_chunks={loss_chunks}",
+        f"train.fsdp_reduce_once={reduce_once}", f"model.loss_chunks={loss_chunks}",
         f"mesh.data={data}", f"mesh.fsdp={fsdp}",
         f"mesh.tensor={tensor}"]))
 
 
 def plan_row(shape: str, mesh: str, accum: int, fp8: str, batch: int, devices,
-             gather_once: bool = False, loss_chunks: int = 1) -> dict:
+             gather_once: bool = False, loss_chunks: int = 1,
+             reduce_once: bool = False) -> dict:
     """One row compiled for ``devices`` (8 abstract H100s; on this CPU in the tests)."""
     import jax
     import jax.numpy as jnp
@@ -86,7 +88,7 @@ def plan_row(shape: str, mesh: str, accum: int, fp8: str, batch: int, devices,
     from umup_jax import train as train_lib
     from umup_jax.gpu_target import H100_DEVICE_KIND, H100_MEMORY_BYTES
 
-    cfg = row_config(shape, mesh, accum, fp8, batch, gather_once, loss_chunks)
+    cfg = row_config(shape, mesh, accum, fp8, batch, gather_once, loss_chunks, reduce_once)
     run = train_lib.build_run(cfg, devices=list(devices))
     seq = run.model_cfg.seq_len
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=run.batch_sharding)
@@ -102,7 +104,8 @@ def plan_row(shape: str, mesh: str, accum: int, fp8: str, batch: int, devices,
     wire = sum(found.get(k, {}).get("wire_bytes", 0.0) for k in KINDS)
     return {
         "shape": shape, "mesh": mesh, "grad_accum_steps": accum,
-        "fsdp_gather_once": gather_once, "loss_chunks": loss_chunks, "fp8": fp8,
+        "fsdp_gather_once": gather_once, "fsdp_reduce_once": reduce_once,
+        "loss_chunks": loss_chunks, "fp8": fp8,
         "batch": batch, "seq": seq,
         "params": sum(x.size for x in jax.tree.leaves(run.abstract_state["params"])),
         "compile_s": round(compile_s, 1),
@@ -130,7 +133,8 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
 
     rows = [r for r in rows if not r["error"]]
     labels = [f"{r['mesh']}\nk={r['grad_accum_steps']}"
-              + ("\ngather once" if r["fsdp_gather_once"] else "") for r in rows]
+              + ("\ngather once" if r["fsdp_gather_once"] else "")
+              + ("\nreduce once" if r.get("fsdp_reduce_once") else "") for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     bottom = [0.0] * len(rows)
     for kind in KINDS:
@@ -184,22 +188,25 @@ def main(argv=None):
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, t0 = [], time.time()
-    # FSDP meshes with accumulation also with train.fsdp_gather_once.
-    todo = [(m, k, once) for m in meshes for k in accums
-            for once in ((False, True) if int(m.split("x")[1]) > 1 and k > 1 else (False,))]
-    for i, (mesh, accum, once) in enumerate(todo):
+    # FSDP meshes with accumulation also with train.fsdp_gather_once, and with it and
+    # train.fsdp_reduce_once.
+    todo = [(m, k, once, reduce) for m in meshes for k in accums
+            for once, reduce in (((False, False), (True, False), (True, True))
+                                 if int(m.split("x")[1]) > 1 and k > 1 else ((False, False),))]
+    for i, (mesh, accum, once, reduce) in enumerate(todo):
         try:
             row = plan_row("1b", mesh, accum, args.fp8, args.batch, devices, once,
-                           args.loss_chunks)
+                           args.loss_chunks, reduce)
         except Exception as e:  # noqa: BLE001 - a row that does not build is a result
             row = {"shape": "1b", "mesh": mesh, "grad_accum_steps": accum,
-                   "fsdp_gather_once": once, "loss_chunks": args.loss_chunks,
+                   "fsdp_gather_once": once, "fsdp_reduce_once": reduce,
+                   "loss_chunks": args.loss_chunks,
                    "fp8": args.fp8, "batch": args.batch,
                    "error": f"{type(e).__name__}: {str(e)[:300]}"}
         rows.append(row)
         bench_gpu.write_rows(rows, out / "gpu_plan_mesh.csv", COLUMNS)  # after each row
         print(f"[{i + 1}/{len(todo)}] mesh {mesh} k={accum}"
-              + (" gather once" if once else "")
+              + (" gather once" if once else "") + (" reduce once" if reduce else "")
               + (f" loss_chunks={args.loss_chunks}" if args.loss_chunks > 1 else "") + ": " + (
             f"compile {row['compile_s']:5.1f} s  memory {row['step_memory_gib']:6.2f} GiB  "
             f"collectives {row['collectives_in_loops']} in loops + "

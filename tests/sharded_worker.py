@@ -112,6 +112,13 @@ ACCUM_VARIANTS = {
     "umup_2x4x1_k2_gather_once": (
         "", ",mesh.data=2,mesh.fsdp=4,train.grad_accum_steps=2,train.fsdp_gather_once=True",
         "umup", False),
+    "umup_2x4x1_k2_gather_reduce_once": (
+        "", ",mesh.data=2,mesh.fsdp=4,train.grad_accum_steps=2,train.fsdp_gather_once=True"
+        ",train.fsdp_reduce_once=True", "umup", True),
+    "sp_2x2x2_k2_reduce_once_scan_chunks": (
+        ",model.scan_layers=True,model.loss_chunks=2",
+        ",mesh.data=2,mesh.fsdp=2,mesh.tensor=2,train.grad_accum_steps=2"
+        ",train.fsdp_reduce_once=True", "sp", False),
 }
 
 
@@ -122,7 +129,7 @@ def one_step_grads(parametrization, arg, devices, with_stats):
     batch = train_lib.to_global(run, {"inputs": ids[:, :32], "targets": ids[:, 1:]})
     (loss, acts), (grads, probe_grads) = jax.jit(train_lib.make_grad_fn(run, with_stats))(
         state["params"], batch)
-    return (train_lib.splits_over_data_replicas(run),
+    return (bool(train_lib.accumulation_replica_axes(run)),
             jax.device_get((loss, acts, grads, probe_grads)))
 
 
@@ -199,6 +206,21 @@ def chunked_loss_collectives(mesh_arg, per_replica):
     out["param_bytes"] = sum(x.size * x.dtype.itemsize
                              for x in jax.tree.leaves(run.abstract_state["params"]))
     out["readout_bytes"] = run.abstract_state["params"]["params"]["readout"].size * 4
+    return out
+
+
+def fsdp_once_collectives(reduce_once):
+    """The collectives of the compiled train step on mesh 2x4x1 with 4 micro-batches and
+    ``train.fsdp_gather_once``, with or without ``train.fsdp_reduce_once``."""
+    run = train_lib.build_run(config_lib.proxy_config(
+        "umup", ACCUM_ARG.replace("batch_size=16", "batch_size=32")
+        + ",mesh.data=2,mesh.fsdp=4,train.grad_accum_steps=4,train.fsdp_gather_once=True"
+        + f",train.fsdp_reduce_once={reduce_once}"), jax.devices())
+    step = train_lib.make_train_step(run, with_stats=False)
+    batch = {k: jax.ShapeDtypeStruct((32, 32), np.int32, sharding=run.batch_sharding)
+             for k in ("inputs", "targets")}
+    out = hlo_traffic.collectives(step.lower(run.abstract_state, batch).compile().as_text())
+    assert out.pop("unknown_trip_counts") == 0
     return out
 
 
@@ -285,6 +307,8 @@ def main(outdir):
     result["accum"] = accumulation_over_replicas()
     result["accum_collectives"] = {"split": accumulation_collectives(True),
                                    "plain": accumulation_collectives(False)}
+    result["fsdp_once_collectives"] = {"gather": fsdp_once_collectives(False),
+                                       "gather_reduce": fsdp_once_collectives(True)}
     result["chunks"] = accumulation_over_replicas(CHUNK_VARIANTS)
     result["chunks_collectives"] = {
         f"{mesh}_{label}": chunked_loss_collectives(arg, label == "per_replica")

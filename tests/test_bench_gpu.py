@@ -282,7 +282,8 @@ def test_mesh_plan_rows_for_8_h100s(plan_mesh, monkeypatch):
     """On 8 abstract H100s with 2 micro-batches: data parallelism all-reduces the fp32
     gradient once, outside the loop (2·7/8 of it sent per device); FSDP gathers weights and
     reduce-scatters gradients in every micro-batch, and with ``train.fsdp_gather_once``
-    gathers them once, holding more; with the chunked loss and no accumulation FSDP leaves
+    gathers them once, holding more, and with ``train.fsdp_reduce_once`` too reduce-scatters
+    the whole fp32 gradient once, leaving no collective in the loop; with the chunked loss and no accumulation FSDP leaves
     no collective in the chunks' loop."""
     try:
         devices = gpu_target.h100_devices(8)
@@ -302,6 +303,13 @@ def test_mesh_plan_rows_for_8_h100s(plan_mesh, monkeypatch):
     assert once["all_gather_gib"] < fsdp["all_gather_gib"]
     assert 0 < once["collectives_in_loops"] < fsdp["collectives_in_loops"]
     assert once["step_memory_gib"] > fsdp["step_memory_gib"]
+    # train.fsdp_reduce_once as well: nothing collective in the accumulation loop, and one
+    # reduce-scatter of the whole fp32 gradient after it
+    both = plan_mesh.plan_row("1b", "1x8x1", 2, "none", 16, devices, gather_once=True,
+                              reduce_once=True)
+    assert both["error"] == "" and both["fsdp_reduce_once"] is True
+    assert both["collectives_in_loops"] == 0
+    assert both["reduce_scatter_gib"] == pytest.approx(both["params"] * 4 / 2**30, rel=1e-3)
     # model.loss_chunks without accumulation under FSDP: nothing collective in the chunks' loop
     chunks = plan_mesh.plan_row("1b", "1x8x1", 1, "none", 16, devices, loss_chunks=4)
     assert chunks["error"] == "" and chunks["loss_chunks"] == 4

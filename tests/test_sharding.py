@@ -90,14 +90,17 @@ def test_fp8_trains_under_sharding(worker):
 
 
 @pytest.mark.parametrize("variant", ["umup_8x1x1_k2", "umup_2x2x2_k2_scan_remat_chunks",
-                                     "sp_4x2x1_k2", "umup_2x4x1_k2_gather_once"])
+                                     "sp_4x2x1_k2", "umup_2x4x1_k2_gather_once",
+                                     "umup_2x4x1_k2_gather_reduce_once",
+                                     "sp_2x2x2_k2_reduce_once_scan_chunks"])
 def test_accumulation_over_data_replicas_equals_one_device(worker, variant):
     """With ``mesh.data`` > 1 and 2 micro-batches each replica's gradient is computed apart
     (``train.make_grad_fn``'s vmap over ``data``) and summed once: one step's loss, activation
     RMS (two u-μP variants) and every gradient equal one device's without accumulation to 1e-6 of their
     RMS (measured ≤ 5.5e-7), also scanned, rematerialised, with the chunked loss and the
-    three mesh axes, and with FSDP's weights gathered once per step
-    (``train.fsdp_gather_once``)."""
+    three mesh axes, with FSDP's weights gathered once per step
+    (``train.fsdp_gather_once``) and with its gradients reduced once per step
+    (``train.fsdp_reduce_once``: the running sums kept per data × fsdp replica)."""
     found = worker["accum"][variant]
     assert found["split"]
     assert found["max_rel"] <= 1e-6, found
@@ -158,6 +161,22 @@ def test_chunked_loss_reduces_the_readout_gradient_once(worker):
     assert sum(v["in_loops"] for v in fsdp_plain.values()) >= 4, fsdp_plain
     assert (sum(v["bytes"] for v in fsdp.values())
             < sum(v["bytes"] for v in fsdp_plain.values()) - 2 * readout), (fsdp, fsdp_plain)
+
+
+def test_fsdp_reduce_once_leaves_no_collective_in_the_accumulation_loop(worker):
+    """Mesh 2x4x1, 4 micro-batches, ``train.fsdp_gather_once``: with
+    ``train.fsdp_reduce_once`` the compiled step has no collective inside the loop (the
+    weights gathered before it, the gradient reduced after it) and moves under half the
+    bytes; without it each micro-batch's gradient was reduced over ``fsdp`` in the loop."""
+    found = worker["fsdp_once_collectives"]
+
+    def totals(c):
+        return (sum(v["in_loops"] for v in c.values()), sum(v["bytes"] for v in c.values()))
+
+    (loops_once, bytes_once), (loops, bytes_) = (totals(found["gather_reduce"]),
+                                                 totals(found["gather"]))
+    assert loops_once == 0 and loops >= 4, found
+    assert bytes_once < 0.5 * bytes_, found
 
 
 def test_bad_meshes_fail_before_compilation_naming_sizes(worker):

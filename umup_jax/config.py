@@ -98,6 +98,11 @@ def base_config(parametrization: str = "umup") -> ml_collections.ConfigDict:
         # per step before the micro-batches instead of in each (the same update; more memory:
         # each device holds its data replica's whole params through the step).
         fsdp_gather_once=False,
+        # With FSDP and grad_accum_steps > 1: sum each device's rows' gradients unreduced
+        # through the micro-batches and reduce-scatter them once per step instead of in each
+        # (the same update; more memory: a whole fp32 gradient per device).  With
+        # fsdp_gather_once too: ZeRO-1's schedule.
+        fsdp_reduce_once=False,
         eval_every=512, eval_batches=16, eval_batch_size=64,
         log_every=10, metrics_every=256,
         checkpoint_every=1024, keep_checkpoints=3,

@@ -48,6 +48,7 @@ EXECUTION_KEYS = (
     "model.loss_chunks",
     "train.grad_accum_steps",
     "train.fsdp_gather_once",
+    "train.fsdp_reduce_once",
 )
 
 # Keys that may change on resume in one direction only: (key, allowed change, explanation).

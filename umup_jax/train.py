@@ -97,6 +97,8 @@ def validate_train(config: ml_collections.ConfigDict) -> None:
     _require(isinstance(t.restart, bool), "train.restart", t.restart, "True or False")
     _require(isinstance(t.fsdp_gather_once, bool), "train.fsdp_gather_once",
              t.fsdp_gather_once, "True or False")
+    _require(isinstance(t.fsdp_reduce_once, bool), "train.fsdp_reduce_once",
+             t.fsdp_reduce_once, "True or False")
     # jax.random.key and grain's shuffle take seeds in [0, 2³²); others fail deep in a run.
     _require(_is_int(config.seed) and 0 <= config.seed < 2**32, "seed", config.seed,
              "an integer in [0, 2**32)")
@@ -285,6 +287,27 @@ def micro_batches(batch: dict, k: int, mesh: Optional[Mesh] = None) -> dict:
     return jax.tree.map(split, batch)
 
 
+def accumulation_replica_axes(run: Run) -> tuple[str, ...]:
+    """The mesh axes over whose replicas :func:`make_grad_fn` keeps separate running sums of
+    the gradient through the accumulation loop, reducing them once per step: ``('data',)``
+    where :func:`splits_over_data_replicas`; with ``train.fsdp_reduce_once`` (FSDP and
+    accumulation) ``fsdp`` too, each device then summing its own rows' whole gradient
+    (:func:`reduces_gradients_once`); ``()`` otherwise."""
+    axes = ("data",) if splits_over_data_replicas(run) else ()
+    return axes + (("fsdp",) if reduces_gradients_once(run) else ())
+
+
+def reduces_gradients_once(run: Run) -> bool:
+    """``train.fsdp_reduce_once`` where it changes anything: FSDP (``mesh.fsdp`` > 1) with
+    ``train.grad_accum_steps`` > 1.  Each device then sums its rows' gradients through the
+    accumulation loop unreduced, a whole fp32 gradient (split only over ``tensor``), and the
+    step reduce-scatters it over ``fsdp`` once, instead of once per micro-batch (ZeRO-3's
+    own); with ``train.fsdp_gather_once`` as well this is ZeRO-1's schedule: one all-gather
+    and one reduce-scatter of the params per step."""
+    return (run.config.train.fsdp_reduce_once and run.mesh.shape["fsdp"] > 1
+            and run.config.train.grad_accum_steps > 1)
+
+
 def splits_over_data_replicas(run: Run) -> bool:
     """Whether :func:`make_grad_fn` computes each data replica's gradient apart (a vmap over
     the mesh's ``data`` axis) and all-reduces their sum once per step: on a mesh with
@@ -314,14 +337,22 @@ def make_grad_fn(run: Run, with_stats: bool):
     only all-reduce of the gradient.  That is accumulation over k·n equal pieces, so the
     weight is the rule's for k·n, and the result the full batch's as above.  An
     ``fp8_dynamic`` cast then scales by the RMS of its replica's rows of the micro-batch (as
-    it does by the micro-batch's with accumulation alone).
+    it does by the micro-batch's with accumulation alone).  With ``train.fsdp_reduce_once``
+    the replicas are data × fsdp (:func:`accumulation_replica_axes`): each device sums its own
+    rows' whole gradient, and the sum after the loop reduce-scatters over ``fsdp`` and then
+    all-reduces each shard over ``data`` (:func:`_reduce_fsdp_then_data`).
     """
     k = run.config.train.grad_accum_steps
-    split = splits_over_data_replicas(run)
-    n = run.mesh.shape["data"] if split else 1
+    replica_axes = accumulation_replica_axes(run)
+    split = bool(replica_axes)
+    n = math.prod(run.mesh.shape[a] for a in replica_axes)
+    inner_axes = tuple(a for a in sharding_lib.BATCH_AXES if a not in replica_axes)
     # train.fsdp_gather_once: the params' shardings without fsdp, to gather them before the loop
     gathered = (jax.tree.map(_without_fsdp, run.state_sharding["params"])
                 if gathers_weights_once(run) else None)
+    # train.fsdp_reduce_once: the running sums unreduced over fsdp, split like gathered params
+    carried = (jax.tree.map(_without_fsdp, run.state_sharding["params"])
+               if "fsdp" in replica_axes else run.state_sharding["params"])
     step_tokens = run.config.train.batch_size * run.model_cfg.seq_len
     model = run.model if k == 1 else Decoder(run.model_cfg, grad_tokens=step_tokens)
     weight = run.model_cfg.rule.grad_accumulation_weight(k * n)
@@ -346,19 +377,19 @@ def make_grad_fn(run: Run, with_stats: bool):
         """The gradients of each data replica's rows of ``micro``, stacked (n, …) over
         ``data``: no all-reduce."""
         def one(rows):
-            with sharding_lib.activation_mesh(run.mesh, batch_axes=("fsdp",)):
+            with sharding_lib.activation_mesh(run.mesh, batch_axes=inner_axes):
                 return grad_fn(params, probes, rows)
 
         rows = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
             x.reshape(n, x.shape[0] // n, *x.shape[1:]),
-            NamedSharding(run.mesh, PartitionSpec("data", "fsdp"))), micro)
-        return jax.vmap(one, spmd_axis_name="data")(rows)
+            NamedSharding(run.mesh, PartitionSpec(replica_axes, inner_axes or None))), micro)
+        return jax.vmap(one, spmd_axis_name=replica_axes)(rows)
 
     def stacked_zeros(tree, shardings=None):
-        """(n, …) zeros of ``tree``'s leaves, split over ``data`` and then as ``shardings``
-        (default: replicated)."""
+        """(n, …) zeros of ``tree``'s leaves, split over the replica axes and then as
+        ``shardings`` (default: replicated)."""
         def zeros(x, sh=None):
-            spec = PartitionSpec("data", *(sh.spec if sh is not None else ()))
+            spec = PartitionSpec(replica_axes, *(sh.spec if sh is not None else ()))
             return jax.lax.with_sharding_constraint(
                 jnp.zeros((n, *x.shape), x.dtype), NamedSharding(run.mesh, spec))
         return jax.tree.map(zeros, tree) if shardings is None else jax.tree.map(
@@ -377,16 +408,19 @@ def make_grad_fn(run: Run, with_stats: bool):
 
         if split:
             zeros = (stacked_zeros(jnp.zeros((), jnp.float32)),
-                     stacked_zeros(params, run.state_sharding["params"]),
+                     stacked_zeros(params, carried),
                      stacked_zeros(probes))
         else:
             zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params),
                      jax.tree.map(jnp.zeros_like, probes))
         (loss, grads, probe_grads), act_ms = jax.lax.scan(
             body, zeros, micro_batches(batch, k, run.mesh))
-        if split:  # the step's one all-reduce of the gradient
-            loss, grads, probe_grads = jax.tree.map(lambda g: jnp.sum(g, axis=0),
-                                                    (loss, grads, probe_grads))
+        if split:  # the step's one reduction of the gradient
+            if len(replica_axes) == 2:  # over fsdp into the params' split, then over data
+                grads = jax.tree.map(_reduce_fsdp_then_data, grads,
+                                     run.state_sharding["params"])
+            loss, grads, probe_grads = jax.tree.map(
+                lambda g: jnp.sum(g, axis=0), (loss, grads, probe_grads))
         grads = jax.tree.map(lambda g: g * weight, grads)
         acts = jax.tree.map(lambda ms: jnp.sqrt(jnp.mean(ms)), act_ms)
         return (loss / (k * n), acts), (grads, jax.tree.map(lambda p: p / (k * n), probe_grads))
@@ -399,6 +433,19 @@ def make_grad_fn(run: Run, with_stats: bool):
         return accumulate(params, batch)
 
     return loss_and_grads
+
+
+def _reduce_fsdp_then_data(g: jax.Array, param: NamedSharding) -> jax.Array:
+    """``g`` (n_data·n_fsdp, …), one running sum per (data, fsdp) replica, summed over its
+    fsdp replicas into the param's split: (n_data, …) split over ``data`` and as ``param``.
+    One reduce-scatter over ``fsdp``; the sum over ``data`` that follows all-reduces only
+    each device's shard.  Summed over both at once, XLA all-reduced the whole gradient over
+    all devices."""
+    mesh = param.mesh
+    n_data, n_fsdp = mesh.shape["data"], mesh.shape["fsdp"]
+    g = g.reshape(n_data, n_fsdp, *g.shape[1:])
+    return jax.lax.with_sharding_constraint(
+        jnp.sum(g, axis=1), NamedSharding(mesh, PartitionSpec("data", *param.spec)))
 
 
 def _without_fsdp(sharding: NamedSharding) -> NamedSharding:
