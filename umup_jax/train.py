@@ -374,8 +374,8 @@ def make_grad_fn(run: Run, with_stats: bool):
     grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
 
     def per_replica(params, micro):
-        """The gradients of each data replica's rows of ``micro``, stacked (n, …) over
-        ``data``: no all-reduce."""
+        """The gradients of each replica's rows of ``micro``, stacked (n, …) over the
+        replica axes (``data``, and ``fsdp`` with ``train.fsdp_reduce_once``): no reduction."""
         def one(rows):
             with sharding_lib.activation_mesh(run.mesh, batch_axes=inner_axes):
                 return grad_fn(params, probes, rows)
