@@ -58,8 +58,9 @@ _ACTIVATION_MESH: contextvars.ContextVar[Optional[NamedSharding]] = contextvars.
 def activation_mesh(mesh: Mesh, batch_axes: Sequence[str] = BATCH_AXES) -> Iterator[None]:
     """Code traced inside this block has :func:`constrain_batch` split activations' batch
     axis over ``batch_axes`` of ``mesh`` (a one-device mesh changes nothing).  Inside a
-    ``jax.vmap(…, spmd_axis_name='data')`` over the data replicas (the trainer's
-    :func:`umup_jax.train.make_grad_fn`), ``batch_axes=('fsdp',)``: vmap puts ``data`` on the
+    ``jax.vmap(…, spmd_axis_name=…)`` over batch replicas (the trainer's
+    :func:`umup_jax.train.make_grad_fn`), the batch axes it does not map: ``('fsdp',)`` under
+    a vmap over ``data``, none under one over data × fsdp; vmap puts the mapped axes on the
     axis it maps."""
     sharding = NamedSharding(mesh, PartitionSpec(tuple(batch_axes)))
     token = _ACTIVATION_MESH.set(sharding if mesh.size > 1 else None)
@@ -86,7 +87,8 @@ def batch_replicas() -> Optional[tuple[Mesh, tuple[str, ...]]]:
     (``jax.vmap(…, spmd_axis_name=axes)`` over an (n, B/n, …) view of the batch) and reduce
     them once, rather than let XLA reduce a partial sum wherever one meets a replicated or
     FSDP-sharded value (:mod:`umup_jax.loss_chunks`); ``None`` otherwise.  Inside the
-    trainer's own vmap over the data replicas the batch axes are ``('fsdp',)``."""
+    trainer's own vmap over replicas only the axes it does not map are left (``('fsdp',)``
+    or none)."""
     sharding = _ACTIVATION_MESH.get()
     if sharding is None:
         return None
@@ -96,12 +98,21 @@ def batch_replicas() -> Optional[tuple[Mesh, tuple[str, ...]]]:
     return (sharding.mesh, axes) if axes else None
 
 
+def without_axes(sharding: NamedSharding, axes: Sequence[str]) -> NamedSharding:
+    """``sharding`` replicated along the mesh ``axes`` and split as before along the others:
+    FSDP's weight gathered (``axes=('fsdp',)``), its tensor-parallel split kept."""
+    def drop(entry):
+        if isinstance(entry, tuple):
+            return tuple(a for a in entry if a not in axes) or None
+        return None if entry in axes else entry
+    return NamedSharding(sharding.mesh, PartitionSpec(*(drop(e) for e in sharding.spec)))
+
+
 def gathered_over(mesh: Mesh, names: Sequence[Optional[str]], axes: Sequence[str],
                   rules: Mapping[str, Optional[str]] = DEFAULT_RULES) -> NamedSharding:
-    """The sharding of a parameter with logical ``names`` (:data:`DEFAULT_RULES`) with the
-    mesh ``axes`` replicated: FSDP's weight gathered, its tensor-parallel split kept."""
-    spec = logical_to_spec(names, rules)
-    return NamedSharding(mesh, PartitionSpec(*(None if a in axes else a for a in spec)))
+    """The sharding of a parameter with logical ``names`` (``rules``) with the mesh ``axes``
+    replicated (:func:`without_axes`)."""
+    return without_axes(NamedSharding(mesh, logical_to_spec(names, rules)), axes)
 
 
 def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:

@@ -304,8 +304,7 @@ def reduces_gradients_once(run: Run) -> bool:
     step reduce-scatters it over ``fsdp`` once, instead of once per micro-batch (ZeRO-3's
     own); with ``train.fsdp_gather_once`` as well this is ZeRO-1's schedule: one all-gather
     and one reduce-scatter of the params per step."""
-    return (run.config.train.fsdp_reduce_once and run.mesh.shape["fsdp"] > 1
-            and run.config.train.grad_accum_steps > 1)
+    return run.config.train.fsdp_reduce_once and _fsdp_with_accumulation(run)
 
 
 def splits_over_data_replicas(run: Run) -> bool:
@@ -347,12 +346,12 @@ def make_grad_fn(run: Run, with_stats: bool):
     split = bool(replica_axes)
     n = math.prod(run.mesh.shape[a] for a in replica_axes)
     inner_axes = tuple(a for a in sharding_lib.BATCH_AXES if a not in replica_axes)
-    # train.fsdp_gather_once: the params' shardings without fsdp, to gather them before the loop
-    gathered = (jax.tree.map(_without_fsdp, run.state_sharding["params"])
-                if gathers_weights_once(run) else None)
-    # train.fsdp_reduce_once: the running sums unreduced over fsdp, split like gathered params
-    carried = (jax.tree.map(_without_fsdp, run.state_sharding["params"])
-               if "fsdp" in replica_axes else run.state_sharding["params"])
+    # The params' shardings without fsdp: train.fsdp_gather_once gathers them so before the
+    # loop, and train.fsdp_reduce_once keeps its running sums (one per fsdp replica) so.
+    without_fsdp = jax.tree.map(lambda sh: sharding_lib.without_axes(sh, ("fsdp",)),
+                                run.state_sharding["params"])
+    gathered = without_fsdp if gathers_weights_once(run) else None
+    carried = without_fsdp if "fsdp" in replica_axes else run.state_sharding["params"]
     step_tokens = run.config.train.batch_size * run.model_cfg.seq_len
     model = run.model if k == 1 else Decoder(run.model_cfg, grad_tokens=step_tokens)
     weight = run.model_cfg.rule.grad_accumulation_weight(k * n)
@@ -448,13 +447,10 @@ def _reduce_fsdp_then_data(g: jax.Array, param: NamedSharding) -> jax.Array:
         jnp.sum(g, axis=1), NamedSharding(mesh, PartitionSpec("data", *param.spec)))
 
 
-def _without_fsdp(sharding: NamedSharding) -> NamedSharding:
-    """``sharding`` replicated along ``fsdp`` and split as before along the other axes."""
-    def drop(axes):
-        if isinstance(axes, tuple):
-            return tuple(a for a in axes if a != "fsdp") or None
-        return None if axes == "fsdp" else axes
-    return NamedSharding(sharding.mesh, PartitionSpec(*(drop(a) for a in sharding.spec)))
+def _fsdp_with_accumulation(run: Run) -> bool:
+    """Whether the FSDP accumulation options apply: ``mesh.fsdp`` > 1 and
+    ``train.grad_accum_steps`` > 1."""
+    return run.mesh.shape["fsdp"] > 1 and run.config.train.grad_accum_steps > 1
 
 
 def gathers_weights_once(run: Run) -> bool:
@@ -465,8 +461,7 @@ def gathers_weights_once(run: Run) -> bool:
     the step).  The per-micro-batch reduce-scatters of the gradient stay.  Compiled for 8
     H100s, the ~1B model on mesh 1x8x1 with k = 4: 27.75 → 11.46 GiB sent per device and
     step for 9.28 → 15.04 GiB of memory (``experiments/gpu_plan_mesh.py``)."""
-    return (run.config.train.fsdp_gather_once and run.mesh.shape["fsdp"] > 1
-            and run.config.train.grad_accum_steps > 1)
+    return run.config.train.fsdp_gather_once and _fsdp_with_accumulation(run)
 
 
 # The batch key of each process's stop vote (see :func:`stop_votes`).
