@@ -162,66 +162,55 @@ def accumulation_over_replicas(variants=ACCUM_VARIANTS):
     return out
 
 
-def accumulation_collectives(split):
-    """The collectives of the compiled train step on mesh 8x1x1 with 4 micro-batches and the
-    chunked loss (:func:`umup_jax.hlo_traffic.collectives`) and the params' bytes;
-    ``split=False`` forces the plain accumulation loop, as before the vmap."""
-    run = train_lib.build_run(config_lib.proxy_config(
-        "umup", ACCUM_ARG.replace("batch_size=16", "batch_size=32")
-        + ",model.loss_chunks=2,mesh.data=8,train.grad_accum_steps=4"), jax.devices())
-    saved = train_lib.splits_over_data_replicas
-    if not split:
-        train_lib.splits_over_data_replicas = lambda run: False
+def step_collectives(arg, rows, patches=()):
+    """The collectives of the compiled u-μP train step of config ``arg`` on all 8 devices at
+    ``rows`` sequences (:func:`umup_jax.hlo_traffic.collectives`) and the params' fp32 and
+    the readout's bytes; ``patches``: (module, name, value) set while the step is traced."""
+    run = train_lib.build_run(config_lib.proxy_config("umup", arg), jax.devices())
+    saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
+    for module, name, value in patches:
+        setattr(module, name, value)
     try:
         step = train_lib.make_train_step(run, with_stats=False)
-    finally:
-        train_lib.splits_over_data_replicas = saved
-    batch = {k: jax.ShapeDtypeStruct((32, 32), np.int32, sharding=run.batch_sharding)
-             for k in ("inputs", "targets")}
-    out = hlo_traffic.collectives(step.lower(run.abstract_state, batch).compile().as_text())
-    assert out.pop("unknown_trip_counts") == 0
-    out["param_bytes"] = sum(x.size * x.dtype.itemsize
-                             for x in jax.tree.leaves(run.abstract_state["params"]))
-    return out
-
-
-def chunked_loss_collectives(mesh_arg, per_replica):
-    """The collectives of the compiled train step with ``model.loss_chunks=4`` and no
-    accumulation on the mesh of ``mesh_arg``; ``per_replica=False`` takes away the chunked
-    loss's per-replica sums (``sharding.batch_replicas``), as before them."""
-    run = train_lib.build_run(config_lib.proxy_config(
-        "umup", ACCUM_ARG + ",model.loss_chunks=4" + mesh_arg), jax.devices())
-    saved = sharding_lib.batch_replicas
-    if not per_replica:
-        sharding_lib.batch_replicas = lambda: None
-    try:
-        step = train_lib.make_train_step(run, with_stats=False)
-        batch = {k: jax.ShapeDtypeStruct((16, 32), np.int32, sharding=run.batch_sharding)
+        batch = {k: jax.ShapeDtypeStruct((rows, 32), np.int32, sharding=run.batch_sharding)
                  for k in ("inputs", "targets")}
         hlo = step.lower(run.abstract_state, batch).compile().as_text()
     finally:
-        sharding_lib.batch_replicas = saved
+        for module, name, value in saved:
+            setattr(module, name, value)
     out = hlo_traffic.collectives(hlo)
     assert out.pop("unknown_trip_counts") == 0
-    out["param_bytes"] = sum(x.size * x.dtype.itemsize
-                             for x in jax.tree.leaves(run.abstract_state["params"]))
-    out["readout_bytes"] = run.abstract_state["params"]["params"]["readout"].size * 4
+    params = run.abstract_state["params"]
+    out["param_bytes"] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    out["readout_bytes"] = params["params"]["readout"].size * 4
     return out
+
+
+def accumulation_collectives(split):
+    """Mesh 8x1x1 with 4 micro-batches and the chunked loss; ``split=False`` forces the plain
+    accumulation loop, as before the vmap."""
+    return step_collectives(
+        ACCUM_ARG.replace("batch_size=16", "batch_size=32")
+        + ",model.loss_chunks=2,mesh.data=8,train.grad_accum_steps=4", 32,
+        () if split else [(train_lib, "splits_over_data_replicas", lambda run: False)])
+
+
+def chunked_loss_collectives(mesh_arg, per_replica):
+    """``model.loss_chunks=4`` without accumulation on the mesh of ``mesh_arg``;
+    ``per_replica=False`` takes away the chunked loss's per-replica sums
+    (``sharding.batch_replicas``), as before them."""
+    return step_collectives(
+        ACCUM_ARG + ",model.loss_chunks=4" + mesh_arg, 16,
+        () if per_replica else [(sharding_lib, "batch_replicas", lambda: None)])
 
 
 def fsdp_once_collectives(reduce_once):
-    """The collectives of the compiled train step on mesh 2x4x1 with 4 micro-batches and
-    ``train.fsdp_gather_once``, with or without ``train.fsdp_reduce_once``."""
-    run = train_lib.build_run(config_lib.proxy_config(
-        "umup", ACCUM_ARG.replace("batch_size=16", "batch_size=32")
+    """Mesh 2x4x1 with 4 micro-batches and ``train.fsdp_gather_once``, with or without
+    ``train.fsdp_reduce_once``."""
+    return step_collectives(
+        ACCUM_ARG.replace("batch_size=16", "batch_size=32")
         + ",mesh.data=2,mesh.fsdp=4,train.grad_accum_steps=4,train.fsdp_gather_once=True"
-        + f",train.fsdp_reduce_once={reduce_once}"), jax.devices())
-    step = train_lib.make_train_step(run, with_stats=False)
-    batch = {k: jax.ShapeDtypeStruct((32, 32), np.int32, sharding=run.batch_sharding)
-             for k in ("inputs", "targets")}
-    out = hlo_traffic.collectives(step.lower(run.abstract_state, batch).compile().as_text())
-    assert out.pop("unknown_trip_counts") == 0
-    return out
+        + f",train.fsdp_reduce_once={reduce_once}", 32)
 
 
 def main(outdir):

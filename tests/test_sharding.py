@@ -106,14 +106,19 @@ def test_accumulation_over_data_replicas_equals_one_device(worker, variant):
     assert found["max_rel"] <= 1e-6, found
 
 
+def _kinds(found: dict) -> dict:
+    """The per-collective rows of the worker's ``step_collectives`` (not its byte counts)."""
+    return {k: v for k, v in found.items() if isinstance(v, dict)}
+
+
 def test_accumulation_all_reduces_the_gradient_once_per_step(worker):
     """Mesh 8x1x1, 4 micro-batches, the chunked loss: the compiled train step all-reduces
     once per step, outside every loop, the fp32 gradient (and the loss); the plain
     accumulation loop, as XLA partitions it, all-reduced inside the loop every micro-batch's
     gradient and every chunk's readout gradient (12 all-reduces, 4.4× the bytes)."""
-    split, plain = (dict(worker["accum_collectives"][k]) for k in ("split", "plain"))
-    params = split.pop("param_bytes")
-    assert set(split) == {"all-reduce"}, split
+    split, plain = (worker["accum_collectives"][k] for k in ("split", "plain"))
+    params = split["param_bytes"]
+    assert set(_kinds(split)) == {"all-reduce"}, split
     reduced = split["all-reduce"]
     assert (reduced["in_loops"], reduced["outside"]) == (0, 1)
     assert params <= reduced["bytes"] <= params + 64
@@ -143,20 +148,17 @@ def test_chunked_loss_reduces_the_readout_gradient_once(worker):
     Mesh 2x4x1 (FSDP): no collective inside the loop either (the readout weight gathered
     before it, its gradient reduced after it), and fewer bytes in all than with an
     FSDP-sharded carry, whose loop reduced each chunk's gradient."""
-    c = {k: dict(v) for k, v in worker["chunks_collectives"].items()}
+    c = worker["chunks_collectives"]
     per_replica, plain = c["8x1x1_per_replica"], c["8x1x1_plain"]
-    params, readout = per_replica.pop("param_bytes"), per_replica.pop("readout_bytes")
-    assert set(per_replica) == {"all-reduce"}, per_replica
+    params, readout = per_replica["param_bytes"], per_replica["readout_bytes"]
+    assert set(_kinds(per_replica)) == {"all-reduce"}, per_replica
     reduced = per_replica["all-reduce"]
     assert (reduced["in_loops"], reduced["outside"]) == (0, 1), reduced
     assert params <= reduced["bytes"] <= params + 64
     assert plain["all-reduce"]["in_loops"] == 4, plain
     assert plain["all-reduce"]["bytes"] >= params + 3 * readout, plain
 
-    def kinds(found):
-        return {k: v for k, v in found.items() if isinstance(v, dict)}
-
-    fsdp, fsdp_plain = kinds(c["2x4x1_per_replica"]), kinds(c["2x4x1_plain"])
+    fsdp, fsdp_plain = _kinds(c["2x4x1_per_replica"]), _kinds(c["2x4x1_plain"])
     assert sum(v["in_loops"] for v in fsdp.values()) == 0, fsdp
     assert sum(v["in_loops"] for v in fsdp_plain.values()) >= 4, fsdp_plain
     assert (sum(v["bytes"] for v in fsdp.values())
@@ -171,7 +173,8 @@ def test_fsdp_reduce_once_leaves_no_collective_in_the_accumulation_loop(worker):
     found = worker["fsdp_once_collectives"]
 
     def totals(c):
-        return (sum(v["in_loops"] for v in c.values()), sum(v["bytes"] for v in c.values()))
+        return (sum(v["in_loops"] for v in _kinds(c).values()),
+                sum(v["bytes"] for v in _kinds(c).values()))
 
     (loops_once, bytes_once), (loops, bytes_) = (totals(found["gather_reduce"]),
                                                  totals(found["gather"]))
