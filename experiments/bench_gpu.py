@@ -250,19 +250,16 @@ def fp8_gemm_kinds(hlo_text: str, policy: dict) -> dict:
 
 
 def compiled_step_bytes(compiled) -> Optional[int]:
-    """What XLA planned for one step: arguments + outputs + temporaries − donated aliases.
+    """What XLA planned for one step: arguments + outputs + temporaries − donated aliases
+    (:func:`umup_jax.memory_plan.compiled_step_bytes`, which the trainer checks against the
+    device's limit before its first step).
 
     ``peak_memory_gib`` is the allocator's high-water mark for the whole process, which also
     holds what the GEMM autotuner allocated while compiling; this is the step alone.  ``None``
     where the backend gives no memory analysis."""
-    try:
-        m = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001 - a backend without the analysis
-        return None
-    if m is None:
-        return None
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-               - m.alias_size_in_bytes)
+    from umup_jax import memory_plan  # imports jax: not at the top, see backend_in_a_child
+
+    return memory_plan.compiled_step_bytes(compiled)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -187,6 +187,32 @@ def test_trainer_steps_compile_with_fp8_gemms(extras, target):
                               hlo_check.describe(hlo_check.gemms_by_group(hlo)))
 
 
+@pytest.mark.gpu
+@NEEDS_GPU
+def test_the_trainer_trains_on_this_gpu_within_its_memory_plan(tmp_path, capsys):
+    """``train_and_evaluate`` end to end on this GPU (bf16, ``paper_simple``, the bundled
+    corpus's bytes, 6 steps): its steps compiled ahead, XLA's plan checked against the
+    allocator's reported limit (:mod:`umup_jax.memory_plan`) and within it, a finite loss, and
+    the throughput and memory columns that only a GPU fills (MFU against this device's peak,
+    the allocator's peak)."""
+    train_lib = pytest.importorskip("umup_jax.train")  # grain and ml_collections
+    config_lib = pytest.importorskip("umup_jax.config")
+    cfg = config_lib.proxy_config(
+        "umup", "smoke,model.dtype=bfloat16,model.fp8=paper_simple,model.width=256,"
+        "model.num_heads=4,model.seq_len=128,train.batch_size=16,train.eval_batch_size=16")
+    results = train_lib.train_and_evaluate(cfg, str(tmp_path))
+    out = capsys.readouterr().out
+    limit, plan = results["device_memory_limit_bytes"], results["step_memory_bytes"]
+    print(f"plan {plan} B, limit {limit} B, peak {results.get('peak_memory_bytes')} B, "
+          f"mfu {results['mfu']}, device {results['device_kind']}")
+    assert limit is not None and plan is not None and 0 < plan <= limit, (plan, limit)
+    assert f"({limit / 2**30:.2f} GiB allowed: " in out, out
+    assert results["steps"] == 6 and jnp.isfinite(results["final_train_loss"])
+    assert results.get("peak_memory_bytes", 0) > 0
+    if "H100" in results["device_kind"] or "H200" in results["device_kind"]:
+        assert 0 < results["mfu"] < 1, results["mfu"]
+
+
 def _eight_h100_step(extra: str):
     """(train module, run, ``step_hlo()``) of the trainer's step for one host of 8 abstract
     H100s: mesh 8x1x1, bf16 with ``paper_simple``, XLA attention, width 256, 32 × 128 tokens,

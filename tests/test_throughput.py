@@ -140,20 +140,22 @@ def test_evaluation_and_checkpoints_are_outside_the_throughput_interval(tmp_path
 
 
 def test_compiling_is_outside_the_throughput_interval(tmp_path, monkeypatch):
-    """The first call of each step function traces and compiles it, in process and on every
-    resume.  Made to take 2 s here (a sleep before the real call), it does not count in the
-    logged tokens/s, and neither does that step: the call returns once the step has run, and
-    the step is left out of its interval.  Before, step 0's row counted step 0 but not its
-    time, which was spent under the first call of the plain step: 16,300 tokens/s here for a
-    step of 128 tokens that took over 0.3 s (under 430 tokens/s).  Every later call takes
-    0.3 s (a sleep after it): the rows' intervals hold all of them, and no compile."""
+    """The steps are compiled before the loop, and the first call of each step function
+    loads and warms its program (on a GPU; it traced and compiled it too before the steps
+    were compiled ahead, 2026-12-07), in process and on every resume.  Made to take 2 s here
+    (a sleep before the real call), it does not count in the logged tokens/s, and neither
+    does that step: the call returns once the step has run, and the step is left out of its
+    interval.  Before, step 0's row counted step 0 but not its time, which was spent under
+    the first call of the plain step: 16,300 tokens/s here for a step of 128 tokens that took
+    over 0.3 s (under 430 tokens/s).  Every later call takes 0.3 s (a sleep after it): the
+    rows' intervals hold all of them, and no first call."""
     import time
 
-    make_train_step = train_lib.make_train_step
+    compile_train_step = train_lib.compile_train_step
     step_s = 0.3
 
-    def slow_to_compile(run, with_stats):
-        step = make_train_step(run, with_stats)
+    def slow_to_compile(run, with_stats, batch_size):
+        step = compile_train_step(run, with_stats, batch_size)
         first = [True]
 
         def call(*args):
@@ -166,7 +168,7 @@ def test_compiling_is_outside_the_throughput_interval(tmp_path, monkeypatch):
 
         return call
 
-    monkeypatch.setattr(train_lib, "make_train_step", slow_to_compile)
+    monkeypatch.setattr(train_lib, "compile_train_step", slow_to_compile)
     cfg = config_lib.proxy_config("umup", "smoke")
     for key, value in {"train.steps": 6, "train.log_every": 2, "train.metrics_every": 2,
                        "train.checkpoint_every": 6}.items():

@@ -4,12 +4,14 @@ Order of work: validate the whole config (no compilation yet) → find the newes
 checkpoint in ``workdir`` and check that it was made by the same run (:mod:`umup_jax.identity`:
 a change to a run-defining key is refused before anything is touched; ``train.restart=True``
 moves the old run aside instead) → validate the data, build the model, its metadata and the
-optimizer → place state and batches with ``NamedSharding`` on a mesh of the devices → restore,
-and check that the checkpoint was trained on the tokens the config's data holds now (their
-fingerprint, :func:`umup_jax.data.token_fingerprint`, is stored in every checkpoint and in
-``results.json``; other tokens under the same config are refused like a config change) →
-train with a jitted, buffer-donating step, evaluating, logging, checkpointing →
-``results.json``.  A finished run rerun leaves its ``results.json`` as it is.
+optimizer → lay state and batches out with ``NamedSharding`` on a mesh of the devices →
+compile the buffer-donating train step ahead of time and check XLA's memory plan of it against
+the devices' limit (:mod:`umup_jax.memory_plan`: a step that cannot fit stops here, before
+any state is placed) → restore, and check that the checkpoint was trained on the tokens the
+config's data holds now (their fingerprint, :func:`umup_jax.data.token_fingerprint`, is stored
+in every checkpoint and in ``results.json``; other tokens under the same config are refused
+like a config change) → train, evaluating, logging, checkpointing → ``results.json``.  A
+finished run rerun leaves its ``results.json`` as it is.
 
 A checkpoint is saved only if every parameter and optimizer moment is finite (one on-device
 reduction), so "the last good checkpoint" never holds exploded weights.
@@ -48,6 +50,7 @@ from umup_jax import failures
 from umup_jax import fp8 as fp8_lib
 from umup_jax import identity as identity_lib
 from umup_jax import layer_stack
+from umup_jax import memory_plan
 from umup_jax import metrics as metrics_lib
 from umup_jax import ops
 from umup_jax import processes
@@ -522,6 +525,51 @@ def make_train_step(run: Run, with_stats: bool):
     )
 
 
+def batch_spec(run: Run, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch a train step takes, abstract: ``inputs`` and ``targets`` (int32
+    token windows) and the rows' :data:`STOP_VOTES`, all split like :func:`to_global`'s."""
+    tokens = jax.ShapeDtypeStruct((batch_size, run.model_cfg.seq_len), jnp.int32,
+                                  sharding=run.batch_sharding)
+    votes = jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=run.batch_sharding)
+    return {"inputs": tokens, "targets": tokens, STOP_VOTES: votes}
+
+
+def compile_train_step(run: Run, with_stats: bool, batch_size: int):
+    """:func:`make_train_step` compiled ahead of time for ``run``'s state and a global batch
+    of ``batch_size`` rows: a ``jax.stages.Compiled``, called like the jitted step, whose
+    memory plan is known before it first runs (:mod:`umup_jax.memory_plan`)."""
+    return make_train_step(run, with_stats).lower(
+        run.abstract_state, batch_spec(run, batch_size)).compile()
+
+
+def stats_step_used(start: int, steps_total: int, metrics_every: int) -> bool:
+    """Whether a step of ``range(start, steps_total)`` logs statistics, as the loop decides:
+    ``metrics_every <= steps_total`` and some step in the range a multiple of it."""
+    if metrics_every > steps_total:
+        return False
+    first = -(-start // metrics_every) * metrics_every
+    return first < steps_total
+
+
+def compile_steps(run: Run, config: ml_collections.ConfigDict, start: int):
+    """The loop's step functions, compiled before the first step: ``(train_step,
+    stats_step, step_bytes, limit)``, ``stats_step`` ``None`` where no step from ``start``
+    logs statistics.  ``step_bytes`` is XLA's per-device plan of the larger one and ``limit``
+    the allocator's (``None`` where unknown); a step over the limit raises
+    :class:`memory_plan.StepMemoryError` naming what would shrink it, before any state is
+    placed on the devices."""
+    tcfg = config.train
+    train_step = compile_train_step(run, False, tcfg.batch_size)
+    stats_step = (compile_train_step(run, True, tcfg.batch_size)
+                  if stats_step_used(start, tcfg.steps, tcfg.metrics_every) else None)
+    plans = [memory_plan.compiled_step_bytes(c) for c in (train_step, stats_step)
+             if c is not None]
+    step_bytes = None if None in plans else max(plans)
+    limit = memory_plan.device_memory_limit()
+    memory_plan.check_fits(step_bytes, limit, config)
+    return train_step, stats_step, step_bytes, limit
+
+
 def make_eval_step(run: Run):
     model = run.model
 
@@ -583,8 +631,9 @@ def _progress(config, start: int, total: int):
 def _call_to_completion(step_fn, state, batch):
     """``step_fn(state, batch)``, returned once the devices have finished it.
 
-    The first call of a step function traces and compiles it; tokens/s leaves that call out
-    of its interval, and its step is not counted.  Returned at dispatch, the step would run
+    The first call of a step function loads its program onto the devices and warms it (and
+    compiles it, where it was not compiled ahead); tokens/s leaves that call out of its
+    interval, and its step is not counted.  Returned at dispatch, the step would run
     under the next call, which is not timed either when it is the other step function's
     first: step 0's row, counting step 0, read 296,000 tokens/s where the run trained at
     12,000-17,000 (the README's :cpu run, jax 0.12.1 on 2 cores)."""
@@ -831,6 +880,22 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             log.warning(msg)
             print(f"WARNING: {msg}", flush=True)
 
+    # Compile the steps before any state is placed on the devices: a step that cannot fit
+    # stops here, with XLA's plan and what would shrink it.
+    t_compile = time.time()
+    try:
+        train_step, stats_step, step_bytes, memory_limit = processes.together(
+            "compiling the train step",
+            lambda: compile_steps(run, config, found[0] if found is not None else 0), group)
+    except BaseException:
+        store.close()
+        raise
+    if is_main:
+        plan = (memory_plan.describe(step_bytes, memory_limit) if step_bytes is not None
+                else "no memory plan from this backend")
+        print(f"compiled the train step{' and the stats step' if stats_step else ''} in "
+              f"{time.time() - t_compile:.1f} s; {plan}", flush=True)
+
     # Restore the newest intact checkpoint (an older one if its arrays turn out damaged).
     restored = None
     while found is not None:
@@ -886,8 +951,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 print(f"config change on resume: {key}: {old!r} → {new!r}{note}", flush=True)
     last_good_ckpt = start if restored is not None else None
 
-    train_step = make_train_step(run, with_stats=False)
-    stats_step = make_train_step(run, with_stats=True)
     eval_step = make_eval_step(run)
     valid_batches = data_lib.eval_batches(
         run.tokens.valid, run.model_cfg.seq_len, tcfg.eval_batch_size, tcfg.eval_batches,
@@ -991,7 +1054,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     stop_agreed = 0
     multi_process = jax.process_count() > 1
     interrupted: Optional[int] = None  # the signal that stopped the run early
-    compiled: set = set()  # the step functions called (so compiled) in this process
+    called: set = set()  # the step functions called in this process
     # A process that fails inside the loop tells the others, which are waiting in a step's
     # collective that it will never join; they stop within seconds, naming it.
     watch = processes.FailureWatch(group, failures.stop_for_failed_process(workdir_path))
@@ -1004,16 +1067,20 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             data_state, batch = prefetch.next()
             for step in range(start, steps_total):
                 with_stats = tcfg.metrics_every <= steps_total and step % tcfg.metrics_every == 0
+                if with_stats and stats_step is None:  # resumed from an older checkpoint than
+                    # the newest, which needed no statistics
+                    stats_step = paused(compile_train_step, run, True, tcfg.batch_size)
                 step_fn = stats_step if with_stats else train_step
                 voted = {**batch, STOP_VOTES: stop_votes(stop.signal, len(batch["inputs"]))}
-                timed = step_fn in compiled
+                timed = step_fn in called
                 if timed:
                     state, metrics = step_fn(state, to_global(run, voted))
-                else:  # tracing and compiling are not training throughput: the first call
-                    # runs to completion outside the interval, and its step is not counted
+                else:  # loading and warming a program are not training throughput: the
+                    # first call runs to completion outside the interval, and its step is not
+                    # counted
                     state, metrics = paused(_call_to_completion, step_fn, state,
                                             to_global(run, voted))
-                    compiled.add(step_fn)
+                    called.add(step_fn)
                 if pending is not None:
                     finish_step(*pending)
                 pending = (step, metrics, timed)
@@ -1087,6 +1154,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         "devices": len(jax.devices()),
         "mesh": dict(run.mesh.shape),
         "state_bytes": sharding_lib.per_device_bytes(state),
+        # XLA's plan for one train step on one device (memory_plan), and the allocator's limit
+        "step_memory_bytes": step_bytes,
+        "device_memory_limit_bytes": memory_limit,
         "config": config_dict,
     }
     memory = throughput.peak_memory_bytes()
