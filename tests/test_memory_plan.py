@@ -59,6 +59,18 @@ def test_limit_is_the_smallest_allocator_limit_and_none_where_unreported():
         assert memory_plan.device_memory_limit() is None
 
 
+def test_per_device_bytes_follow_each_leafs_sharding():
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh([jax.devices()[0]] * 2, ("x",))  # abstract: only its shape matters here
+    split = jax.ShapeDtypeStruct((8, 6), jnp.float32, sharding=NamedSharding(mesh,
+                                                                             PartitionSpec("x")))
+    whole = jax.ShapeDtypeStruct((8, 6), jnp.bfloat16, sharding=NamedSharding(mesh,
+                                                                              PartitionSpec()))
+    assert memory_plan.per_device_bytes({"a": split, "b": whole}) == 4 * 6 * 4 + 8 * 6 * 2
+    assert memory_plan.per_device_bytes([jnp.zeros((3, 5), jnp.int32)]) == 60
+
+
 def test_describe_and_sizes():
     gib = 2**30
     assert memory_plan.size(1310720) == "1.25 MiB"
@@ -105,25 +117,39 @@ def test_stats_step_is_compiled_only_where_a_step_logs_statistics(start, total, 
     assert loop is used  # the loop's own rule
 
 
-def test_the_trainer_stops_before_placing_any_state_when_the_step_cannot_fit(
-        tmp_path, monkeypatch):
-    """With the allocator's limit made 1 MiB below the smoke step's plan the run stops while
+@pytest.mark.parametrize("program", ["train step", "eval step"])
+def test_the_trainer_stops_before_placing_any_state_when_a_step_cannot_fit(
+        tmp_path, monkeypatch, program):
+    """With the allocator's limit made 1 MiB below a program's plan the run stops while
     compiling: nothing is initialised, restored or written (no checkpoint, metrics or
-    tokenizer), and the error names the plan and the limit."""
-    cfg = smoke()
+    tokenizer), and the error names the program, its plan and what would shrink it.  The
+    eval step (here 64 rows where the train step takes 4) counts the optimizer state that
+    stays on the devices beside it."""
+    cfg = smoke(train__eval_batch_size=64) if program == "eval step" else smoke()
     run = train_lib.build_run(cfg)
-    plans = [memory_plan.compiled_step_bytes(train_lib.compile_train_step(run, s, 4))
-             for s in (False, True)]
-    assert min(plans) > 0  # the larger is checked (the stats step's on XLA 0.10, not 0.12)
+    monkeypatch.setattr(memory_plan, "device_memory_limit", lambda: None)
+    steps = train_lib.compile_steps(run, cfg, 0)
+    assert steps.limit is None and steps.step_bytes > 0
+    resident = (memory_plan.per_device_bytes(run.abstract_state)
+                - memory_plan.per_device_bytes(run.abstract_state["params"]))
+    assert steps.eval_bytes == memory_plan.compiled_step_bytes(steps.eval) + resident
+    params = memory_plan.per_device_bytes(run.abstract_state["params"])
+    assert 2 * params < resident <= 2 * params + 64  # AdamW's two moments and a few counters
+    plan = steps.step_bytes if program == "train step" else steps.eval_bytes
+    if program == "eval step":
+        assert steps.eval_bytes > steps.step_bytes + 2**20
 
     def no_state(*a, **k):
         raise AssertionError("state was placed on the devices before the memory check")
 
     monkeypatch.setattr(train_lib, "make_init_fn", no_state)
-    monkeypatch.setattr(memory_plan, "device_memory_limit", lambda: max(plans) - 2**20)
+    monkeypatch.setattr(memory_plan, "device_memory_limit", lambda: plan - 2**20)
     with pytest.raises(memory_plan.StepMemoryError,
-                       match=rf"XLA plans {memory_plan.size(max(plans))} per device"):
+                       match=rf"the {program} does not fit: XLA plans "
+                             rf"{memory_plan.size(plan)} per device") as e:
         train_lib.train_and_evaluate(cfg, str(tmp_path))
+    assert ("a smaller train.eval_batch_size (now 64)" in str(e.value)) is (
+        program == "eval step")
     assert not any(p.is_file() for p in tmp_path.rglob("*")), list(tmp_path.rglob("*"))
 
 
@@ -144,13 +170,13 @@ def test_the_trainer_records_the_plan_and_compiles_a_needed_stats_step_late(
     assert results["step_memory_bytes"] == max(plain, stats)
     assert max(plain, stats) > results["state_bytes"]["max_per_device"]
     assert results["device_memory_limit_bytes"] == limit
-    assert ("compiled the train step and the stats step in " in out
+    assert ("compiled the train, stats and eval steps in " in out
             and f"XLA plans {memory_plan.size(max(plain, stats))} per device for the train step "
                 f"({memory_plan.size(limit)} allowed: 0%)" in out), out
 
     monkeypatch.setattr(train_lib, "stats_step_used", lambda *a: False)
     late = train_lib.train_and_evaluate(cfg, str(tmp_path / "late"))
-    assert "compiled the train step in " in capsys.readouterr().out
+    assert "compiled the train and eval steps in " in capsys.readouterr().out
     rows = {name: read_metrics(tmp_path / name / "metrics.jsonl", "stats")
             for name in ("ahead", "late")}
     assert [r["step"] for r in rows["late"]] == [r["step"] for r in rows["ahead"]] == [0, 3]

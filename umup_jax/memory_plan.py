@@ -9,8 +9,10 @@ knows the answer when it compiles: its buffer assignment fixes, per device,
 (``Compiled.memory_analysis()``: the state and the batch, the new state and the metrics, the
 one block of temporaries the program allocates, less the outputs that reuse donated inputs).
 All of it is live while the step runs, so a plan over the allocator's limit cannot run.  The
-trainer (:mod:`umup_jax.train`) compiles its steps before the first one, prints the plan, and
-stops with :class:`StepMemoryError` naming what would shrink it.
+eval step takes only the params; the optimizer state stays on the devices beside it and is
+added to its plan.  The trainer (:mod:`umup_jax.train`) compiles its train, stats and eval
+steps before the first step, prints the train step's plan, and stops with
+:class:`StepMemoryError` naming what would shrink a program that does not fit.
 
 The limit is the allocator's ``Device.memory_stats()['bytes_limit']``: on a GPU what JAX's
 allocator may use, by default 75% of the device's memory (``XLA_PYTHON_CLIENT_MEM_FRACTION``,
@@ -20,6 +22,7 @@ limit; nothing is checked there.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Optional, Sequence
 
@@ -29,7 +32,8 @@ GIB = 2**30
 
 
 class StepMemoryError(ValueError):
-    """The compiled train step needs more memory per device than the allocator's limit."""
+    """A compiled step (train or eval) needs more memory per device than the allocator's
+    limit."""
 
 
 def compiled_step_bytes(compiled: Any) -> Optional[int]:
@@ -61,21 +65,38 @@ def device_memory_limit(devices: Optional[Sequence[Any]] = None) -> Optional[int
     return min(limits) if limits else None
 
 
-def remedies(config: Any) -> list[str]:
-    """What would shrink the step, leaving out what ``config`` (the run's ConfigDict) already
-    does: the accumulation's micro-batches (activations ∝ 1/k), rematerialisation, the chunked
-    loss (the (B, S, V) logits), FSDP (params and optimizer state ∝ 1/fsdp), a smaller batch."""
+def per_device_bytes(tree: Any) -> int:
+    """Bytes one device holds of ``tree``'s arrays or ``jax.ShapeDtypeStruct``s (the largest
+    shard of each, by its sharding; an unsharded leaf whole)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        shape = sharding.shard_shape(leaf.shape) if sharding is not None else leaf.shape
+        total += math.prod(shape) * leaf.dtype.itemsize
+    return total
+
+
+def remedies(config: Any, program: str = "train step") -> list[str]:
+    """What would shrink ``program`` (``"train step"`` or ``"eval step"``), leaving out what
+    ``config`` (the run's ConfigDict) already does: the accumulation's micro-batches
+    (activations ∝ 1/k), rematerialisation, the chunked loss (the (B, S, V) logits), FSDP
+    (params and optimizer state ∝ 1/fsdp), a smaller batch."""
     m, t = config.model, config.train
     out = []
-    k = t.grad_accum_steps
-    out.append(f"train.grad_accum_steps={2 * k} (now {k}; it must divide the per-device batch)")
-    if m.remat != "full":
-        out.append(f"model.remat=full (now {m.remat})")
+    if program == "eval step":
+        out.append(f"a smaller train.eval_batch_size (now {t.eval_batch_size})")
+    else:
+        k = t.grad_accum_steps
+        out.append(f"train.grad_accum_steps={2 * k} (now {k}; it must divide the per-device "
+                   "batch)")
+        if m.remat != "full":
+            out.append(f"model.remat=full (now {m.remat})")
     if m.loss_chunks == 1:
         out.append("model.loss_chunks=8 (or another divisor of model.seq_len)")
     if jax.device_count() > 1 and config.mesh.fsdp == 1:
         out.append("mesh.fsdp=<devices> (params and optimizer state split over devices)")
-    out.append(f"a smaller train.batch_size (now {t.batch_size})")
+    if program != "eval step":
+        out.append(f"a smaller train.batch_size (now {t.batch_size})")
     return out
 
 
@@ -92,9 +113,10 @@ def describe(step_bytes: int, limit: Optional[int]) -> str:
     return text
 
 
-def check_fits(step_bytes: Optional[int], limit: Optional[int], config: Any) -> None:
-    """Raises :class:`StepMemoryError` if ``step_bytes`` exceeds ``limit`` (either unknown:
-    nothing to check), naming both and :func:`remedies`."""
+def check_fits(step_bytes: Optional[int], limit: Optional[int], config: Any,
+               program: str = "train step") -> None:
+    """Raises :class:`StepMemoryError` if ``step_bytes`` (``program``'s plan) exceeds ``limit``
+    (either unknown: nothing to check), naming both and :func:`remedies`."""
     if step_bytes is None or limit is None or step_bytes <= limit:
         return
     fraction = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
@@ -102,6 +124,5 @@ def check_fits(step_bytes: Optional[int], limit: Optional[int], config: Any) -> 
                "by default JAX's allocator takes 75% of a GPU's memory; "
                "XLA_PYTHON_CLIENT_MEM_FRACTION=.9 allows more")
     raise StepMemoryError(
-        f"the train step does not fit: XLA plans {size(step_bytes)} per device, the allocator "
-        f"allows {size(limit)} ({allowed}); to shrink it: "
-        + "; ".join(remedies(config)))
+        f"the {program} does not fit: XLA plans {size(step_bytes)} per device, the allocator "
+        f"allows {size(limit)} ({allowed}); to shrink it: " + "; ".join(remedies(config, program)))

@@ -33,7 +33,7 @@ import pathlib
 import shutil
 import signal
 import time
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -551,23 +551,40 @@ def stats_step_used(start: int, steps_total: int, metrics_every: int) -> bool:
     return first < steps_total
 
 
-def compile_steps(run: Run, config: ml_collections.ConfigDict, start: int):
-    """The loop's step functions, compiled before the first step: ``(train_step,
-    stats_step, step_bytes, limit)``, ``stats_step`` ``None`` where no step from ``start``
-    logs statistics.  ``step_bytes`` is XLA's per-device plan of the larger one and ``limit``
-    the allocator's (``None`` where unknown); a step over the limit raises
-    :class:`memory_plan.StepMemoryError` naming what would shrink it, before any state is
-    placed on the devices."""
+class CompiledSteps(NamedTuple):
+    """The loop's programs compiled ahead (:func:`compile_steps`) and their memory plans."""
+    train: Any
+    stats: Optional[Any]  # None where no step of the run logs statistics
+    eval: Any
+    step_bytes: Optional[int]  # XLA's per-device plan of the larger train step
+    eval_bytes: Optional[int]  # the eval step's plan + the optimizer state it leaves resident
+    limit: Optional[int]  # the allocator's, None where unknown (the CPU)
+
+
+def compile_steps(run: Run, config: ml_collections.ConfigDict, start: int) -> CompiledSteps:
+    """The loop's programs compiled before the first step, their plans checked against the
+    allocator's limit: a program over it raises :class:`memory_plan.StepMemoryError` naming
+    what would shrink it, before any state is placed on the devices.  The stats step is
+    compiled only where a step from ``start`` logs statistics (:func:`stats_step_used`)."""
     tcfg = config.train
     train_step = compile_train_step(run, False, tcfg.batch_size)
     stats_step = (compile_train_step(run, True, tcfg.batch_size)
                   if stats_step_used(start, tcfg.steps, tcfg.metrics_every) else None)
+    params = run.abstract_state["params"]
+    eval_spec = {k: v for k, v in batch_spec(run, tcfg.eval_batch_size).items()
+                 if k != STOP_VOTES}
+    eval_step = make_eval_step(run).lower(params, eval_spec).compile()
     plans = [memory_plan.compiled_step_bytes(c) for c in (train_step, stats_step)
              if c is not None]
     step_bytes = None if None in plans else max(plans)
+    eval_bytes = memory_plan.compiled_step_bytes(eval_step)
+    if eval_bytes is not None:  # the optimizer state stays on the devices while it runs
+        eval_bytes += (memory_plan.per_device_bytes(run.abstract_state)
+                       - memory_plan.per_device_bytes(params))
     limit = memory_plan.device_memory_limit()
     memory_plan.check_fits(step_bytes, limit, config)
-    return train_step, stats_step, step_bytes, limit
+    memory_plan.check_fits(eval_bytes, limit, config, program="eval step")
+    return CompiledSteps(train_step, stats_step, eval_step, step_bytes, eval_bytes, limit)
 
 
 def make_eval_step(run: Run):
@@ -884,17 +901,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # stops here, with XLA's plan and what would shrink it.
     t_compile = time.time()
     try:
-        train_step, stats_step, step_bytes, memory_limit = processes.together(
+        steps = processes.together(
             "compiling the train step",
             lambda: compile_steps(run, config, found[0] if found is not None else 0), group)
     except BaseException:
         store.close()
         raise
+    train_step, stats_step, eval_step = steps.train, steps.stats, steps.eval
     if is_main:
-        plan = (memory_plan.describe(step_bytes, memory_limit) if step_bytes is not None
-                else "no memory plan from this backend")
-        print(f"compiled the train step{' and the stats step' if stats_step else ''} in "
-              f"{time.time() - t_compile:.1f} s; {plan}", flush=True)
+        plan = (memory_plan.describe(steps.step_bytes, steps.limit)
+                if steps.step_bytes is not None else "no memory plan from this backend")
+        names = "train, stats and eval" if stats_step else "train and eval"
+        print(f"compiled the {names} steps in {time.time() - t_compile:.1f} s; {plan}",
+              flush=True)
 
     # Restore the newest intact checkpoint (an older one if its arrays turn out damaged).
     restored = None
@@ -951,7 +970,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 print(f"config change on resume: {key}: {old!r} → {new!r}{note}", flush=True)
     last_good_ckpt = start if restored is not None else None
 
-    eval_step = make_eval_step(run)
     valid_batches = data_lib.eval_batches(
         run.tokens.valid, run.model_cfg.seq_len, tcfg.eval_batch_size, tcfg.eval_batches,
         jax.process_index(), jax.process_count(),
@@ -1155,8 +1173,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         "mesh": dict(run.mesh.shape),
         "state_bytes": sharding_lib.per_device_bytes(state),
         # XLA's plan for one train step on one device (memory_plan), and the allocator's limit
-        "step_memory_bytes": step_bytes,
-        "device_memory_limit_bytes": memory_limit,
+        "step_memory_bytes": steps.step_bytes,
+        "eval_memory_bytes": steps.eval_bytes,
+        "device_memory_limit_bytes": steps.limit,
         "config": config_dict,
     }
     memory = throughput.peak_memory_bytes()
