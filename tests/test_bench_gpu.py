@@ -203,7 +203,7 @@ def test_plan_rows_on_this_cpu(plan, monkeypatch, tmp_path):
     assert rows[1]["upcast_gemms"] > 0  # this CPU upcasts FP8 operands
     lines = plan.summary(rows)
     assert lines[0].startswith("proxy256: ours / plain Llama: non-GEMM traffic")
-    assert lines[-1] == "every row fits an H100's 79.1 GiB"
+    assert lines[-1] == "every row fits the 59.3 GiB JAX's allocator takes of an H100's 79.1 GiB"
     plan.plot(rows, tmp_path / "gpu_plan.png")
     assert (tmp_path / "gpu_plan.png").stat().st_size > 0
 
@@ -301,3 +301,62 @@ def test_mesh_plan_rows_for_8_h100s(plan_mesh, monkeypatch):
     chunks = plan_mesh.plan_row("1b", "1x8x1", 1, "none", 16, devices, loss_chunks=4)
     assert chunks["error"] == "" and chunks["loss_chunks"] == 4
     assert chunks["collectives_in_loops"] == 0
+
+
+def test_the_1b_preset_is_the_speed_tables_1b_model(bench):
+    """``configs/*.py:1b`` trains the shape ``bench_gpu.py`` and ``gpu_plan_mesh.py`` measure
+    (width, depth, sequence, remat, heads of 64), scanned, bf16, with the chunked loss: 1.07 B
+    params in its blocks, 1,204,813,824 with the 32k embedding and readout."""
+    from flax.core import meta as flax_meta
+
+    from umup_jax import config as config_lib
+    from umup_jax import train as train_lib
+    from umup_jax.model import Decoder, abstract_params
+
+    cfg = config_lib.proxy_config("umup", "1b")
+    m, shape = cfg.model, bench.SHAPES["1b"]
+    assert (m.width, m.depth, m.seq_len, m.remat) == (shape["width"], shape["depth"],
+                                                      shape["seq"], shape["remat"])
+    assert m.num_heads == m.width // bench.HEAD_DIM and m.head_dim == 0
+    assert (m.scan_layers, m.loss_chunks, m.dtype, m.attention_impl) == (
+        True, 8, "bfloat16", "auto")
+    assert (cfg.train.batch_size, cfg.train.eval_batch_size, cfg.data.vocab_size) == (
+        64, 64, 32000)
+    params = flax_meta.unbox(abstract_params(Decoder(train_lib.model_config(cfg, 32000))))
+    assert sum(x.size for x in jax.tree.leaves(params)) == 1_204_813_824
+    # Later variants and overrides win: data first, the shape after.
+    both = config_lib.proxy_config("umup", "wikitext103,1b,train.grad_accum_steps=8")
+    assert (both.data.source, both.model.width, both.train.grad_accum_steps) == (
+        "prepared", 2048, 8)
+
+
+@pytest.mark.gpu_aot
+def test_the_1b_preset_fits_8_h100s_and_one_h100_is_told_what_to_add(monkeypatch):
+    """The trainer's own programs for the ``1b`` preset (the bundled corpus's bytes under its
+    32k vocabulary; only shapes matter), compiled for one host of 8 abstract H100s (mesh
+    8x1x1: 8 sequences per device) and checked against the 59.3 GiB JAX's allocator takes of
+    each by default: they fit (measured on jax 0.10.2: train step 33.23 GiB, eval step 19.76
+    GiB with the optimizer state).  On one H100 (64 sequences per step on it) the train step
+    is refused, naming gradient accumulation (123.93 GiB)."""
+    from umup_jax import config as config_lib
+    from umup_jax import memory_plan
+    from umup_jax import train as train_lib
+
+    try:
+        devices = gpu_target.h100_devices(8)
+    except gpu_target.GpuTargetUnavailable as e:
+        pytest.skip(str(e))
+    monkeypatch.setattr(memory_plan, "device_memory_limit",
+                        lambda: gpu_target.H100_ALLOCATOR_BYTES)
+    cfg = config_lib.proxy_config(
+        "umup", "1b,data.tokenizer=bytes,model.vocab_size=32000,train.metrics_every=100000")
+    steps = train_lib.compile_steps(train_lib.build_run(cfg, devices=list(devices)), cfg, 0)
+    assert steps.stats is None  # no step logs statistics: not compiled
+    gib = 2**30
+    assert 25 * gib < steps.step_bytes < 45 * gib, steps.step_bytes / gib
+    assert 10 * gib < steps.eval_bytes < steps.step_bytes, steps.eval_bytes / gib
+    assert steps.limit == gpu_target.H100_ALLOCATOR_BYTES
+    with pytest.raises(memory_plan.StepMemoryError,
+                       match=r"the train step does not fit: XLA plans \d+\.\d\d GiB per device, "
+                             r"the allocator allows 59\.33 GiB .* train\.grad_accum_steps=2"):
+        train_lib.compile_steps(train_lib.build_run(cfg, devices=list(devices)[:1]), cfg, 0)

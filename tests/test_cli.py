@@ -81,7 +81,7 @@ def test_every_other_bad_command_line_is_one_line(parse, tmp_path):
     assert usage_error(parse, f"--config={tmp_path / 'none.py'}") == (
         f"config file '{tmp_path / 'none.py'}' does not exist")
     assert usage_error(parse, f"--config={CONFIG}:smok") == (
-        "config argument 'smok' is invalid: use variants ['cpu', 'smoke', 'wikitext103'] or key=value overrides")
+        "config argument 'smok' is invalid: use variants ['1b', 'cpu', 'smoke', 'wikitext103'] or key=value overrides")
     assert usage_error(parse, f"--config={CONFIG}", "--config.train.steps=abc") == (
         "flag --config.train.steps=abc: invalid literal for int() with base 10: 'abc'")
     assert usage_error(parse, f"--config={CONFIG}", "--workdr=x") == (

@@ -55,7 +55,7 @@ flags.disclaim_key_flags()
 USAGE_EXIT = 2  # exit status of a bad command line (as argparse and most Unix tools)
 
 CONFIG_HELP = ("config file, FILE[:ARG]: FILE's get_config(ARG); for configs/*.py ARG is "
-               "comma-separated variants (cpu, smoke) and key=value overrides. Override one "
+               "comma-separated variants (cpu, smoke, wikitext103, 1b) and key=value overrides. Override one "
                "field with --config.a.b=value after it.")
 
 

@@ -2,7 +2,7 @@
 
 Config files in ``configs/`` call :func:`proxy_config` with their parametrization and accept an
 argument string ``--config=configs/umup_proxy.py:ARG`` made of comma-separated variant names
-(``cpu``, ``smoke``, ``wikitext103``) and ``key=value`` overrides, e.g.
+(``cpu``, ``smoke``, ``wikitext103``, ``1b``) and ``key=value`` overrides, e.g.
 ``:cpu,train.steps=200,model.width=64``.
 
 The defaults are the u-μP paper's Table 5 proxy (spec §0.1): width 256, depth 4, 4 heads of 64,
@@ -134,6 +134,17 @@ VARIANTS = {
                               "--hf_config=wikitext-103-raw-v1 --hf_documents=wikitext "
                               "--nohf_streaming --tokenizer=bpe:32000"),
         "data.vocab_size": 32000,
+    },
+    # The ~1B model of issue 11's speed table (experiments/bench_gpu.py's "1b" shape) as a
+    # run for one host of 8 H100s: width 2048, depth 16, 32 heads of 64 (1.07 B params in the
+    # blocks, 1.20 B with the 32k embedding and readout), sequence 2048, 64 sequences (131,072 tokens) per step, bf16
+    # compute, blocks scanned and fully rematerialised, the loss over 8 chunks.  On fewer or
+    # smaller GPUs the trainer's memory check says what to add (train.grad_accum_steps,
+    # mesh.fsdp).  Combine it with data, e.g. `:wikitext103,1b` (BUILD.md, "A ~1B run").
+    "1b": {
+        "model.width": 2048, "model.depth": 16, "model.num_heads": 32, "model.seq_len": 2048,
+        "model.dtype": "bfloat16", "model.scan_layers": True, "model.remat": "full",
+        "model.loss_chunks": 8, "train.batch_size": 64, "train.eval_batch_size": 64,
     },
     # Seconds, for tests.
     "smoke": {

@@ -29,6 +29,8 @@ from typing import Any
 
 import jax
 
+from umup_jax import memory_plan
+
 # The device an H100 SXM5 80GB HBM3 reports to XLA (compute capability 9.0, 132 SMs of 2048
 # threads and 228 KiB of shared memory, 50 MiB of L2, 3.35 TB/s of HBM3 at a 1.98 GHz boost
 # clock), with CUDA 13 and cuDNN 9.10.  XLA's GPU compiler reads the compute capability (which
@@ -36,6 +38,9 @@ import jax
 # versions only gate cuBLASLt and cuDNN features.
 H100_DEVICE_KIND = "NVIDIA H100 80GB HBM3"
 H100_MEMORY_BYTES = 84942979072
+# What JAX's allocator takes of it by default (memory_plan.DEFAULT_GPU_MEM_FRACTION, 59.3 GiB):
+# the limit the trainer's memory check reads on such a device.
+H100_ALLOCATOR_BYTES = int(memory_plan.DEFAULT_GPU_MEM_FRACTION * H100_MEMORY_BYTES)
 H100_SXM_TARGET_CONFIG = """
 gpu_device_info {
   threads_per_block_limit: 1024

@@ -29,6 +29,9 @@ from typing import Any, Optional, Sequence
 import jax
 
 GIB = 2**30
+# The share of a GPU's memory JAX's allocator takes by default (XLA_PYTHON_CLIENT_MEM_FRACTION
+# unset): what ``bytes_limit`` reports there, and so what a step may plan.
+DEFAULT_GPU_MEM_FRACTION = 0.75
 
 
 class StepMemoryError(ValueError):
@@ -121,7 +124,8 @@ def check_fits(step_bytes: Optional[int], limit: Optional[int], config: Any,
         return
     fraction = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
     allowed = (f"XLA_PYTHON_CLIENT_MEM_FRACTION={fraction}" if fraction else
-               "by default JAX's allocator takes 75% of a GPU's memory; "
+               f"by default JAX's allocator takes {DEFAULT_GPU_MEM_FRACTION:.0%} of a GPU's "
+               "memory; "
                "XLA_PYTHON_CLIENT_MEM_FRACTION=.9 allows more")
     raise StepMemoryError(
         f"the {program} does not fit: XLA plans {size(step_bytes)} per device, the allocator "

@@ -567,22 +567,25 @@ def compile_steps(run: Run, config: ml_collections.ConfigDict, start: int) -> Co
     what would shrink it, before any state is placed on the devices.  The stats step is
     compiled only where a step from ``start`` logs statistics (:func:`stats_step_used`)."""
     tcfg = config.train
+    limit = memory_plan.device_memory_limit()
     train_step = compile_train_step(run, False, tcfg.batch_size)
-    stats_step = (compile_train_step(run, True, tcfg.batch_size)
-                  if stats_step_used(start, tcfg.steps, tcfg.metrics_every) else None)
+    step_bytes = memory_plan.compiled_step_bytes(train_step)
+    memory_plan.check_fits(step_bytes, limit, config)  # before compiling anything else
+    stats_step = None
+    if stats_step_used(start, tcfg.steps, tcfg.metrics_every):
+        stats_step = compile_train_step(run, True, tcfg.batch_size)
+        stats_bytes = memory_plan.compiled_step_bytes(stats_step)
+        step_bytes = None if None in (step_bytes, stats_bytes) else max(step_bytes,
+                                                                         stats_bytes)
+        memory_plan.check_fits(step_bytes, limit, config)
     params = run.abstract_state["params"]
     eval_spec = {k: v for k, v in batch_spec(run, tcfg.eval_batch_size).items()
                  if k != STOP_VOTES}
     eval_step = make_eval_step(run).lower(params, eval_spec).compile()
-    plans = [memory_plan.compiled_step_bytes(c) for c in (train_step, stats_step)
-             if c is not None]
-    step_bytes = None if None in plans else max(plans)
     eval_bytes = memory_plan.compiled_step_bytes(eval_step)
     if eval_bytes is not None:  # the optimizer state stays on the devices while it runs
         eval_bytes += (memory_plan.per_device_bytes(run.abstract_state)
                        - memory_plan.per_device_bytes(params))
-    limit = memory_plan.device_memory_limit()
-    memory_plan.check_fits(step_bytes, limit, config)
     memory_plan.check_fits(eval_bytes, limit, config, program="eval step")
     return CompiledSteps(train_step, stats_step, eval_step, step_bytes, eval_bytes, limit)
 
