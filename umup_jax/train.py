@@ -4,14 +4,15 @@ Order of work: validate the whole config (no compilation yet) → find the newes
 checkpoint in ``workdir`` and check that it was made by the same run (:mod:`umup_jax.identity`:
 a change to a run-defining key is refused before anything is touched; ``train.restart=True``
 moves the old run aside instead) → validate the data, build the model, its metadata and the
-optimizer → lay state and batches out with ``NamedSharding`` on a mesh of the devices →
-compile the buffer-donating train step ahead of time and check XLA's memory plan of it against
-the devices' limit (:mod:`umup_jax.memory_plan`: a step that cannot fit stops here, before
-any state is placed) → restore, and check that the checkpoint was trained on the tokens the
-config's data holds now (their fingerprint, :func:`umup_jax.data.token_fingerprint`, is stored
-in every checkpoint and in ``results.json``; other tokens under the same config are refused
-like a config change) → train, evaluating, logging, checkpointing → ``results.json``.  A
-finished run rerun leaves its ``results.json`` as it is.
+optimizer → lay state and batches out with ``NamedSharding`` on a mesh of the devices → compile
+the buffer-donating train step (and the stats and eval steps) ahead of time and check XLA's
+memory plans against the devices' limit (:mod:`umup_jax.memory_plan`: a step that cannot fit
+stops here, before any state is placed) → restore, and check that the checkpoint was trained on
+the tokens the config's data holds now (their fingerprint,
+:func:`umup_jax.data.token_fingerprint`, is stored in every checkpoint and in ``results.json``;
+other tokens under the same config are refused like a config change) → train, evaluating,
+logging, checkpointing → ``results.json``. A finished run rerun leaves its ``results.json`` as
+it is.
 
 A checkpoint is saved only if every parameter and optimizer moment is finite (one on-device
 reduction), so "the last good checkpoint" never holds exploded weights.
@@ -905,7 +906,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     t_compile = time.time()
     try:
         steps = processes.together(
-            "compiling the train step",
+            "compiling the train, stats and eval steps",
             lambda: compile_steps(run, config, found[0] if found is not None else 0), group)
     except BaseException:
         store.close()
