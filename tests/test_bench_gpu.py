@@ -337,7 +337,8 @@ def test_the_1b_preset_fits_8_h100s_and_one_h100_is_told_what_to_add(monkeypatch
     8x1x1: 8 sequences per device) and checked against the 59.3 GiB JAX's allocator takes of
     each by default: they fit (measured on jax 0.10.2: train step 33.23 GiB, eval step 19.76
     GiB with the optimizer state).  On one H100 (64 sequences per step on it) the train step
-    is refused, naming gradient accumulation (123.93 GiB)."""
+    is refused, naming gradient accumulation (123.93 GiB); with 8 micro-batches both fit
+    (35.92 and 19.76 GiB: the eval step goes in pieces of a micro-batch)."""
     from umup_jax import config as config_lib
     from umup_jax import memory_plan
     from umup_jax import train as train_lib
@@ -360,3 +361,6 @@ def test_the_1b_preset_fits_8_h100s_and_one_h100_is_told_what_to_add(monkeypatch
                        match=r"the train step does not fit: XLA plans \d+\.\d\d GiB per device, "
                              r"the allocator allows 59\.33 GiB .* train\.grad_accum_steps=2"):
         train_lib.compile_steps(train_lib.build_run(cfg, devices=list(devices)[:1]), cfg, 0)
+    config_lib.set_key(cfg, "train.grad_accum_steps", 8)
+    one = train_lib.compile_steps(train_lib.build_run(cfg, devices=list(devices)[:1]), cfg, 0)
+    assert one.step_bytes < one.limit and one.eval_bytes < one.limit

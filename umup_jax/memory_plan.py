@@ -87,7 +87,12 @@ def remedies(config: Any, program: str = "train step") -> list[str]:
     m, t = config.model, config.train
     out = []
     if program == "eval step":
-        out.append(f"a smaller train.eval_batch_size (now {t.eval_batch_size})")
+        micro = t.batch_size // t.grad_accum_steps  # the eval step's pieces (train.eval_pieces)
+        if t.eval_batch_size > micro and t.eval_batch_size % micro:
+            out.append(f"train.eval_batch_size a multiple of the train step's micro-batch of "
+                       f"{micro} rows, evaluated in pieces of it (now {t.eval_batch_size})")
+        else:
+            out.append(f"a smaller train.eval_batch_size (now {t.eval_batch_size})")
     else:
         k = t.grad_accum_steps
         out.append(f"train.grad_accum_steps={2 * k} (now {k}; it must divide the per-device "
