@@ -78,7 +78,6 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Optional
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.append(str(ROOT))
@@ -194,7 +193,7 @@ def run_row(row: dict, steps: int, warmup: int) -> dict:
     import numpy as np
 
     import bench_overhead as plain_lib
-    from umup_jax import hlo_traffic, throughput
+    from umup_jax import hlo_traffic, memory_plan, throughput
 
     shape = SHAPES[row["shape"]]
     cfg, model, params, opt = build_row(row)
@@ -211,7 +210,8 @@ def run_row(row: dict, steps: int, warmup: int) -> dict:
     device = jax.devices()[0]
     peak = throughput.peak_flops(device.device_kind, "bfloat16")
     memory = throughput.peak_memory_bytes([device])  # the process's high-water mark
-    step_memory = compiled_step_bytes(runner.compiled)
+    # the step alone; the peak above also holds what the GEMM autotuner allocated
+    step_memory = memory_plan.compiled_step_bytes(runner.compiled)
     hlo = runner.compiled.as_text()
     gemms = fp8_gemm_kinds(hlo, cfg.fp8_policy if row["model"] == "umup" else {})
     traffic = hlo_traffic.traffic(hlo)
@@ -247,19 +247,6 @@ def fp8_gemm_kinds(hlo_text: str, policy: dict) -> dict:
     total = lambda kind: sum(found.get(g, {}).get(kind, 0) for g in fp8_groups)  # noqa: E731
     return {"fp8_gemms_cublaslt": total("fp8"), "fp8_gemms_triton": total("fp8_triton"),
             "upcast_gemms": total("other"), "fp8_dots_elsewhere": total("f8_dot")}
-
-
-def compiled_step_bytes(compiled) -> Optional[int]:
-    """What XLA planned for one step: arguments + outputs + temporaries − donated aliases
-    (:func:`umup_jax.memory_plan.compiled_step_bytes`, which the trainer checks against the
-    device's limit before its first step).
-
-    ``peak_memory_gib`` is the allocator's high-water mark for the whole process, which also
-    holds what the GEMM autotuner allocated while compiling; this is the step alone.  ``None``
-    where the backend gives no memory analysis."""
-    from umup_jax import memory_plan  # imports jax: not at the top, see backend_in_a_child
-
-    return memory_plan.compiled_step_bytes(compiled)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ def plan_row(row: dict, sharding=None) -> dict:
     import jax.numpy as jnp
 
     import bench_overhead as plain_lib
-    from umup_jax import gpu_target, hlo_traffic, throughput
+    from umup_jax import gpu_target, hlo_traffic, memory_plan, throughput
 
     shape = bench_gpu.SHAPES[row["shape"]]
     cfg, model, params, opt = bench_gpu.build_row(row, abstract=True)
@@ -81,7 +81,7 @@ def plan_row(row: dict, sharding=None) -> dict:
     compile_s = time.perf_counter() - t0
     text = compiled.as_text()
     traffic = hlo_traffic.traffic(text)
-    step_bytes = bench_gpu.compiled_step_bytes(compiled)
+    step_bytes = memory_plan.compiled_step_bytes(compiled)
     temp = compiled.memory_analysis().temp_size_in_bytes
     flops = throughput.train_flops_per_token(cfg) * shape["batch"] * shape["seq"]
     peak = throughput.peak_flops(H100_DEVICE_KIND, "bfloat16")

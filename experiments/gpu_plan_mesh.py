@@ -85,7 +85,7 @@ def plan_row(shape: str, mesh: str, accum: int, fp8: str, batch: int, devices,
     import jax
     import jax.numpy as jnp
 
-    from umup_jax import throughput
+    from umup_jax import memory_plan, throughput
     from umup_jax import train as train_lib
     from umup_jax.gpu_target import H100_ALLOCATOR_BYTES, H100_DEVICE_KIND
 
@@ -100,7 +100,7 @@ def plan_row(shape: str, mesh: str, accum: int, fp8: str, batch: int, devices,
     text = compiled.as_text()
     found = hlo_traffic.collectives(text)
     other = hlo_traffic.traffic(text)["other"]["bytes"]
-    step_bytes = bench_gpu.compiled_step_bytes(compiled)
+    step_bytes = memory_plan.compiled_step_bytes(compiled)
     flops = throughput.train_flops_per_token(run.model_cfg) * batch * seq / len(devices)
     wire = sum(found.get(k, {}).get("wire_bytes", 0.0) for k in KINDS)
     return {

@@ -11,6 +11,7 @@ import pytest
 
 from umup_jax import config as config_lib
 from umup_jax import memory_plan
+from umup_jax import sharding as sharding_lib
 from umup_jax import train as train_lib
 from umup_jax.metrics import read_metrics
 
@@ -59,7 +60,7 @@ def test_limit_is_the_smallest_allocator_limit_and_none_where_unreported():
         assert memory_plan.device_memory_limit() is None
 
 
-def test_per_device_bytes_follow_each_leafs_sharding():
+def test_shard_bytes_follow_each_leafs_sharding():
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     mesh = Mesh([jax.devices()[0]] * 2, ("x",))  # abstract: only its shape matters here
@@ -67,8 +68,8 @@ def test_per_device_bytes_follow_each_leafs_sharding():
                                                                              PartitionSpec("x")))
     whole = jax.ShapeDtypeStruct((8, 6), jnp.bfloat16, sharding=NamedSharding(mesh,
                                                                               PartitionSpec()))
-    assert memory_plan.per_device_bytes({"a": split, "b": whole}) == 4 * 6 * 4 + 8 * 6 * 2
-    assert memory_plan.per_device_bytes([jnp.zeros((3, 5), jnp.int32)]) == 60
+    assert sharding_lib.shard_bytes({"a": split, "b": whole}) == 4 * 6 * 4 + 8 * 6 * 2
+    assert sharding_lib.shard_bytes([jnp.zeros((3, 5), jnp.int32)]) == 60
 
 
 def test_describe_and_sizes():
@@ -130,10 +131,10 @@ def test_the_trainer_stops_before_placing_any_state_when_a_step_cannot_fit(
     monkeypatch.setattr(memory_plan, "device_memory_limit", lambda: None)
     steps = train_lib.compile_steps(run, cfg, 0)
     assert steps.limit is None and steps.step_bytes > 0
-    resident = (memory_plan.per_device_bytes(run.abstract_state)
-                - memory_plan.per_device_bytes(run.abstract_state["params"]))
+    resident = (sharding_lib.shard_bytes(run.abstract_state)
+                - sharding_lib.shard_bytes(run.abstract_state["params"]))
     assert steps.eval_bytes == memory_plan.compiled_step_bytes(steps.eval) + resident
-    params = memory_plan.per_device_bytes(run.abstract_state["params"])
+    params = sharding_lib.shard_bytes(run.abstract_state["params"])
     assert 2 * params < resident <= 2 * params + 64  # AdamW's two moments and a few counters
     plan = steps.step_bytes if program == "train step" else steps.eval_bytes
     if program == "eval step":
@@ -192,7 +193,7 @@ def test_the_trainer_records_the_plan_and_compiles_a_needed_stats_step_late(
 def test_eval_pieces_hold_one_training_micro_batch_each(batch, accum, eval_batch, pieces):
     cfg = smoke(train__batch_size=batch, train__grad_accum_steps=accum,
                 train__eval_batch_size=eval_batch)
-    assert train_lib.eval_pieces(cfg) == pieces
+    assert memory_plan.eval_pieces(cfg) == pieces
 
 
 def test_eval_in_pieces_is_the_same_loss_for_a_fraction_of_the_memory():
@@ -206,7 +207,7 @@ def test_eval_in_pieces_is_the_same_loss_for_a_fraction_of_the_memory():
         cfg = smoke(train__batch_size=batch, train__eval_batch_size=64, model__width=64,
                     model__num_heads=1)
         run = train_lib.build_run(cfg)
-        assert train_lib.eval_pieces(cfg) == 64 // batch
+        assert memory_plan.eval_pieces(cfg) == 64 // batch
         step = train_lib.make_eval_step(run)
         spec = {k: v for k, v in train_lib.batch_spec(run, 64).items()
                 if k != train_lib.STOP_VOTES}

@@ -8,11 +8,13 @@ knows the answer when it compiles: its buffer assignment fixes, per device,
 
 (``Compiled.memory_analysis()``: the state and the batch, the new state and the metrics, the
 one block of temporaries the program allocates, less the outputs that reuse donated inputs).
-All of it is live while the step runs, so a plan over the allocator's limit cannot run.  The
+All of it is live while the step runs, so a plan over the allocator's limit cannot run. The
 eval step takes only the params; the optimizer state stays on the devices beside it and is
-added to its plan.  The trainer (:mod:`umup_jax.train`) compiles its train, stats and eval
-steps before the first step, prints the train step's plan, and stops with
-:class:`StepMemoryError` naming what would shrink a program that does not fit.
+added to its plan; it computes its batch in pieces of a training micro-batch
+(:func:`eval_pieces`), so it needs no more than a micro-batch's forward pass. The trainer
+(:mod:`umup_jax.train`) compiles its train, stats and eval steps before the first step, prints
+the train step's plan, and stops with :class:`StepMemoryError` naming what would shrink a
+program that does not fit.
 
 The limit is the allocator's ``Device.memory_stats()['bytes_limit']``: on a GPU what JAX's
 allocator may use, by default 75% of the device's memory (``XLA_PYTHON_CLIENT_MEM_FRACTION``,
@@ -22,7 +24,6 @@ limit; nothing is checked there.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Optional, Sequence
 
@@ -68,15 +69,19 @@ def device_memory_limit(devices: Optional[Sequence[Any]] = None) -> Optional[int
     return min(limits) if limits else None
 
 
-def per_device_bytes(tree: Any) -> int:
-    """Bytes one device holds of ``tree``'s arrays or ``jax.ShapeDtypeStruct``s (the largest
-    shard of each, by its sharding; an unsharded leaf whole)."""
-    total = 0
-    for leaf in jax.tree.leaves(tree):
-        sharding = getattr(leaf, "sharding", None)
-        shape = sharding.shard_shape(leaf.shape) if sharding is not None else leaf.shape
-        total += math.prod(shape) * leaf.dtype.itemsize
-    return total
+def micro_batch_rows(config: Any) -> int:
+    """Rows of the train step's micro-batch: ``train.batch_size / train.grad_accum_steps``."""
+    return config.train.batch_size // config.train.grad_accum_steps
+
+
+def eval_pieces(config: Any) -> int:
+    """How many pieces the eval step computes its batch in, one after another: as many as
+    hold the train step's micro-batch (:func:`micro_batch_rows`) each, where
+    ``train.eval_batch_size`` is a multiple of it, else 1.  So evaluation needs no more
+    activation memory than a training micro-batch's forward pass: with ``grad_accum_steps``
+    chosen to fit, the eval batch fits too."""
+    rows, micro = config.train.eval_batch_size, micro_batch_rows(config)
+    return rows // micro if rows > micro and rows % micro == 0 else 1
 
 
 def remedies(config: Any, program: str = "train step") -> list[str]:
@@ -87,8 +92,8 @@ def remedies(config: Any, program: str = "train step") -> list[str]:
     m, t = config.model, config.train
     out = []
     if program == "eval step":
-        micro = t.batch_size // t.grad_accum_steps  # the eval step's pieces (train.eval_pieces)
-        if t.eval_batch_size > micro and t.eval_batch_size % micro:
+        micro = micro_batch_rows(config)
+        if t.eval_batch_size > micro and eval_pieces(config) == 1:  # one piece: not a multiple
             out.append(f"train.eval_batch_size a multiple of the train step's micro-batch of "
                        f"{micro} rows, evaluated in pieces of it (now {t.eval_batch_size})")
         else:

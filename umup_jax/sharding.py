@@ -246,6 +246,18 @@ def per_device_bytes(tree: Any) -> dict[str, int]:
     return {"max_per_device": max(per_device.values()) if per_device else 0, "total": total}
 
 
+def shard_bytes(tree: Any) -> int:
+    """Bytes one device holds of ``tree``'s arrays or ``jax.ShapeDtypeStruct``s by each leaf's
+    sharding (its shard shape; a leaf without one whole), before anything is placed:
+    :func:`per_device_bytes` for a plan."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        shape = sharding.shard_shape(leaf.shape) if sharding is not None else leaf.shape
+        total += math.prod(shape) * leaf.dtype.itemsize
+    return total
+
+
 def initialize_distributed(cfg: Mapping[str, Any]) -> bool:
     """``jax.distributed.initialize`` from the config (``coordinator_address``,
     ``num_processes``, ``process_id``) or, where those are unset, the environment variables

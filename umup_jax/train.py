@@ -585,31 +585,18 @@ def compile_steps(run: Run, config: ml_collections.ConfigDict, start: int) -> Co
     eval_step = make_eval_step(run).lower(params, eval_spec).compile()
     eval_bytes = memory_plan.compiled_step_bytes(eval_step)
     if eval_bytes is not None:  # the optimizer state stays on the devices while it runs
-        eval_bytes += (memory_plan.per_device_bytes(run.abstract_state)
-                       - memory_plan.per_device_bytes(params))
+        eval_bytes += sharding_lib.shard_bytes(
+            {k: v for k, v in run.abstract_state.items() if k != "params"})
     memory_plan.check_fits(eval_bytes, limit, config, program="eval step")
     return CompiledSteps(train_step, stats_step, eval_step, step_bytes, eval_bytes, limit)
 
 
-def eval_pieces(config: ml_collections.ConfigDict) -> int:
-    """How many pieces the eval step computes its batch in, one after another: as many as
-    hold the train step's micro-batch (``train.batch_size / train.grad_accum_steps`` rows)
-    each, where ``train.eval_batch_size`` is a multiple of it, else 1.  So evaluation needs
-    no more activation memory than a training micro-batch's forward pass: with
-    ``grad_accum_steps`` chosen to fit, the eval batch fits too."""
-    t = config.train
-    micro_rows = t.batch_size // t.grad_accum_steps
-    if t.eval_batch_size > micro_rows and t.eval_batch_size % micro_rows == 0:
-        return t.eval_batch_size // micro_rows
-    return 1
-
-
 def make_eval_step(run: Run):
-    """params, batch → the batch's mean loss, computed in :func:`eval_pieces` pieces (rows j,
-    j+k, … as :func:`micro_batches`; every piece has as many tokens, so the mean of their
-    mean losses is the batch's)."""
+    """params, batch → the batch's mean loss, computed in :func:`memory_plan.eval_pieces`
+    pieces (rows j, j+k, … as :func:`micro_batches`; every piece has as many tokens, so the
+    mean of their mean losses is the batch's)."""
     model = run.model
-    k = eval_pieces(run.config)
+    k = memory_plan.eval_pieces(run.config)
 
     def piece_loss(params, piece):
         return model.apply(params, piece["inputs"], piece["targets"], method=Decoder.loss)
