@@ -381,3 +381,25 @@ def test_too_long_sequence_raises():
     params = flax_meta.unbox(init_params(model, jax.random.key(SEED)))
     with pytest.raises(ValueError, match="sequence length 65 > seq_len=64"):
         model.apply(params, jnp.zeros((1, SEQ + 1), jnp.int32))
+
+
+def test_table5_parameter_counts_need_the_paper_ffn_variant():
+    """Table 5 (spec §0.1): 19.5 M parameters at width 256, 1.07 B at 4096 (vocab 32000, depth
+    4, heads of 64, untied).  The default proxy's 4·width SwiGLU (the authors' library's) has
+    more; ``paper_ffn``'s 2.6640625·width has exactly Table 5's counts, rounded as it rounds."""
+    from umup_jax import config as config_lib
+    from umup_jax import train as train_lib
+
+    def count(arg, width):
+        cfg = config_lib.proxy_config("umup", arg)
+        cfg.model.width, cfg.model.num_heads = width, width // 64
+        params = flax_meta.unbox(abstract_params(Decoder(train_lib.model_config(cfg, 32000))))
+        return sum(x.size for x in jax.tree.leaves(params))
+
+    assert count(None, 256) == 20_578_304 and count(None, 4096) == 1_335_885_824
+    paper_256, paper_4096 = count("paper_ffn", 256), count("paper_ffn", 4096)
+    assert (paper_256, paper_4096) == (19_527_680, 1_066_926_080)
+    assert (round(paper_256 / 1e6, 1), round(paper_4096 / 1e9, 2)) == (19.5, 1.07)
+    # A width whose hidden size would not be whole is refused with the reason.
+    with pytest.raises(ValueError, match=r"ffn_expansion·width \(170.5\) must be a positive"):
+        count("paper_ffn", 64)

@@ -2,12 +2,16 @@
 
 Config files in ``configs/`` call :func:`proxy_config` with their parametrization and accept an
 argument string ``--config=configs/umup_proxy.py:ARG`` made of comma-separated variant names
-(``cpu``, ``smoke``, ``wikitext103``, ``1b``) and ``key=value`` overrides, e.g.
+(``cpu``, ``smoke``, ``wikitext103``, ``1b``, ``paper_ffn``) and ``key=value`` overrides, e.g.
 ``:cpu,train.steps=200,model.width=64``.
 
 The defaults are the u-μP paper's Table 5 proxy (spec §0.1): width 256, depth 4, 4 heads of 64,
 batch 64, sequence 256, 8192 steps, 2000 warm-up steps then cosine to 10%, AdamW (0.9, 0.999,
-1e-8), independent weight decay 2⁻¹³, a 32k byte-level BPE vocabulary.
+1e-8), independent weight decay 2⁻¹³, a 32k byte-level BPE vocabulary; all but the FFN width.
+Its SwiGLU hidden size is 4·width, the authors' library's (``uu.MLP``), which gives 20.58 M
+parameters at width 256 and 1.34 B at 4096; Table 5's 19.5 M and 1.07 B are those of an FFN of
+8·width² parameters per block, a hidden size of ≈ 8/3·width, which the ``paper_ffn`` variant
+sets (every committed result here was made with 4·width).
 """
 
 from __future__ import annotations
@@ -146,6 +150,12 @@ VARIANTS = {
         "model.dtype": "bfloat16", "model.scan_layers": True, "model.remat": "full",
         "model.loss_chunks": 8, "train.batch_size": 64, "train.eval_batch_size": 64,
     },
+    # The FFN width of the paper's models: a SwiGLU hidden size of 2.6640625·width (341/128,
+    # Aleph Alpha's factor, spec §9; ≈ 8/3), 8·width² FFN parameters per block.  Table 5's
+    # parameter counts are these: 19,527,680 at width 256 (its 19.5 M) and 1,066,926,080 at
+    # width 4096 (1.07 B); the default 4·width gives 20,578,304 and 1,335,885,824.  Needs a
+    # width that is a multiple of 128 (the hidden size must be whole).
+    "paper_ffn": {"model.ffn_expansion": 2.6640625},
     # Seconds, for tests.
     "smoke": {
         "model.width": 32, "model.depth": 1, "model.num_heads": 1, "model.seq_len": 32,

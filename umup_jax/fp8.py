@@ -19,9 +19,10 @@ Modes per matmul group (:data:`GROUPS`):
 
 * ``bf16``: no FP8 (the matmul runs in the model's compute dtype);
 * ``fp8``: the scheme above;
-* ``fp8_e5m2_input``: the forward input ``x`` in E5M2 for its range (the paper's earlier
-  scheme for critical layers, spec §8); its weight-gradient matmul pairs that E5M2 ``x`` with
-  the gradient in E4M3;
+* ``fp8_e5m2_input``: the forward input ``x`` in E5M2 for its range (what the authors' earlier
+  scheme did for the two critical layers, spec §8); its weight-gradient matmul pairs that E5M2
+  ``x`` with the gradient in E4M3.  That scheme also kept every other group's gradients in
+  E4M3; no policy here reproduces it whole, the ``fp8`` groups' gradients being E5M2;
 * ``fp8_dynamic``: divide ``x`` by its current RMS (fp32, just before the cast) and multiply
   the result back (the paper's user guide, App. D).
 
