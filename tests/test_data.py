@@ -62,6 +62,29 @@ def test_bpe_is_deterministic_and_cached(text_files, tmp_path):
     assert a.tokenizer.decode(a.valid[:40]) == TEXT[: len(a.tokenizer.decode(a.valid[:40]))]
 
 
+def test_cached_tokens_and_a_saved_tokenizer_get_the_umasks_mode(text_files, tmp_path):
+    """Written through a temporary file (0600 from mkstemp) and renamed: they still get the
+    mode a plain write gives (0644 under umask 022, 0640 under 027), so another user's
+    `sample`, `export` or sweep worker can read a run's tokenizer and a shared cache."""
+    import os
+    import stat
+
+    for umask in (0o022, 0o027):
+        old = os.umask(umask)
+        try:
+            cache = tmp_path / f"cache-{umask:o}"
+            cfg = data_cfg(text_files, tokenizer="bpe", vocab_size=300)
+            tokens = data_lib.load_tokens(cfg, str(cache))
+            tokens.tokenizer.save(tmp_path / f"tokenizer-{umask:o}.json")
+        finally:
+            os.umask(old)
+        written = [p for p in cache.rglob("*") if p.is_file()]
+        written.append(tmp_path / f"tokenizer-{umask:o}.json")
+        assert len(written) >= 3  # the BPE, the token arrays and the saved tokenizer
+        assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in written} == {
+            p.name: oct(0o666 & ~umask) for p in written}
+
+
 def test_memmap_source(tmp_path):
     arr = (np.arange(10_000) % 1000).astype(np.uint16)
     arr.tofile(tmp_path / "train.bin")

@@ -272,14 +272,26 @@ class HFTokenizer:
         _atomic_write(pathlib.Path(path), lambda tmp: self._tok.save(str(tmp)))
 
 
+def usual_mode(directory: bool = False) -> int:
+    """The mode ``open`` or ``mkdir`` would give a new file or directory under this process's
+    umask (0o644 / 0o755 under the common 022), for what ``tempfile`` creates 0o600 / 0o700."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 def _atomic_write(path: pathlib.Path, write) -> None:
-    """``write(tmp_path)`` then rename to ``path``; the temporary name is unique per process
-    and call, so concurrent writers of the same entry never collide."""
+    """``write(tmp_path)`` then rename to ``path``, with the mode a plain write would give it
+    (readable by the group and others under the usual umask: a run's tokenizer and the shared
+    cache are read by other users' ``sample``, ``export`` and sweep workers); the temporary
+    name is unique per process and call, so concurrent writers of the same entry never
+    collide."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, usual_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

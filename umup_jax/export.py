@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
 import shutil
 import tempfile
@@ -272,11 +271,9 @@ def _check_out(out: pathlib.Path, workdir: pathlib.Path, overwrite: bool) -> Non
 
 def _usual_permissions(directory: pathlib.Path) -> None:
     """mkdtemp makes a 0700 directory; give it and its files the umask's usual modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    directory.chmod(0o777 & ~umask)
+    directory.chmod(data_lib.usual_mode(directory=True))
     for f in directory.iterdir():
-        f.chmod(0o666 & ~umask)
+        f.chmod(data_lib.usual_mode())
 
 
 def export(workdir, out, step: Optional[int] = None, fmt: str = "hf", overwrite: bool = False,
