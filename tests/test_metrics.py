@@ -54,3 +54,77 @@ def test_non_finite_numbers_are_strict_json_strings_and_come_back_as_floats():
         "ok": 1.5, "steps": 3, "name": "cpu", "none": None, "flag": True}
     assert revived["config"] == back["config"]  # nested values stay as written
     assert json_safe(record)["ok"] is record["ok"] and json_safe([1, 2]) == [1, 2]
+
+
+def _events(logdir):
+    """Every TensorBoard event in ``logdir``'s event files, file by file (TFRecord framing:
+    length, its CRC, the record, its CRC)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    files = sorted(logdir.iterdir())  # events.out.tfevents.<second>.<host>.<nanosecond>
+    out = []
+    for path in files:
+        data, i, events = path.read_bytes(), 0, []
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event()
+            event.ParseFromString(data[i + 12:i + 12 + n])
+            events.append(event)
+            i += 12 + n + 4
+        out.append(events)
+    return out
+
+
+def test_a_run_resumed_from_an_older_checkpoint_supersedes_the_rows_it_redoes(tmp_path):
+    """Killed after step 7 with its newest checkpoint at step 5: the resumed run redoes steps
+    5 on.  The first attempt's rows stay in the file, but readers see the train and stats
+    rows of steps < 5 and the evaluation at 5 from it, and everything after from the resumed
+    run; a second resume from step 3 supersedes the rows of both after it.  TensorBoard's
+    event file of each resumed run starts with a purge at its step and repeats the
+    evaluation there."""
+    path = tmp_path / "metrics.jsonl"
+    writer = MetricsWriter(tmp_path)  # the first attempt: evaluations at 0 and 5, stats 0, 5
+    writer.write(0, "eval", {"loss": 9.0})
+    for step in range(8):
+        writer.write(step, "train", {"loss": 10.0 + step})
+        if step % 5 == 0:
+            writer.write(step, "stats", {"rms": 100.0 + step})
+        if (step + 1) % 5 == 0:
+            writer.write(step + 1, "eval", {"loss": 8.0})
+    writer.close()
+
+    writer = MetricsWriter(tmp_path, resumed_at=5)  # the resumed run: steps 5, 6
+    writer.write(5, "config_change", {"key": "train.steps", "old": 8, "new": 20})
+    for step in (5, 6):
+        writer.write(step, "train", {"loss": 20.0 + step})
+    writer.write(5, "stats", {"rms": 200.0})
+    writer.close()
+
+    def losses(kind="train", field="loss"):
+        return {r["step"]: r[field] for r in read_metrics(path, kind)}
+
+    assert losses() == {0: 10.0, 1: 11.0, 2: 12.0, 3: 13.0, 4: 14.0, 5: 25.0, 6: 26.0}
+    assert losses("eval") == {0: 9.0, 5: 8.0}
+    assert losses("stats", "rms") == {0: 100.0, 5: 200.0}
+    assert [r["key"] for r in read_metrics(path, "config_change")] == ["train.steps"]
+    assert len(path.read_text().splitlines()) == 1 + 8 + 2 + 1 + 1 + 1 + 2 + 1  # nothing lost
+
+    writer = MetricsWriter(tmp_path, resumed_at=3)  # again, from an older checkpoint still
+    writer.write(3, "train", {"loss": 33.0})
+    writer.close()
+    assert losses() == {0: 10.0, 1: 11.0, 2: 12.0, 3: 33.0}
+    assert losses("eval") == {0: 9.0} and losses("stats", "rms") == {0: 100.0}
+    assert read_metrics(path, "config_change") == []  # the superseded run's own change
+
+    first, second, third = _events(tmp_path / "tensorboard")
+    assert not any(e.HasField("session_log") for e in first)
+    for events, at, first_scalar in ((second, 5, (5, "eval/loss", 8.0)),  # 5's, again
+                                     (third, 3, (3, "train/loss", 33.0))):  # none at 3
+        purges = [i for i, e in enumerate(events) if e.HasField("session_log")]
+        assert len(purges) == 1 and events[purges[0]].step == at
+        assert events[purges[0]].session_log.status == events[purges[0]].session_log.START
+        scalars = [(i, (e.step, v.tag, v.simple_value))
+                   for i, e in enumerate(events) for v in e.summary.value]
+        assert scalars[0][0] > purges[0] and scalars[0][1] == first_scalar

@@ -98,6 +98,16 @@ def test_kill9_resume_is_bit_exact(tmp_path):
     ref, res = losses(reference), losses(killed)
     assert sorted(ref) == sorted(res) == list(range(60))
     assert [res[s] for s in range(60)] == [ref[s] for s in range(60)]  # bit for bit
+    # The rows the killed attempt logged after its last checkpoint are superseded by the
+    # resumed run's (metrics.py): evaluations (every 3 steps) and statistics read as the
+    # uninterrupted run's, none twice.
+    rows = [json.loads(l) for l in (killed / "metrics.jsonl").read_text().splitlines()
+            if l.endswith("}")]
+    resumed = [r["step"] for r in rows if r["kind"] == "resume"]
+    assert len(resumed) == 1 and resumed[0] % 10 == 0 and resumed[0] >= 10
+    for kind in ("eval", "stats"):
+        got = read_metrics(killed / "metrics.jsonl", kind)
+        assert got == read_metrics(reference / "metrics.jsonl", kind) and got, kind
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):

@@ -989,7 +989,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         run.tokens.valid, run.model_cfg.seq_len, tcfg.eval_batch_size, tcfg.eval_batches,
         jax.process_index(), jax.process_count(),
     )
-    writer = metrics_lib.MetricsWriter(workdir_path, enabled=is_main)
+    writer = metrics_lib.MetricsWriter(workdir_path, enabled=is_main,
+                                       resumed_at=start if restored is not None else None)
     for key, old, new in allowed:
         writer.write(start, "config_change", {"key": key, "old": old, "new": new})
     prefetch = data_lib.Prefetcher(iterator, depth=max(config.data.prefetch, 1))
