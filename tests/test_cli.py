@@ -81,9 +81,18 @@ def test_every_other_bad_command_line_is_one_line(parse, tmp_path):
     assert usage_error(parse, f"--config={tmp_path / 'none.py'}") == (
         f"config file '{tmp_path / 'none.py'}' does not exist")
     assert usage_error(parse, f"--config={CONFIG}:smok") == (
-        "config argument 'smok' is invalid: use variants ['1b', 'cpu', 'smoke', 'wikitext103'] or key=value overrides")
+        "config argument 'smok' is invalid: use variants ['1b', 'cpu', 'paper_ffn', 'smoke', 'wikitext103'] or key=value overrides")
+    # A value the key's type cannot take, as an override flag or in the config argument.
     assert usage_error(parse, f"--config={CONFIG}", "--config.train.steps=abc") == (
-        "flag --config.train.steps=abc: invalid literal for int() with base 10: 'abc'")
+        "config key 'train.steps' expects an integer (it is 8192), got 'abc'")
+    assert usage_error(parse, f"--config={CONFIG}:train.steps=1.5") == (
+        "config key 'train.steps' expects an integer (it is 8192), got 1.5")
+    assert usage_error(parse, f"--config={CONFIG}", "--config.model.scan_layers=yes") == (
+        "config key 'model.scan_layers' expects True or False (it is False), got 'yes'")
+    assert usage_error(parse, f"--config={CONFIG}:model.scan_layers=yes") == (
+        "config key 'model.scan_layers' expects True or False (it is False), got 'yes'")
+    assert usage_error(parse, f"--config={CONFIG}", "--config.optimizer.b1=high") == (
+        "config key 'optimizer.b1' expects a number (it is 0.9), got 'high'")
     assert usage_error(parse, f"--config={CONFIG}", "--workdr=x") == (
         "Unknown command line flag 'workdr'. Did you mean: workdir ?")
     assert usage_error(parse, f"--config={CONFIG}", "extra").startswith(
@@ -144,6 +153,37 @@ def test_every_entry_point_rejects_bad_input_the_same_way(tmp_path):
         assert stdout == "", (name, case, stdout)
         assert stderr == f"python -m umup_jax.{name}: error: {BAD[case][1]}\n", (name, case)
     assert not list(tmp_path.iterdir())  # nothing was written
+
+
+# Configs whose faults show only against this machine's devices, or in the data settings'
+# form: main still stops before the workdir exists, like any other bad config.
+DEVICE_BAD = {
+    "accumulation": ("smoke,train.grad_accum_steps=3",
+                     "train.grad_accum_steps=3 does not divide train.batch_size=4; "
+                     "use one of [1, 2, 4]"),
+    "mesh": ("smoke,mesh.data=2",
+             "mesh {'data': 2, 'fsdp': 1, 'tensor': 1} has 2 devices but 1 are available"),
+    "cudnn": ("smoke,model.attention_impl=cudnn,model.dtype=bfloat16",
+              "model.attention_impl='cudnn' cannot run here: cuDNN attention needs a CUDA GPU"),
+    "tokenizer": ("smoke,data.tokenizer=bpe:2048",
+                  "data.tokenizer='bpe:2048' is invalid: use 'bytes', 'bpe' (of "
+                  "data.vocab_size tokens) or a tokenizer.json"),
+}
+
+
+def test_main_checks_the_config_against_the_devices_before_touching_the_workdir(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    procs = {case: subprocess.Popen(
+        [sys.executable, "-m", "umup_jax.main", f"--config={CONFIG}:{arg}",
+         f"--workdir={tmp_path / case}"], cwd=tmp_path, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE) for case, (arg, _) in DEVICE_BAD.items()}
+    for case, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == cli.USAGE_EXIT, (case, stderr[-2000:])
+        assert stdout == "" and stderr.count("\n") == 1, (case, stdout, stderr)
+        assert stderr.startswith(f"python -m umup_jax.main: error: {DEVICE_BAD[case][1]}"), (
+            case, stderr)
+    assert not list(tmp_path.iterdir())  # no workdir, no error.log
 
 
 TOOLS = {"prepare_data": ["--out=o"], "export": ["--workdir=w", "--out=o"],

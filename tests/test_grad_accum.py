@@ -113,10 +113,12 @@ def test_micro_batches_take_every_kth_row():
     "overrides, devices, match",
     [
         ({"train.grad_accum_steps": 3}, 1,
-         r"train.grad_accum_steps=3 does not divide the per-device batch 8 "
-         r"\(train.batch_size=8 over data × fsdp = 1 devices\)"),
+         r"^train.grad_accum_steps=3 does not divide train.batch_size=8; use one of "
+         r"\[1, 2, 4, 8\]$"),
         ({"train.grad_accum_steps": 8}, 2,
-         "train.grad_accum_steps=8 does not divide the per-device batch 4"),
+         r"^train.grad_accum_steps=8 does not divide the per-device batch 4 "
+         r"\(train.batch_size=8 over data × fsdp = 2 devices: every micro-batch must split "
+         r"evenly over the devices\); use one of \[1, 2, 4\]$"),
         ({"train.grad_accum_steps": 0}, 1, "train.grad_accum_steps=0 is invalid"),
         ({"model.remat": "ful"}, 1, "remat='ful' is invalid: allowed are"),
         ({"model.attention_impl": "cudnn", "model.dtype": "bfloat16"}, 1,

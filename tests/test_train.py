@@ -128,9 +128,12 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
     assert results["eval_step"] is not None and results["eval_step"] <= results["steps"]
     assert (tmp_path / "checkpoints" / str(results["steps"])).exists()
     assert f"saved checkpoint at step {results['steps']}" in out
-    # The last line's eval loss names its step when it is not the last step's.
-    done = [line for line in out.splitlines() if line.startswith("done: ")]
-    assert len(done) == 1, out[-2000:]
+    # The last line says the run was interrupted, and its eval loss names its step when it
+    # is not the last step's.
+    done = [line for line in out.splitlines() if line.startswith(("done: ", "interrupted: "))]
+    assert len(done) == 1 and done[0].startswith(f"interrupted: step {results['steps']},"), (
+        out[-2000:])
+    assert done[0].endswith("; rerun the same command to resume")
     named = f") at step {results['eval_step']}, " in done[0]
     assert named == (results["eval_step"] != results["steps"]), done
 

@@ -86,18 +86,46 @@ def _one_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _config_args(args: list[str], name: str) -> tuple[Optional[str], list[str]]:
-    """The last ``--NAME`` value and the keys of ``--NAME.a.b`` overrides in ``args``."""
-    spec, keys = None, []
+def _config_args(args: list[str], name: str
+                 ) -> tuple[Optional[str], list[tuple[str, Optional[str]]]]:
+    """The last ``--NAME`` value and the (key, value or ``None``) of every ``--NAME.a.b``
+    override in ``args``."""
+    spec, overrides = None, []
     for i, arg in enumerate(args):
         if match := re.fullmatch(rf"--?{re.escape(name)}(?:=(.*))?", arg):
             if match.group(1) is not None:
                 spec = match.group(1)
             elif i + 1 < len(args):
                 spec = args[i + 1]
-        elif match := re.match(rf"--?(?:no)?{re.escape(name)}\.([^=]+)", arg):
-            keys.append(match.group(1))
-    return spec, keys
+        elif match := re.match(rf"--?(?:no)?{re.escape(name)}\.([^=]+)(?:=(.*))?", arg):
+            overrides.append((match.group(1), match.group(2)))
+    return spec, overrides
+
+
+# What absl's boolean flags accept (case-insensitive).
+_BOOLEAN_WORDS = {"true", "false", "t", "f", "1", "0"}
+
+
+def _value_problem(config: ml_collections.ConfigDict, key: str, text: str) -> Optional[str]:
+    """Why ``--config.KEY=TEXT`` cannot set ``KEY`` (a value its type cannot take), or
+    ``None``."""
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    ok = {bool: lambda t: t.lower() in _BOOLEAN_WORDS, int: lambda t: _parses(int, t),
+          float: lambda t: _parses(float, t)}
+    for kind, accepts in ok.items():
+        if isinstance(node, kind):
+            return None if accepts(text) else str(config_lib.wrong_type(key, node, text))
+    return None
+
+
+def _parses(kind: type, text: str) -> bool:
+    try:
+        kind(text)
+        return True
+    except ValueError:
+        return False
 
 
 def _config_problem(argv: list[str], flag_values: flags.FlagValues, name: str) -> Optional[str]:
@@ -107,13 +135,16 @@ def _config_problem(argv: list[str], flag_values: flags.FlagValues, name: str) -
         args = flag_values.read_flags_from_files(argv[1:], force_gnu=False)
     except flags.Error:
         return None
-    spec, keys = _config_args(args, name)
+    spec, overrides = _config_args(args, name)
     if spec is None:
         return None
     try:
         config = config_lib.load_config_file(spec)
-        for key in keys:
+        for key, _ in overrides:
             config_lib.check_key(config, key)
+        for key, text in overrides:
+            if text is not None and (problem := _value_problem(config, key, text)):
+                return problem
     except ValueError as e:
         return _one_line(e)
     except Exception as e:  # a config file that does not run: its error, in one line

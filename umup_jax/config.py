@@ -211,15 +211,35 @@ def check_key(config: ml_collections.ConfigDict, key: str) -> None:
     _lookup(config, key)
 
 
+def expected_kind(current: Any) -> Optional[str]:
+    """What a config value like ``current`` must be, in words (``"an integer"``); ``None``
+    for a value of no fixed type (``None``, a dict)."""
+    for kind, words in ((bool, "True or False"), (int, "an integer"), (float, "a number"),
+                        (str, "a string"), (list, "a list")):
+        if isinstance(current, kind):
+            return words
+    return None
+
+
+def wrong_type(key: str, current: Any, value: Any) -> ValueError:
+    """``config key 'train.steps' expects an integer (it is 8192), got 'abc'``."""
+    return ValueError(f"config key {key!r} expects {expected_kind(current)} (it is "
+                      f"{current!r}), got {value!r}")
+
+
 def set_key(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
-    """Sets ``a.b.c = value``; an unknown key raises ``ValueError`` naming it."""
+    """Sets ``a.b.c = value``; an unknown key or a value of the wrong type raises
+    ``ValueError`` naming it."""
     node, leaf = _lookup(config, key)
     current = node[leaf]
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if isinstance(current, list) and isinstance(value, str):
         value = [value]
-    node[leaf] = value
+    try:
+        node[leaf] = value
+    except TypeError:  # ml_collections: the value cannot take the field's type
+        raise wrong_type(key, current, value) from None
 
 
 def apply_arg(config: ml_collections.ConfigDict, arg: Optional[str]) -> ml_collections.ConfigDict:

@@ -353,21 +353,48 @@ def train_bpe(
     return HFTokenizer(tok, name)
 
 
+def _tokenizer_file(spec: str, must_exist: bool = True) -> Optional[pathlib.Path]:
+    """``data.tokenizer`` as the ``tokenizer.json`` it names, ``None`` for ``bytes`` and
+    ``bpe``; :class:`DataConfigError` for anything else or (``must_exist``) a missing file."""
+    if spec in ("bytes", "bpe"):
+        return None
+    path = pathlib.Path(os.path.expanduser(spec))
+    if path.suffix != ".json":
+        raise DataConfigError(
+            f"data.tokenizer={spec!r} is invalid: use 'bytes', 'bpe' (of data.vocab_size "
+            "tokens) or a tokenizer.json")
+    if must_exist and not path.exists():
+        raise DataConfigError(f"data.tokenizer: {path} does not exist")
+    return path
+
+
+def check_data_config(cfg) -> None:
+    """What ``config.data`` can be checked for without reading anything: the source, the
+    form of the tokenizer of the sources that tokenize here (``bundled``, ``text``), the
+    ``memmap`` dtype.  :func:`load_tokens` checks the rest (files, globs, prepared
+    directories), so a finished run whose data is gone still reruns as finished."""
+    if cfg.source not in SOURCES:
+        raise DataConfigError(f"data.source={cfg.source!r} is invalid: allowed are {SOURCES}")
+    if cfg.source in ("bundled", "text"):
+        _tokenizer_file(cfg.tokenizer, must_exist=False)
+    if cfg.source == "memmap":
+        try:
+            dtype = np.dtype(cfg.bin_dtype)
+        except TypeError:
+            dtype = None
+        if dtype not in (np.uint16, np.uint32):
+            raise DataConfigError(f"data.bin_dtype={cfg.bin_dtype!r}: use uint16 or uint32")
+
+
 def make_tokenizer(cfg, train_text: str, cache_dir: pathlib.Path):
+    path = _tokenizer_file(cfg.tokenizer)
     if cfg.tokenizer == "bytes":
         return ByteTokenizer()
     if cfg.tokenizer == "bpe":
         return train_bpe(train_text, cfg.vocab_size, cache_dir)
-    path = pathlib.Path(os.path.expanduser(cfg.tokenizer))
-    if path.suffix == ".json":
-        if not path.exists():
-            raise DataConfigError(f"data.tokenizer: {path} does not exist")
-        import tokenizers
+    import tokenizers
 
-        return HFTokenizer(tokenizers.Tokenizer.from_file(str(path)), path.name)
-    raise DataConfigError(
-        f"data.tokenizer={cfg.tokenizer!r} is invalid: use 'bytes', 'bpe' or a tokenizer.json"
-    )
+    return HFTokenizer(tokenizers.Tokenizer.from_file(str(path)), path.name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -563,12 +590,9 @@ def load_tokens(cfg, cache_dir: Optional[str] = None, prepare: bool = True) -> T
     a :class:`DataConfigError` instead of being streamed and tokenized (hours for a large
     corpus); the other sources are read as always."""
     cache = pathlib.Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    if cfg.source not in SOURCES:
-        raise DataConfigError(f"data.source={cfg.source!r} is invalid: allowed are {SOURCES}")
+    check_data_config(cfg)
     if cfg.source == "memmap":
         dtype = np.dtype(cfg.bin_dtype)
-        if dtype not in (np.uint16, np.uint32):
-            raise DataConfigError(f"data.bin_dtype={cfg.bin_dtype!r}: use uint16 or uint32")
         arrays = {}
         for split, field in (("train", "train_bin"), ("valid", "valid_bin")):
             path = pathlib.Path(os.path.expanduser(getattr(cfg, field) or ""))

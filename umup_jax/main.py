@@ -14,10 +14,12 @@ flags to resume.
 
 import sys
 
+import jax
 from absl import app, flags, logging
 
 from umup_jax import cli
 from umup_jax import failures
+from umup_jax import sharding as sharding_lib
 from umup_jax import train as train_lib
 
 FLAGS = flags.FLAGS
@@ -33,6 +35,11 @@ def main() -> None:
     config = FLAGS.config
     with cli.usage_errors():
         train_lib.check_config(config)
+        # One process: the device checks too (mesh, batch split, micro-batches, attention
+        # kernel), before the workdir is touched.  Several: JAX's devices exist only once
+        # jax.distributed is up, inside train_and_evaluate, which checks them there.
+        if not sharding_lib.distributed_requested(dict(config.distributed)):
+            train_lib.check_devices(config, jax.devices())
     failures.log_to_workdir(FLAGS.workdir, logging.get_absl_logger().getEffectiveLevel())
     with failures.exit_on_failure(FLAGS.workdir):
         results = train_lib.train_and_evaluate(config, FLAGS.workdir)

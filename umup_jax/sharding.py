@@ -258,14 +258,21 @@ def shard_bytes(tree: Any) -> int:
     return total
 
 
+def distributed_requested(cfg: Mapping[str, Any]) -> bool:
+    """Whether :func:`initialize_distributed` will start ``jax.distributed`` (a coordinator
+    address in the config's ``distributed`` or ``JAX_COORDINATOR_ADDRESS``): until it has,
+    this process must not touch JAX's devices."""
+    return bool(cfg.get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS", ""))
+
+
 def initialize_distributed(cfg: Mapping[str, Any]) -> bool:
     """``jax.distributed.initialize`` from the config (``coordinator_address``,
     ``num_processes``, ``process_id``) or, where those are unset, the environment variables
     ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``.  Returns whether it
     initialised.  On CPU it selects gloo collectives (needed across processes)."""
-    address = cfg.get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
-    if not address:
+    if not distributed_requested(cfg):
         return False
+    address = cfg.get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
     num = int(cfg.get("num_processes") or os.environ.get("JAX_NUM_PROCESSES", "0") or 0)
     pid_raw = cfg.get("process_id")
     pid = int(pid_raw if pid_raw is not None and pid_raw >= 0

@@ -34,7 +34,7 @@ import pathlib
 import shutil
 import signal
 import time
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -150,11 +150,53 @@ def optimizer_config(config: ml_collections.ConfigDict) -> OptimizerConfig:
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-    """Everything that can be checked without data: schema, train, model and optimizer."""
+    """Everything that can be checked without data or devices: schema, train, model,
+    optimizer and the data settings' form."""
     config_lib.check_schema(config)
     validate_train(config)
     model_config(config, vocab_size=max(int(config.model.vocab_size or 0), 2))
     optimizer_config(config)
+    data_lib.check_data_config(config.data)
+
+
+def check_devices(config: ml_collections.ConfigDict, devices: Sequence[Any],
+                  model_cfg: Optional[ModelConfig] = None) -> Mesh:
+    """What needs the devices but no data, before anything is compiled: the mesh, the batch
+    over its data and fsdp axes, the micro-batches of gradient accumulation and the attention
+    kernel.  Returns the mesh.  ``model_cfg`` defaults to the config's with a placeholder
+    vocabulary (nothing checked here depends on it)."""
+    if model_cfg is None:
+        model_cfg = model_config(config, vocab_size=max(int(config.model.vocab_size or 0), 2))
+    mesh = sharding_lib.make_mesh(dict(config.mesh), list(devices))
+    n_batch = sharding_lib.batch_divisor(mesh)
+    for field in ("batch_size", "eval_batch_size"):
+        value = config.train[field]
+        if value % n_batch:
+            raise ValueError(
+                f"train.{field}={value} is not divisible by data × fsdp = "
+                f"{mesh.shape['data']} × {mesh.shape['fsdp']} = {n_batch} (mesh {dict(mesh.shape)})"
+            )
+        sharding_lib.check_batch_split(
+            sharding_lib.batch_sharding(mesh).devices_indices_map((value,)), value,
+            f"train.{field}")
+    accum = config.train.grad_accum_steps
+    per_device = config.train.batch_size // n_batch
+    if per_device % accum:
+        allowed = [d for d in range(1, per_device + 1) if per_device % d == 0]
+        where = (f"train.batch_size={per_device}" if n_batch == 1 else
+                 f"the per-device batch {per_device} (train.batch_size="
+                 f"{config.train.batch_size} over data × fsdp = {n_batch} devices: every "
+                 "micro-batch must split evenly over the devices)")
+        raise ValueError(f"train.grad_accum_steps={accum} does not divide {where}; "
+                         f"use one of {allowed}")
+    # The attention kernel: 'cudnn' where it cannot run fails here, before any compilation.
+    platform, capability = ops.device_platform(list(devices))
+    try:
+        ops.resolve_attention_impl(model_cfg.attention_impl, model_cfg.compute_dtype,
+                                   model_cfg.head_dim, platform, capability)
+    except ValueError as e:
+        raise ValueError(f"model.{e}") from None
+    return mesh
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,33 +227,7 @@ def build_run(config: ml_collections.ConfigDict, devices=None) -> Run:
     model_cfg = model_config(config, tokens.vocab_size)
     opt_cfg = optimizer_config(config)
     devices = list(devices) if devices is not None else jax.devices()
-    mesh = sharding_lib.make_mesh(dict(config.mesh), devices)
-    n_batch = sharding_lib.batch_divisor(mesh)
-    for field in ("batch_size", "eval_batch_size"):
-        value = config.train[field]
-        if value % n_batch:
-            raise ValueError(
-                f"train.{field}={value} is not divisible by data × fsdp = "
-                f"{mesh.shape['data']} × {mesh.shape['fsdp']} = {n_batch} (mesh {dict(mesh.shape)})"
-            )
-        sharding_lib.check_batch_split(
-            sharding_lib.batch_sharding(mesh).devices_indices_map((value,)), value,
-            f"train.{field}")
-    accum = config.train.grad_accum_steps
-    per_device = config.train.batch_size // n_batch
-    if per_device % accum:
-        raise ValueError(
-            f"train.grad_accum_steps={accum} does not divide the per-device batch {per_device} "
-            f"(train.batch_size={config.train.batch_size} over data × fsdp = {n_batch} "
-            "devices): every micro-batch must split evenly over the devices"
-        )
-    # The attention kernel: 'cudnn' where it cannot run fails here, before any compilation.
-    platform, capability = ops.device_platform(devices)
-    try:
-        ops.resolve_attention_impl(model_cfg.attention_impl, model_cfg.compute_dtype,
-                                   model_cfg.head_dim, platform, capability)
-    except ValueError as e:
-        raise ValueError(f"model.{e}") from None
+    mesh = check_devices(config, devices, model_cfg)
     # Data checks that need only shapes: fail before any compilation.
     seq = model_cfg.seq_len
     for split, arr in (("train", tokens.train), ("valid", tokens.valid)):
@@ -723,7 +739,8 @@ def check_resume(config_dict: dict, stored: dict, step: int, workdir: pathlib.Pa
         changes = "; ".join(identity_lib.describe_change(*c) for c in refused)
         raise identity_lib.RunMismatchError(
             f"{workdir} holds a different run (checkpoint step {step}); changed: {changes}. "
-            "Nothing was touched. To train this config, use a new --workdir, or pass "
+            "The run's checkpoints, metrics and results were not touched. To train this "
+            "config, use a new --workdir, or pass "
             "--config.train.restart=True to move the old run to "
             f"{workdir / 'previous'}/<time>/ and start from step 0"
         )
@@ -742,7 +759,8 @@ def check_tokens(stored: Optional[str], current: str, step: int, workdir: pathli
     raise identity_lib.RunMismatchError(
         f"{workdir} holds a run trained on other tokens (checkpoint step {step}: token "
         f"fingerprint {stored}; the config's data, {description}, now gives {current}): the "
-        "data files changed under the same config. Nothing was touched. Restore the data, use "
+        "data files changed under the same config. The run's checkpoints, metrics and "
+        "results were not touched. Restore the data, use "
         "a new --workdir, or pass --config.train.restart=True to move the old run to "
         f"{workdir / 'previous'}/<time>/ and start from step 0"
     )
@@ -1203,11 +1221,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                   allow_nan=False))  # strict JSON: a CPU's MFU is "nan"
         tmp.replace(workdir_path / "results.json")
         ev = results["final_eval_loss"]
-        print(f"done: step {final_step}"
+        # A run a signal stopped says so first: it is not done, a rerun resumes it.
+        print(("interrupted" if results.get("interrupted") else "done") + f": step {final_step}"
               + (f", train loss {last_train_loss:.4f}" if last_train_loss is not None else "")
               + (f", eval loss {ev:.4f} (ppl {results['final_eval_perplexity']:.2f})"
                  + (f" at step {last_eval_step}" if last_eval_step != final_step else "")
                  if ev is not None else "")
-              + f", {results['wall_time_s']:.1f}s; results in {workdir_path / 'results.json'}",
+              + f", {results['wall_time_s']:.1f}s; results in {workdir_path / 'results.json'}"
+              + ("; rerun the same command to resume" if results.get("interrupted") else ""),
               flush=True)
     return results
