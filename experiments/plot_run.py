@@ -22,6 +22,10 @@ def main() -> None:
     p.add_argument("--title", default=None)
     args = p.parse_args()
     workdir = pathlib.Path(args.workdir)
+    for name in ("metrics.jsonl", "results.json"):
+        if not (workdir / name).is_file():
+            p.error(f"--workdir={args.workdir} has no {name}: give the directory of a run "
+                    "(python -m umup_jax.main --workdir=DIR) that has finished or stopped")
     train = read_metrics(workdir / "metrics.jsonl", "train")
     evals = read_metrics(workdir / "metrics.jsonl", "eval")
     results = json.loads((workdir / "results.json").read_text())

@@ -103,6 +103,28 @@ def test_every_other_bad_command_line_is_one_line(parse, tmp_path):
         f"config file '{broken}': NameError: name 'undefined_name' is not defined")
 
 
+def test_a_missing_required_flag_is_named_with_its_help():
+    fv = flags.FlagValues()
+    flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.", flag_values=fv)
+    flags.mark_flags_as_required(["workdir"], flag_values=fv)
+    with pytest.raises(cli.UsageError) as info:
+        cli.parse_flags(["prog"], fv)
+    assert str(info.value) == "--workdir is required: Run directory: checkpoints, metrics."
+
+
+def test_a_sweep_file_that_is_not_json_is_named(tmp_path):
+    from umup_jax import sweep as sweep_lib
+
+    bad = tmp_path / "lr.json"
+    bad.write_text('{"kind": "grid" "grid": {}}')
+    with pytest.raises(sweep_lib.SweepError, match=rf"^--sweep={bad}: not valid JSON: "
+                                                   r"Expecting ',' delimiter: line 1"):
+        sweep_lib.load_sweep(str(bad))
+    bad.write_text("[1, 2]")
+    with pytest.raises(sweep_lib.SweepError, match="must hold a JSON object, not a list"):
+        sweep_lib.load_sweep(str(bad))
+
+
 def test_usage_errors_turns_value_errors_into_one_line():
     with pytest.raises(cli.UsageError, match="^width=3 is invalid$"):
         with cli.usage_errors():

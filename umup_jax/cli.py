@@ -55,8 +55,8 @@ flags.disclaim_key_flags()
 USAGE_EXIT = 2  # exit status of a bad command line (as argparse and most Unix tools)
 
 CONFIG_HELP = ("config file, FILE[:ARG]: FILE's get_config(ARG); for configs/*.py ARG is "
-               "comma-separated variants (cpu, smoke, wikitext103, 1b) and key=value overrides. Override one "
-               "field with --config.a.b=value after it.")
+               "comma-separated variants (" + ", ".join(config_lib.VARIANTS) + ") and "
+               "key=value overrides. Override one field with --config.a.b=value after it.")
 
 
 class UsageError(Exception):
@@ -152,6 +152,18 @@ def _config_problem(argv: list[str], flag_values: flags.FlagValues, name: str) -
     return None
 
 
+def _missing_flag(error: flags.Error, flag_values: flags.FlagValues) -> Optional[str]:
+    """absl's ``flag --workdir=None: Flag --workdir must have a value other than None.`` as
+    ``--workdir is required: <its help>``; ``None`` for any other error."""
+    match = re.fullmatch(r"flag --(\w+)=None: Flag --\1 must have a value other than None\.?",
+                         _one_line(error))
+    if match is None:
+        return None
+    name = match.group(1)
+    help_text = flag_values[name].help if name in flag_values else ""
+    return f"--{name} is required" + (f": {help_text}" if help_text else "")
+
+
 def parse_flags(argv: list[str], flag_values: flags.FlagValues,
                 config_flag: str = "config") -> list[str]:
     """Parses ``argv`` into ``flag_values``; any problem raises :class:`UsageError` with one
@@ -159,7 +171,8 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues,
     try:
         rest = flag_values(argv)
     except flags.Error as e:
-        raise UsageError(_config_problem(argv, flag_values, config_flag) or _one_line(e)) from None
+        raise UsageError(_config_problem(argv, flag_values, config_flag)
+                         or _missing_flag(e, flag_values) or _one_line(e)) from None
     except Exception as e:  # ml_collections: an override of a key the config lacks
         problem = _config_problem(argv, flag_values, config_flag)
         raise UsageError(problem or f"{type(e).__name__}: {_one_line(e)}") from None

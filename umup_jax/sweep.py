@@ -108,7 +108,13 @@ def load_sweep(path: str) -> dict:
     if not p.exists():
         raise SweepError(f"--sweep={path}: file not found")
     if p.suffix == ".json":
-        spec = json.loads(p.read_text())
+        try:
+            spec = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise SweepError(f"--sweep={path}: not valid JSON: {e}") from None
+        if not isinstance(spec, dict):
+            raise SweepError(f"--sweep={path}: the file must hold a JSON object, "
+                             f"not a {type(spec).__name__}")
     elif p.suffix == ".py":
         module_spec = importlib.util.spec_from_file_location(f"sweep_{p.stem}", p)
         module = importlib.util.module_from_spec(module_spec)
