@@ -101,7 +101,8 @@ def test_a_run_whose_config_raises_in_the_worker_is_recorded(local_ray, tmp_path
     finally:
         runner.close()
     assert row["run_id"] == sweep_lib.run_id(ov) and json.loads(row["overrides"]) == ov
-    assert row["error"].startswith("TypeError: Could not override field 'width'")
+    assert row["error"] == ("config key 'model.width' expects an integer (it is 32), "
+                            "got 'abc'")
     assert csv_rows(tmp_path)[row["run_id"]]["error"] == row["error"]
     log = (tmp_path / "error.log").read_text()
     assert "traceback in the Ray worker" in log and "in run_config" in log
