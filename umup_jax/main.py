@@ -39,7 +39,12 @@ def main() -> None:
         # kernel), before the workdir is touched.  Several: JAX's devices exist only once
         # jax.distributed is up, inside train_and_evaluate, which checks them there.
         if not sharding_lib.distributed_requested(dict(config.distributed)):
-            train_lib.check_devices(config, jax.devices())
+            try:
+                devices = jax.devices()
+            except Exception:  # noqa: BLE001 - no backend (JAX_PLATFORMS=cuda without a
+                devices = None  # GPU): the run reports it in its error line, as before
+            if devices is not None:
+                train_lib.check_devices(config, devices)
     failures.log_to_workdir(FLAGS.workdir, logging.get_absl_logger().getEffectiveLevel())
     with failures.exit_on_failure(FLAGS.workdir):
         results = train_lib.train_and_evaluate(config, FLAGS.workdir)
