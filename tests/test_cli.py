@@ -93,6 +93,10 @@ def test_every_other_bad_command_line_is_one_line(parse, tmp_path):
         "config key 'model.scan_layers' expects True or False (it is False), got 'yes'")
     assert usage_error(parse, f"--config={CONFIG}", "--config.optimizer.b1=high") == (
         "config key 'optimizer.b1' expects a number (it is 0.9), got 'high'")
+    assert usage_error(parse, f"--config={CONFIG}:model.hparams=3").startswith(
+        "config key 'model.hparams' is a group of keys (attn_mult, ffn_act_mult, "
+        "loss_softmax_mult, residual_attn_ratio, residual_mult): set them one by one, e.g. "
+        "model.hparams.attn_mult=…, not model.hparams=3")
     assert usage_error(parse, f"--config={CONFIG}", "--workdr=x") == (
         "Unknown command line flag 'workdr'. Did you mean: workdir ?")
     assert usage_error(parse, f"--config={CONFIG}", "extra").startswith(

@@ -211,18 +211,23 @@ def check_key(config: ml_collections.ConfigDict, key: str) -> None:
     _lookup(config, key)
 
 
-def expected_kind(current: Any) -> Optional[str]:
-    """What a config value like ``current`` must be, in words (``"an integer"``); ``None``
-    for a value of no fixed type (``None``, a dict)."""
+def expected_kind(current: Any) -> str:
+    """What a config value like ``current`` must be, in words (``"an integer"``)."""
     for kind, words in ((bool, "True or False"), (int, "an integer"), (float, "a number"),
                         (str, "a string"), (list, "a list")):
         if isinstance(current, kind):
             return words
-    return None
+    return f"a {type(current).__name__}"
 
 
 def wrong_type(key: str, current: Any, value: Any) -> ValueError:
-    """``config key 'train.steps' expects an integer (it is 8192), got 'abc'``."""
+    """``config key 'train.steps' expects an integer (it is 8192), got 'abc'``; for a group
+    of keys (``model.hparams``), which keys it holds."""
+    if isinstance(current, (dict, ml_collections.ConfigDict)):
+        names = sorted(current.keys())
+        return ValueError(f"config key {key!r} is a group of keys ({', '.join(names)}): set "
+                          f"them one by one, e.g. {key}.{names[0] if names else 'name'}=…, "
+                          f"not {key}={value!r}")
     return ValueError(f"config key {key!r} expects {expected_kind(current)} (it is "
                       f"{current!r}), got {value!r}")
 
