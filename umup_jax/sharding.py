@@ -258,11 +258,15 @@ def shard_bytes(tree: Any) -> int:
     return total
 
 
+def _coordinator_address(cfg: Mapping[str, Any]) -> str:
+    return cfg.get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+
+
 def distributed_requested(cfg: Mapping[str, Any]) -> bool:
     """Whether :func:`initialize_distributed` will start ``jax.distributed`` (a coordinator
     address in the config's ``distributed`` or ``JAX_COORDINATOR_ADDRESS``): until it has,
     this process must not touch JAX's devices."""
-    return bool(cfg.get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS", ""))
+    return bool(_coordinator_address(cfg))
 
 
 def initialize_distributed(cfg: Mapping[str, Any]) -> bool:
@@ -270,9 +274,9 @@ def initialize_distributed(cfg: Mapping[str, Any]) -> bool:
     ``num_processes``, ``process_id``) or, where those are unset, the environment variables
     ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``.  Returns whether it
     initialised.  On CPU it selects gloo collectives (needed across processes)."""
-    if not distributed_requested(cfg):
+    address = _coordinator_address(cfg)
+    if not address:
         return False
-    address = cfg.get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
     num = int(cfg.get("num_processes") or os.environ.get("JAX_NUM_PROCESSES", "0") or 0)
     pid_raw = cfg.get("process_id")
     pid = int(pid_raw if pid_raw is not None and pid_raw >= 0

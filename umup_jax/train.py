@@ -149,12 +149,17 @@ def optimizer_config(config: ml_collections.ConfigDict) -> OptimizerConfig:
     )
 
 
+def _model_config_without_data(config: ml_collections.ConfigDict) -> ModelConfig:
+    """The model config with a placeholder vocabulary where the tokenizer gives it."""
+    return model_config(config, vocab_size=max(int(config.model.vocab_size or 0), 2))
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Everything that can be checked without data or devices: schema, train, model,
     optimizer and the data settings' form."""
     config_lib.check_schema(config)
     validate_train(config)
-    model_config(config, vocab_size=max(int(config.model.vocab_size or 0), 2))
+    _model_config_without_data(config)
     optimizer_config(config)
     data_lib.check_data_config(config.data)
 
@@ -166,7 +171,7 @@ def check_devices(config: ml_collections.ConfigDict, devices: Sequence[Any],
     kernel.  Returns the mesh.  ``model_cfg`` defaults to the config's with a placeholder
     vocabulary (nothing checked here depends on it)."""
     if model_cfg is None:
-        model_cfg = model_config(config, vocab_size=max(int(config.model.vocab_size or 0), 2))
+        model_cfg = _model_config_without_data(config)
     mesh = sharding_lib.make_mesh(dict(config.mesh), list(devices))
     n_batch = sharding_lib.batch_divisor(mesh)
     for field in ("batch_size", "eval_batch_size"):
