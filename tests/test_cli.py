@@ -97,6 +97,10 @@ def test_every_other_bad_command_line_is_one_line(parse, tmp_path):
         "config key 'model.hparams' is a group of keys (attn_mult, ffn_act_mult, "
         "loss_softmax_mult, residual_attn_ratio, residual_mult): set them one by one, e.g. "
         "model.hparams.attn_mult=…, not model.hparams=3")
+    assert usage_error(parse, f"--config={CONFIG}", "--config.model.hparams=3") == (
+        "config key 'model.hparams' is a group of keys (attn_mult, ffn_act_mult, "
+        "loss_softmax_mult, residual_attn_ratio, residual_mult): set them one by one, e.g. "
+        "model.hparams.attn_mult=…, not model.hparams='3'")
     assert usage_error(parse, f"--config={CONFIG}", "--workdr=x") == (
         "Unknown command line flag 'workdr'. Did you mean: workdir ?")
     assert usage_error(parse, f"--config={CONFIG}", "extra").startswith(

@@ -112,6 +112,8 @@ def _value_problem(config: ml_collections.ConfigDict, key: str, text: str) -> Op
     node = config
     for part in key.split("."):
         node = node[part]
+    if isinstance(node, ml_collections.ConfigDict):  # ``--config.model.hparams=3``
+        return str(config_lib.wrong_type(key, node, text))
     ok = {bool: lambda t: t.lower() in _BOOLEAN_WORDS, int: lambda t: _parses(int, t),
           float: lambda t: _parses(float, t)}
     for kind, accepts in ok.items():
