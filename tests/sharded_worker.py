@@ -122,13 +122,19 @@ ACCUM_VARIANTS = {
 }
 
 
-def one_step_grads(parametrization, arg, devices, with_stats):
+def one_step_grads(parametrization, arg, devices, with_stats, params=None):
+    """One jitted loss-and-gradients call of config ``arg`` on ``devices``; ``params``: host
+    parameters to place on the run's shardings instead of initialising (the same values, as
+    initialisation is the same on every mesh, without compiling the init program again)."""
     run = train_lib.build_run(config_lib.proxy_config(parametrization, arg), devices)
-    state = train_lib.make_init_fn(run)(jax.random.key(0))
+    if params is None:
+        params = train_lib.make_init_fn(run)(jax.random.key(0))["params"]
+    else:
+        params = jax.device_put(params, run.state_sharding["params"])
     ids = np.random.default_rng(0).integers(0, 256, (16, 33)).astype(np.int32)
     batch = train_lib.to_global(run, {"inputs": ids[:, :32], "targets": ids[:, 1:]})
     (loss, acts), (grads, probe_grads) = jax.jit(train_lib.make_grad_fn(run, with_stats))(
-        state["params"], batch)
+        params, batch)
     return (bool(train_lib.accumulation_replica_axes(run)),
             jax.device_get((loss, acts, grads, probe_grads)))
 
@@ -149,15 +155,21 @@ def accumulation_over_replicas(variants=ACCUM_VARIANTS):
     """{variant: {"split": vmapped over the replicas, "max_rel": the largest RMS difference
     over RMS of loss, activation RMS, gradients and FP8 probe gradients, "leaves": how
     many}}."""
-    out, refs = {}, {}
+    out, refs, inits = {}, {}, {}
     for name, (model_arg, mesh_arg, parametrization, stats) in variants.items():
+        model = (parametrization, model_arg)  # variants that share one model's parameters
+        if model not in inits:
+            run = train_lib.build_run(config_lib.proxy_config(parametrization,
+                                                              ACCUM_ARG + model_arg),
+                                      jax.devices()[:1])
+            inits[model] = jax.device_get(train_lib.make_init_fn(run)(jax.random.key(0))["params"])
         key = (parametrization, model_arg, stats)  # variants that share one device's step
         if key not in refs:
             refs[key] = one_step_grads(parametrization, ACCUM_ARG + model_arg,
-                                       jax.devices()[:1], stats)[1]
+                                       jax.devices()[:1], stats, inits[model])[1]
         ref = refs[key]
         split, got = one_step_grads(parametrization, ACCUM_ARG + model_arg + mesh_arg,
-                                    jax.devices(), stats)
+                                    jax.devices(), stats, inits[model])
         assert jax.tree.structure(ref) == jax.tree.structure(got), name
         rel = [float(np.sqrt(np.mean((np.float64(a) - b) ** 2)) / np.sqrt(np.mean(
             np.float64(a) ** 2))) for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got))]
