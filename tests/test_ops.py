@@ -400,13 +400,18 @@ def test_residual_split_linear_add_unit(tau):
 
 
 def test_residual_split_gradient_is_weighted_sum():
+    """∂x = a·g_branch + b·g_skip, a = τ/√(1+τ²) on the branch's cotangent and b = 1/√(1+τ²)
+    on the skip's (spec §4.1). Distinct cotangents: with one g for both, a and b swapped give
+    the same (a+b)·g, and unit RMS cannot tell them apart either (a² + b² = 1 both ways)."""
     x = normal(0, (128,))
-    g = normal(1, (128,))
+    g_branch, g_skip = normal(1, (128,)), normal(2, (128,))
     tau = 0.5
     a, b = tau / math.sqrt(1 + tau**2), 1 / math.sqrt(1 + tau**2)
     _, vjp = jax.vjp(lambda x: ops.residual_split(x, tau), x)
-    (gx,) = vjp((g, g))
-    np.testing.assert_allclose(gx, (a + b) * g, rtol=1e-6)
+    (gx,) = vjp((g_branch, g_skip))
+    np.testing.assert_allclose(gx, a * g_branch + b * g_skip, rtol=1e-6, atol=1e-7)
+    (gx,) = vjp((g_branch, g_branch))
+    np.testing.assert_allclose(gx, (a + b) * g_branch, rtol=1e-6)
 
 
 def test_residual_add_is_exact_fp32_arithmetic_in_the_streams_dtype():
