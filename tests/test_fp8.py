@@ -51,6 +51,27 @@ def test_fp8_dynamic_rescales_the_input():
     assert bool(jnp.all(jnp.isfinite(fp8.fp8_dot(x, w, "fp8"))))
 
 
+def test_fp8_dynamic_gradients_equal_fake_quant():
+    """``fp8_dynamic`` (spec §8, the paper's App. D) computes y = s·(q(x/s) @ q(w)) with
+    s = RMS(x) in fp32, so its gradients are ∂x = q(g, E5M2) @ q(w, E4M3)ᵀ and
+    ∂w = s·q(x/s, E4M3)ᵀ @ q(g, E5M2): equal to those products (fp32, ≤ 1e-6 relative), and
+    within FP8 error of the unquantized ∂w = xᵀg on an input of RMS 1000, which the plain
+    E4M3 cast would saturate."""
+    x, w, g = normal(0, (4, 16, 64), scale=1000.0), normal(1, (64, 48)), normal(2, (4, 16, 48))
+    _, vjp = jax.vjp(lambda x, w: fp8.fp8_dot(x, w, "fp8_dynamic"), x, w)
+    dx, dw = vjp(g)
+    s = jnp.sqrt(jnp.mean(jnp.square(x))) + 1e-30
+    hi = jax.lax.Precision.HIGHEST
+    np.testing.assert_allclose(dx, jnp.matmul(q(g, fp8.E5M2), q(w, fp8.E4M3).T, precision=hi),
+                               rtol=1e-6, atol=0)
+    dw_ref = s * jax.lax.dot_general(q(x / s, fp8.E4M3).reshape(-1, 64),
+                                     q(g, fp8.E5M2).reshape(-1, 48),
+                                     (((0,), (0,)), ((), ())), precision=hi)
+    np.testing.assert_allclose(dw, dw_ref, rtol=1e-6, atol=1e-6 * float(jnp.abs(dw_ref).max()))
+    exact = x.reshape(-1, 64).T @ g.reshape(-1, 48)
+    np.testing.assert_allclose(dw, exact, rtol=0, atol=0.1 * float(jnp.abs(exact).max()))
+
+
 def test_saturation_is_finite_never_nan():
     big = jnp.array([1e3, -1e6, 1e9, 3.0], jnp.float32)
     assert np.isnan(np.asarray(big.astype(fp8.E4M3).astype(jnp.float32)[0]))  # why we clip

@@ -217,6 +217,21 @@ def test_train_state_converts_between_layouts():
                                    depth=3)
 
 
+def test_stacking_orders_layers_by_number_past_ten():
+    """A model of 11 layers or more (depth 16 in tests/test_model.py's bf16 check) has keys
+    ``layer_10``… that sort before ``layer_2`` as strings: stacking takes them in numeric
+    order (slice i of the stacked leaf is ``layer_i``), and unstacking gives the same tree."""
+    tree = {"params": {"embedding": np.zeros((3,), np.float32),
+                       **{f"layer_{i}": {"w": np.full((2,), i, np.float32)} for i in range(12)}}}
+    stacked = layer_stack.stack_layers(tree)
+    assert set(stacked["params"]) == {"embedding", "layers"}
+    np.testing.assert_array_equal(stacked["params"]["layers"]["w"][:, 0], np.arange(12))
+    back = layer_stack.unstack_layers(stacked)
+    assert jax.tree.structure(back) == jax.tree.structure(tree)
+    for i in range(12):
+        np.testing.assert_array_equal(back["params"][f"layer_{i}"]["w"], np.full((2,), i))
+
+
 def test_fp8_probes_and_activations_under_scan():
     """The FP8 cast statistics and the sown activations of a scanned model are the loop's,
     stacked (per layer), so the metrics name them per layer either way."""

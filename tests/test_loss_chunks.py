@@ -112,6 +112,36 @@ def test_trained_params_agree():
         assert rel_rms(a, b) <= 1e-5
 
 
+def test_chunked_backward_scales_with_the_cotangent():
+    """The fused chunks compute each chunk's gradients at cotangent 1 in the forward pass; the
+    backward must multiply them by the cotangent it receives: ∇(c·L) = c·∇L, equal to the
+    unchunked loss's (a caller that weights, sums or rescales the loss, e.g. an auxiliary
+    term or a loss scale, gets c times the gradients), for u-μP's loss (its mean a forward
+    scale only) and SP's plain mean."""
+    from umup_jax import loss_chunks as loss_chunks_lib
+    from umup_jax import parametrization as P
+
+    b, s, d, v = 2, 16, 8, 32
+    x = jax.random.normal(jax.random.key(0), (b, s, d))
+    w = jax.random.normal(jax.random.key(1), (d, v))
+    t = jax.random.randint(jax.random.key(2), (b, s), 0, v)
+    readout = lambda xc, w, p: xc @ w  # noqa: E731
+    for rule in (P.UMuP(), P.SP()):
+        def chunked(x, w, rule=rule):
+            return loss_chunks_lib.chunked_readout_loss(
+                x, w, t, None, chunks=4, readout=readout, loss_sum=rule.loss_sum,
+                loss_from_sum=rule.loss_from_sum)[0]
+
+        def whole(x, w, rule=rule):
+            return rule.loss(x @ w, t)
+
+        for c in (1.0, 3.0):
+            got = jax.grad(lambda x, w: c * chunked(x, w), argnums=(0, 1))(x, w)
+            want = jax.grad(lambda x, w: c * whole(x, w), argnums=(0, 1))(x, w)
+            for a, e in zip(got, want):
+                np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6 * float(jnp.abs(e).max()))
+
+
 def test_chunks_hold_a_fraction_of_the_logits_memory():
     """XLA's temporary buffers of loss-and-gradient at V = 8192 (logits 8×128×8192 fp32 =
     32 MiB): 8 chunks need less than a third of 1 chunk's (measured 70 → 15 MiB)."""

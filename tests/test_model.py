@@ -132,6 +132,21 @@ def test_every_parameter_declares_metadata():
     assert layer["attn_qkv"].names == ("embed", "qkv", "heads", "head_dim")
 
 
+def test_attention_out_metadata_and_lr_use_its_own_fan_in():
+    """With an explicit head_dim, num_heads·head_dim ≠ width (u-μP and SP accept it): the
+    attention output's fan-in is H·D_h and the QKV's fan-out 3·H·D_h, whatever the width, so
+    u-μP's learning rate of ``attn_out`` is (H·D_h)^-½·L^-½ (spec §2.4, §3), not width's.
+    (Its forward scale reads the weight's shape, so only the metadata carries this.)"""
+    cfg = config(128, depth=4, num_heads=2, head_dim=16)
+    boxed = abstract_params(Decoder(cfg))
+    layer = P.param_metadata(boxed)["params"]["layer_3"]
+    assert (layer["attn_out"].fan_in, layer["attn_out"].fan_out) == (32, 128)
+    assert (layer["attn_qkv"].fan_in, layer["attn_qkv"].fan_out) == (128, 96)
+    table = {path: c for path, _, _, _, c, _ in learning_rate_table(cfg.rule, boxed, 1.0)}
+    assert table["['params']['layer_3']['attn_out']"] == pytest.approx(32**-0.5 / 2)
+    assert table["['params']['layer_3']['attn_qkv']"] == pytest.approx(128**-0.5 / 2)
+
+
 def _train_losses(cfg, steps=5, opt=None):
     model = Decoder(cfg)
     boxed = init_params(model, jax.random.key(SEED))
