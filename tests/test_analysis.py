@@ -335,3 +335,15 @@ def test_plot_interdependence_and_transfer_heatmap_write_png(tmp_path):
     assert _is_png(out2)
     with pytest.raises(ValueError):
         an.plot_transfer_heatmap(np.zeros((2, 3)), names, tmp_path / "bad.png")
+
+
+def test_a_run_flagged_diverged_is_inf_whatever_its_loss():
+    """Spec §0.1 "NaN/inf = diverged": a run with ``diverged`` set has loss +inf even when a
+    finite loss was recorded, so it is never the optimum nor averaged into a cell."""
+    assert an.run_loss({"diverged": True, "final_eval_loss": 3.0}) == math.inf
+    assert an.run_loss({"diverged": "1", "final_eval_loss": 3.0}) == math.inf
+    assert an.run_loss({"diverged": False, "final_eval_loss": 3.0}) == 3.0
+    rows = [{"width": 64, "lr": lr, "final_eval_loss": loss, "diverged": div}
+            for lr, loss, div in ((0.5, 3.5, False), (1.0, 3.0, True), (2.0, 3.2, False))]
+    [opt] = an.optimum_per_group(rows, ["width"])
+    assert opt["best_x"] == 2.0 and opt["best_loss"] == 3.2 and opt["n_diverged"] == 1

@@ -123,6 +123,24 @@ def test_flatness_and_layer_average_on_known_rows():
     assert avg[64] == pytest.approx(8 * np.sqrt(2))  # geometric mean of 8 and 16
 
 
+def test_median_curve_and_after_training_curves_on_known_rows():
+    """The flatness curve is the median over tensors (robust to one outlier tensor), not the
+    mean; after training, ``layer_i/x`` rows merge by geometric mean over layers and
+    ``'median (all)'`` is the median over every tensor, per axis value."""
+    rows = [{"parametrization": "x", "width": w, "step": 0, "kind": "activation",
+             "name": name, "rms": rms}
+            for w in (64, 128) for name, rms in (("a", 1.0), ("b", 2.0), ("c", 30.0 * w))]
+    assert cc.median_curve(rows, "activation", 0) == {64: 2.0, 128: 2.0}
+    assert cc.flatness(rows)[("activation", 0)]["ratio"] == pytest.approx(1.0)
+    after = [{"axis": "width", "width": 64, "depth": 2, "kind": "weight",
+              "name": f"layer_{i}/w", "rms": rms} for i, rms in enumerate((2.0, 8.0, 32.0))]
+    after.append({"axis": "depth", "width": 64, "depth": 4, "kind": "weight",
+                  "name": "layer_0/w", "rms": 99.0})  # another axis: left out
+    curves = cc.after_curves(after, "width", "weight")
+    assert curves["w"] == {64: pytest.approx(8.0)}  # (2·8·32)^(1/3)
+    assert curves["median (all)"] == {64: 8.0}
+
+
 # --- after training (--after_training) ---------------------------------------------------------
 
 

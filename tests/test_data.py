@@ -212,3 +212,37 @@ def test_seq_len_longer_than_data_raises():
 
 def test_epochs_covered():
     assert data_lib.epochs_covered(np.zeros(1601), 16, 10, 20) == pytest.approx(2.0)
+
+
+def test_windows_need_seq_len_plus_one_tokens():
+    """A window is seq_len + 1 tokens (inputs and the targets one token on): 4992 = 16·312
+    tokens hold 311 full windows, not 312 (the 312th would lack its last target)."""
+    tokens = np.arange(16 * 312, dtype=np.uint16)
+    assert data_lib.num_windows(tokens, 16) == 311
+    assert data_lib.num_windows(tokens[:-1], 16) == 311 and data_lib.num_windows(
+        np.arange(16 * 312 + 1), 16) == 312
+    assert data_lib.epochs_covered(tokens, 16, 311, 2) == pytest.approx(2.0)
+    ds = data_lib.train_dataset(tokens, seq_len=16, batch_size=311, seed=0)
+    batch = _take(iter(ds), 1)[0]  # one whole epoch: every window full length
+    assert batch["inputs"].shape == batch["targets"].shape == (311, 16)
+    assert sorted(batch["inputs"][:, 0].tolist()) == [16 * i for i in range(311)]
+    np.testing.assert_array_equal(batch["targets"], batch["inputs"] + 1)
+
+
+def test_eval_batches_are_fixed_in_order_and_split_across_processes():
+    """The validation batches: windows in file order (no shuffle), min(max_batches,
+    windows // batch) of them, each process its own contiguous slice of every global batch."""
+    tokens = np.arange(16 * 10 + 1, dtype=np.uint16)  # 10 windows of 16 + 1 tokens
+    whole = data_lib.eval_batches(tokens, 16, 4, max_batches=5)
+    assert len(whole) == 2  # 10 // 4: the 2 windows left over are not evaluated
+    assert [b["inputs"][:, 0].tolist() for b in whole] == [[0, 16, 32, 48], [64, 80, 96, 112]]
+    for b in whole:
+        np.testing.assert_array_equal(b["targets"], b["inputs"] + 1)
+    assert len(data_lib.eval_batches(tokens, 16, 4, max_batches=1)) == 1
+    parts = [data_lib.eval_batches(tokens, 16, 4, 5, process_index=p, process_count=2)
+             for p in range(2)]
+    for i, b in enumerate(whole):
+        np.testing.assert_array_equal(
+            np.concatenate([parts[0][i]["inputs"], parts[1][i]["inputs"]]), b["inputs"])
+    with pytest.raises(ValueError, match="fewer than one batch of train.eval_batch_size=11"):
+        data_lib.eval_batches(tokens, 16, 11, 1)

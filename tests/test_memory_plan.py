@@ -189,6 +189,7 @@ def test_the_trainer_records_the_plan_and_compiles_a_needed_stats_step_late(
 @pytest.mark.parametrize("batch, accum, eval_batch, pieces", [
     (64, 1, 64, 1), (64, 8, 64, 8), (64, 8, 16, 2), (64, 8, 8, 1), (64, 8, 4, 1),
     (64, 8, 12, 1), (4, 1, 64, 16), (4, 2, 6, 3),
+    (64, 8, 20, 1),  # 20 rows > a micro-batch of 8 but not a multiple: one piece
 ])
 def test_eval_pieces_hold_one_training_micro_batch_each(batch, accum, eval_batch, pieces):
     cfg = smoke(train__batch_size=batch, train__grad_accum_steps=accum,

@@ -128,3 +128,32 @@ def test_a_run_resumed_from_an_older_checkpoint_supersedes_the_rows_it_redoes(tm
         scalars = [(i, (e.step, v.tag, v.simple_value))
                    for i, e in enumerate(events) for v in e.summary.value]
         assert scalars[0][0] > purges[0] and scalars[0][1] == first_scalar
+
+
+def test_rows_at_the_resume_step_are_superseded_even_before_the_resumed_run_logs_them(tmp_path):
+    """A ``resume`` row at s drops the earlier train and stats rows of steps >= s (module
+    docstring), not only those the resumed run writes again: killed right after resuming
+    from step 2 (or logging less often), the first attempt's step-2 row is gone all the same.
+    The evaluation at s stays (it measured the checkpointed state)."""
+    path = tmp_path / "metrics.jsonl"
+    writer = MetricsWriter(tmp_path)
+    for step in range(4):
+        writer.write(step, "train", {"loss": 10.0 + step})
+        writer.write(step, "stats", {"rms": 1.0})
+    writer.write(2, "eval", {"loss": 9.0})
+    writer.close()
+    MetricsWriter(tmp_path, resumed_at=2).close()  # killed before its first step
+    assert [r["step"] for r in read_metrics(path, "train")] == [0, 1]
+    assert [r["step"] for r in read_metrics(path, "stats")] == [0, 1]
+    assert [r["step"] for r in read_metrics(path, "eval")] == [2]
+
+
+def test_without_resume_rows_the_last_row_of_a_step_wins(tmp_path):
+    """A file written before ``resume`` rows existed holds a resumed run's repeated steps
+    after the first attempt's: the last row of each step is the one read."""
+    path = tmp_path / "metrics.jsonl"
+    rows = [(0, 1.0), (1, 2.0), (2, 3.0), (1, 20.0), (2, 30.0)]
+    path.write_text("".join(json.dumps({"step": s, "kind": "train", "loss": v}) + "\n"
+                            for s, v in rows))
+    assert [(r["step"], r["loss"]) for r in read_metrics(path, "train")] == [
+        (0, 1.0), (1, 20.0), (2, 30.0)]

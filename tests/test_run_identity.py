@@ -551,3 +551,28 @@ def test_cli_failure_is_one_line_with_the_traceback_in_the_workdir(finished, tmp
     assert err[0].startswith("python -m umup_jax.main: error: ")
     assert "model.width: 32 → 64" in err[0]
     assert "error.log" in err[0] and "Traceback" in (workdir / "error.log").read_text()
+
+
+def test_token_fingerprint_sees_every_token_of_a_split_over_one_read_chunk():
+    """A split of at most FINGERPRINT_FULL_TOKENS is hashed whole, read in chunks of 2**20
+    tokens: a token changed anywhere in a chunk, its second half included, or in the next
+    chunk changes the fingerprint."""
+    rng = np.random.default_rng(1)
+    train = rng.integers(0, 50000, (1 << 20) + 5000).astype(np.uint16)
+    valid = rng.integers(0, 50000, 100).astype(np.uint16)
+    fp = data_lib.token_fingerprint(train, valid, 50000)
+    for i in (3 << 18, (1 << 20) - 1, 1 << 20, train.size - 1):
+        edited = train.copy()
+        edited[i] ^= 1
+        assert data_lib.token_fingerprint(edited, valid, 50000) != fp, i
+
+
+def test_token_fingerprint_of_a_sampled_split_holds_its_exact_length(monkeypatch):
+    """A split read in blocks is hashed with its exact length: two lengths whose blocks read
+    the same tokens (a constant split) still differ."""
+    monkeypatch.setattr(data_lib, "FINGERPRINT_FULL_TOKENS", 1000)
+    monkeypatch.setattr(data_lib, "FINGERPRINT_BLOCKS", 8)
+    monkeypatch.setattr(data_lib, "FINGERPRINT_BLOCK_TOKENS", 100)
+    valid = np.zeros(10, np.uint16)
+    assert (data_lib.token_fingerprint(np.zeros(5000, np.uint16), valid, 50000)
+            != data_lib.token_fingerprint(np.zeros(5001, np.uint16), valid, 50000))

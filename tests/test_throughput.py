@@ -39,6 +39,9 @@ def test_model_flops_hand_counted():
 
 @pytest.mark.parametrize("kind, dtype, tflops", [
     ("NVIDIA H100 80GB HBM3", "bfloat16", 989.4),
+    ("NVIDIA H100 80GB HBM3", "float32", 494.7),  # TF32 dense: half the BF16 peak
+    ("NVIDIA H100 80GB HBM3", "float8", 1978.9),
+    ("NVIDIA H100 PCIe", "float32", 378.0),
     ("NVIDIA H100 PCIe", "bfloat16", 756.0),
     ("NVIDIA H100 NVL", "bfloat16", 835.0),
     ("NVIDIA H200", "bfloat16", 989.4),
