@@ -272,12 +272,24 @@ class HFTokenizer:
         _atomic_write(pathlib.Path(path), lambda tmp: self._tok.save(str(tmp)))
 
 
+def _umask() -> int:
+    """This process's umask, read from ``/proc/self/status`` where Linux gives it: the portable
+    way, ``os.umask``, reads it by setting it, and a file another thread (the prefetcher,
+    orbax's writers) created in between would get mode 0o666."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def usual_mode(directory: bool = False) -> int:
     """The mode ``open`` or ``mkdir`` would give a new file or directory under this process's
     umask (0o644 / 0o755 under the common 022), for what ``tempfile`` creates 0o600 / 0o700."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return (0o777 if directory else 0o666) & ~umask
+    return (0o777 if directory else 0o666) & ~_umask()
 
 
 def _atomic_write(path: pathlib.Path, write) -> None:
