@@ -122,15 +122,12 @@ ACCUM_VARIANTS = {
 }
 
 
-def one_step_grads(parametrization, arg, devices, with_stats, params=None):
-    """One jitted loss-and-gradients call of config ``arg`` on ``devices``; ``params``: host
-    parameters to place on the run's shardings instead of initialising (the same values, as
-    initialisation is the same on every mesh, without compiling the init program again)."""
+def one_step_grads(parametrization, arg, devices, with_stats, params):
+    """One jitted loss-and-gradients call of config ``arg`` on ``devices`` at the host
+    ``params``, placed on the run's shardings (initialisation gives the same values on every
+    mesh, so one init program serves every mesh of a model)."""
     run = train_lib.build_run(config_lib.proxy_config(parametrization, arg), devices)
-    if params is None:
-        params = train_lib.make_init_fn(run)(jax.random.key(0))["params"]
-    else:
-        params = jax.device_put(params, run.state_sharding["params"])
+    params = jax.device_put(params, run.state_sharding["params"])
     ids = np.random.default_rng(0).integers(0, 256, (16, 33)).astype(np.int32)
     batch = train_lib.to_global(run, {"inputs": ids[:, :32], "targets": ids[:, 1:]})
     (loss, acts), (grads, probe_grads) = jax.jit(train_lib.make_grad_fn(run, with_stats))(
