@@ -12,6 +12,8 @@ import pytest
 
 from umup_jax import config as config_lib
 from umup_jax import identity
+from umup_jax import loss_chunks as loss_chunks_lib
+from umup_jax import parametrization as P
 from umup_jax import train as train_lib
 from umup_jax.model import Decoder, ModelConfig, init_params
 
@@ -118,9 +120,6 @@ def test_chunked_backward_scales_with_the_cotangent():
     unchunked loss's (a caller that weights, sums or rescales the loss, e.g. an auxiliary
     term or a loss scale, gets c times the gradients), for u-μP's loss (its mean a forward
     scale only) and SP's plain mean."""
-    from umup_jax import loss_chunks as loss_chunks_lib
-    from umup_jax import parametrization as P
-
     b, s, d, v = 2, 16, 8, 32
     x = jax.random.normal(jax.random.key(0), (b, s, d))
     w = jax.random.normal(jax.random.key(1), (d, v))
